@@ -1,0 +1,146 @@
+"""What a merge keeps and loses: factor similarity, hard-routed errors, trade-off plots.
+
+Everything here reads tensors the engine or io/ already produced; plots are PNG via matplotlib's
+non-interactive backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hydraopt.io.peft import AdapterSet
+from hydraopt.types import Bundle, ModuleSpec
+
+
+def factor_similarity(
+    aset: AdapterSet, modules: Sequence[ModuleSpec] | None = None
+) -> dict[str, torch.Tensor]:
+    """Mean absolute difference between tasks' A's and between their B's (the paper's Fig. 2).
+
+    Args:
+        aset: the adapters.
+        modules: which modules to average over (default all).
+
+    Returns:
+        ``{"A": (K, K), "B": (K, K)}`` mean over modules of mean |X_i - X_j|. Small A distances
+        next to large B distances are what HydraOpt exploits.
+    """
+    specs = list(modules) if modules is not None else list(aset.modules)
+    K = len(aset.tasks)
+    sums = {
+        "A": torch.zeros(K, K, dtype=torch.float64),
+        "B": torch.zeros(K, K, dtype=torch.float64),
+    }
+    for spec in specs:
+        stack = aset.load_stack([spec])
+        for key, t in (("A", stack.A[0]), ("B", stack.B[0])):
+            flat = t.flatten(1).to(torch.float64)  # (K, n)
+            sums[key] += (flat[:, None, :] - flat[None, :, :]).abs().mean(-1)
+    return {k: v / max(1, len(specs)) for k, v in sums.items()}
+
+
+def error_by_task(bundle: Bundle, key: str = "errors") -> dict[str, float]:
+    """Mean hard-routed error per task over modules (as stored at merge time).
+
+    ``key="zero_errors"`` gives the error of storing nothing (ΔW' = 0) instead.
+    """
+    errors: dict[str, list[float]] = bundle.extra.get(key, {})
+    if not errors:
+        return {}
+    out = {}
+    for i, task in enumerate(bundle.tasks):
+        out[task] = sum(v[i] for v in errors.values()) / len(errors)
+    return out
+
+
+def mean_error(bundle: Bundle, key: str = "errors") -> float:
+    """Mean hard-routed error over tasks and modules."""
+    per_task = error_by_task(bundle, key)
+    return sum(per_task.values()) / max(1, len(per_task))
+
+
+def relative_error(bundle: Bundle) -> float:
+    """Mean error divided by the error of storing nothing: 0 = exact, 1 = as bad as ΔW' = 0."""
+    zero = mean_error(bundle, "zero_errors")
+    return mean_error(bundle) / zero if zero > 0 else 0.0
+
+
+def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Path) -> Path:
+    """Two heatmaps (A and B) of pairwise mean absolute differences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    vmax = float(max(sim["A"].max(), sim["B"].max()))
+    for ax, key in zip(axes, ("A", "B"), strict=True):
+        im = ax.imshow(sim[key].numpy(), vmin=0, vmax=vmax, cmap="viridis")
+        ax.set_title(f"mean |{key}_i - {key}_j|")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+        ax.set_yticks(range(len(tasks)), tasks)
+        for i in range(len(tasks)):
+            for j in range(len(tasks)):
+                ax.text(
+                    j,
+                    i,
+                    f"{float(sim[key][i, j]):.1e}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w",
+                )
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle("LoRA factor similarity across tasks (A alike, B task-specific)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(
+    points: Sequence[dict[str, Any]], path: Path, *, y_key: str, y_label: str, title: str
+) -> Path:
+    """Storage % (x) against ``y_key`` with one labelled point per system; HydraOpt M=1..K joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curve = sorted(
+        (p for p in points if p.get("method") == "hydraopt"), key=lambda p: p["storage_percent"]
+    )
+    if curve:
+        ax.plot(
+            [p["storage_percent"] for p in curve],
+            [p[y_key] for p in curve],
+            "-o",
+            color="tab:red",
+            label="hydraopt (M = 1..K)",
+        )
+    others = [p for p in points if p.get("method") != "hydraopt"]
+    for p in others:
+        ax.scatter(p["storage_percent"], p[y_key], marker="s", color="tab:blue")
+    for p in points:
+        ax.annotate(
+            p["label"],
+            (p["storage_percent"], p[y_key]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("storage S (% of the separate adapters)")
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curve:
+        ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

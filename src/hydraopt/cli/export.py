@@ -1,0 +1,31 @@
+"""``hydraopt export BUNDLE_DIR --out DIR`` -> ``DIR/<task>/`` PEFT adapter dirs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hydraopt.io.atomic import check_output_dir
+from hydraopt.io.bundle import load_bundle
+from hydraopt.io.export import export_peft_adapters
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write one standard PEFT adapter dir per task from a bundle")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument(
+        "--out", required=True, type=Path, help="directory to create, holding <task>/ dirs"
+    )
+    p.add_argument("--tasks", nargs="+", help="export only these tasks")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, force=args.force)
+    bundle = load_bundle(args.bundle)
+    written = export_peft_adapters(bundle, args.out, tasks=args.tasks, force=args.force)
+    for task, path in written.items():
+        print(f"{task}: {path}")
+    print(f"{len(written)} PEFT adapter dir(s) written under {args.out}")
+    return 0

@@ -1,0 +1,119 @@
+"""``hydraopt inspect PATH...``: storage, A/B similarity and hard-routed errors.
+
+Given a bundle dir: its storage table, routing, error per task and the worst modules, plus the
+A/B similarity of its source adapters when they are still on disk. Given adapter dirs: their A/B
+similarity (the paper's Fig. 2) and what each M would store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hydraopt.analysis import error_by_task, factor_similarity, plot_similarity
+from hydraopt.cli.display import print_table
+from hydraopt.cli.merge import print_summary
+from hydraopt.io.bundle import META_NAME, load_bundle
+from hydraopt.io.peft import AdapterSet, load_adapter_set
+from hydraopt.storage import storage_report
+from hydraopt.types import Bundle
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="storage table, A/B similarity, hard-routed error per task/module"
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a bundle dir, or adapter dirs")
+    p.add_argument("--plot", type=Path, help="write the A/B similarity heatmaps to this PNG")
+    p.add_argument(
+        "--module-filter",
+        default=None,
+        help="similarity only over modules containing this text (e.g. q_proj)",
+    )
+    p.add_argument("--top", type=int, default=10, help="how many worst modules to list (bundle)")
+    p.add_argument("--json", type=Path, help="write everything shown as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report: dict = {}
+    aset: AdapterSet | None = None
+    if len(args.paths) == 1 and (Path(args.paths[0]) / META_NAME).is_file():
+        bundle = load_bundle(args.paths[0])
+        report["bundle"] = show_bundle(bundle, args.top)
+        sources = bundle.extra.get("sources", {})
+        paths = [sources.get(t) for t in bundle.tasks]
+        if paths and all(p and Path(p).is_dir() for p in paths):
+            aset = load_adapter_set(paths, list(bundle.tasks), check_values=False)
+        else:
+            print("(source adapters not found on disk: A/B similarity skipped)")
+    else:
+        aset = load_adapter_set(args.paths, check_values=False)
+        report["storage"] = show_storage(aset)
+    if aset is not None:
+        report["similarity"] = show_similarity(aset, args.module_filter, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+def show_bundle(bundle: Bundle, top: int) -> dict:
+    print_summary(bundle)
+    errors = bundle.extra.get("errors", {})
+    dist = bundle.extra.get("error_distance", "mae")
+    worst = sorted(errors.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))[:top]
+    rows = []
+    for name, errs in worst:
+        routing = bundle.merged[name][2].tolist()
+        rows.append([name, sum(errs) / len(errs), max(errs), " ".join(map(str, routing))])
+    print_table(
+        f"worst {len(rows)} modules ({dist}); routing = head per task {list(bundle.tasks)}",
+        ["module", f"mean {dist}", f"max {dist}", "routing"],
+        rows,
+    )
+    return {
+        "method": bundle.method,
+        "config": bundle.config,
+        "storage": bundle.storage,
+        "error_by_task": error_by_task(bundle),
+        "errors": errors,
+        "routing": {n: r.tolist() for n, (_, _, r) in bundle.merged.items()},
+    }
+
+
+def show_storage(aset: AdapterSet) -> list[dict]:
+    K = len(aset.tasks)
+    rows, out = [], []
+    for m in range(1, K + 1):
+        s = storage_report(aset.modules, K, {mod.name: m for mod in aset.modules})
+        rows.append([f"hydraopt M={m}", s["bundle_params"], s["storage_percent"]])
+        out.append({"heads": m, **s})
+    print_table(
+        f"storage of {K} adapters over {len(aset.modules)} modules "
+        f"({storage_report(aset.modules, K, {mod.name: 1 for mod in aset.modules})['adapters_params']} parameters)",
+        ["bundle", "parameters", "S %"],
+        rows,
+    )
+    return out
+
+
+def show_similarity(aset: AdapterSet, module_filter: str | None, plot: Path | None) -> dict:
+    mods = [m for m in aset.modules if module_filter is None or module_filter in m.name]
+    sim = factor_similarity(aset, mods)
+    tasks = list(aset.tasks)
+    for key in ("A", "B"):
+        print_table(
+            f"mean |{key}_i - {key}_j| over {len(mods)} modules",
+            ["", *tasks],
+            [[t, *[float(v) for v in sim[key][i]]] for i, t in enumerate(tasks)],
+        )
+    off = ~__import__("torch").eye(len(tasks), dtype=bool)
+    ratio = float(sim["B"][off].mean() / sim["A"][off].mean()) if len(tasks) > 1 else float("nan")
+    a_mean, b_mean = float(sim["A"][off].mean()), float(sim["B"][off].mean())
+    print(f"mean off-diagonal distance: A {a_mean:.3e}, B {b_mean:.3e} (B/A = {ratio:.2f})")
+    if plot:
+        plot_similarity(sim, tasks, plot)
+        print(f"similarity plot written to {plot}")
+    return {"tasks": tasks, "A": sim["A"].tolist(), "B": sim["B"].tolist()}

@@ -1,0 +1,102 @@
+"""Argument groups shared by subcommands, and turning them into library calls."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hydraopt.engine import EngineOptions
+from hydraopt.merge.distances import DISTANCES
+from hydraopt.merge.registry import list_methods
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER_DIR", help="PEFT LoRA adapter directories"
+    )
+    p.add_argument("--names", nargs="+", help="task names (default: the directory names)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept adapter_model.bin (read with torch.load(weights_only=True))",
+    )
+
+
+def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
+    g = p.add_argument_group("merge method")
+    if with_method:
+        g.add_argument(
+            "--method",
+            default="hydraopt",
+            choices=list_methods(),
+            help="registry name (default hydraopt)",
+        )
+        g.add_argument("--heads", type=int, help="M, number of B heads (hydraopt: required, 1..K)")
+    g.add_argument("--distance", choices=DISTANCES, help="hydraopt distance (default mae)")
+    g.add_argument("--solver", choices=("fast", "paper"), help="hydraopt solver (default fast)")
+    g.add_argument("--epochs", type=int, help="paper solver epochs (default 1000)")
+    g.add_argument("--lr", type=float, help="paper solver learning rate (default 0.01)")
+    g.add_argument("--temperature", type=float, help="paper solver T in softmax(C/T) (default 0.2)")
+    g.add_argument("--restarts", type=int, help="fast solver k-means++ restarts (default 8)")
+    g.add_argument(
+        "--refine-steps",
+        type=int,
+        help="fast solver refinement steps (default 200; 0 = closed form)",
+    )
+    g.add_argument(
+        "--refine-lr", type=float, help="fast solver refinement learning rate (default 0.3)"
+    )
+    g.add_argument("--density", type=float, help="TIES/DARE fraction kept (default 0.5)")
+    g.add_argument(
+        "--weights", type=float, nargs="+", help="classic merges: one weight per adapter"
+    )
+    g.add_argument(
+        "--majority-sign-method", choices=("total", "frequency"), help="TIES sign election"
+    )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument(
+        "--dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "float32"),
+        help="bundle tensor dtype",
+    )
+
+
+HYDRAOPT_ONLY = (
+    "distance",
+    "solver",
+    "epochs",
+    "lr",
+    "temperature",
+    "restarts",
+    "refine_steps",
+    "refine_lr",
+)
+CLASSIC_ONLY = ("density", "weights", "majority_sign_method")
+
+
+def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The method-config fields the user gave (None = not given, left to the config default)."""
+    keys = ("heads",) + (HYDRAOPT_ONLY if method == "hydraopt" else CLASSIC_ONLY)
+    given = {k: getattr(args, k, None) for k in keys}
+    if given.get("weights") is not None:
+        given["weights"] = tuple(given["weights"])
+    return given
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distance = getattr(args, "distance", None) or "mae"
+    return EngineOptions(seed=args.seed, device=args.device, error_distance=distance)
+
+
+BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}

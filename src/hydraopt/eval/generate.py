@@ -1,0 +1,329 @@
+"""Batched greedy decoding, with the base model, a PEFT adapter dir, or in-memory LoRA factors.
+
+Decoding is greedy (``do_sample=False``, one beam), so an output depends only on the weights and
+the prompt: left padding keeps each row's last prompt token at the last position and the
+attention mask hides the pads, which makes a batched run agree with one-prompt-at-a-time runs
+(tests/integration check this on the real model).
+
+Adapters are applied by wrapping the base model in a ``peft.PeftModel`` in place; call
+:func:`remove_adapters` (or use :func:`applied_adapter`) to get the bare base model back, so one
+loaded base model can serve many adapters in turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import cast
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+# module name (as in `base_model.named_modules()`) -> (A (r, k), B (d, r), scale); the LoRA delta
+# of that module is scale * B @ A, as in PEFT where scale = lora_alpha / r.
+LoraFactorMap = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+# PEFT state-dict keys start with this; accepted on module names so raw PEFT keys work too.
+_PEFT_PREFIX = "base_model.model."
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a generated answer: the tokenizer's EOS plus the model's own.
+
+    For SmolLM2-Instruct both are ``<|im_end|>``, the end of the assistant turn.
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        for token_id in [configured] if isinstance(configured, int) else configured:
+            if int(token_id) not in ids:
+                ids.append(int(token_id))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an EOS token to stop at")
+    return ids
+
+
+def generate(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    *,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy-decode a continuation for every prompt.
+
+    Args:
+        model: A causal LM (a transformers model or a ``PeftModel`` around one).
+        tokenizer: Its tokenizer; must pad on the left and have a pad token (see
+            ``hydraopt.eval.model.load_base_model``).
+        prompts: Fully formatted prompts (e.g. from ``build_prompt``); tokenized without adding
+            special tokens, since a chat template already holds them.
+        max_new_tokens: Cap on generated tokens per prompt.
+        batch_size: Prompts per forward batch.
+        progress: Show a tqdm bar (counts prompts).
+        desc: Label of the progress bar.
+
+    Returns:
+        One decoded continuation per prompt, in the order of ``prompts``, cut at the first stop
+        token, without special tokens, stripped of surrounding whitespace.
+
+    Raises:
+        ValueError: For a non-positive cap or batch size, or a tokenizer that pads on the right.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.padding_side != "left" or tokenizer.pad_token_id is None:
+        raise ValueError(
+            "generation needs a tokenizer with padding_side='left' and a pad token "
+            "(hydraopt.eval.model.configure_tokenizer sets both)"
+        )
+    if not prompts:
+        return []
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # Longest first: rows of a batch have similar lengths (little padding), and the batch that
+    # needs the most memory runs first, so an out-of-memory error shows at once.
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+    stops = stop_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()  # LoRA dropout would make greedy decoding random
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar,
+        ):
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in rows]}, padding=True, return_tensors="pt"
+                )
+                # nn.Module's __getattr__ typing hides generate() from mypy.
+                sequences = model.generate(  # type: ignore[operator]
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    generation_config=config,
+                )  # (B, T_prompt + T_new)
+                new_tokens = sequences[:, batch["input_ids"].shape[1] :]  # (B, T_new)
+                for row, tokens in zip(rows, new_tokens.tolist(), strict=True):
+                    outputs[row] = _decode_until_stop(tokenizer, tokens, stops)
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _decode_until_stop(
+    tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: list[int]
+) -> str:
+    # Rows that finish early are filled with pad ids; cut at the first stop token rather than
+    # relying on pad == EOS, which holds for SmolLM2 but not for every tokenizer.
+    for position, token in enumerate(tokens):
+        if token in stops:
+            tokens = tokens[:position]
+            break
+    return cast(str, tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+
+
+def apply_peft_adapter(
+    model: PreTrainedModel | PeftModel, adapter_dir: str | Path, *, adapter_name: str = "default"
+) -> PeftModel:
+    """Load a PEFT adapter dir onto the model, for inference, and make it the active adapter.
+
+    Args:
+        model: A base model (wrapped in place) or a ``PeftModel`` (the adapter is added).
+        adapter_dir: Local folder with ``adapter_config.json`` and the adapter weights.
+        adapter_name: Name of the adapter inside the ``PeftModel``.
+
+    Returns:
+        The ``PeftModel`` in eval mode.
+
+    Raises:
+        FileNotFoundError: If ``adapter_dir`` has no ``adapter_config.json`` (checked here
+            because PEFT would otherwise take the path for a Hub repo id and go online).
+    """
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+        model.set_adapter(adapter_name)
+        return model.eval()
+    peft_model = PeftModel.from_pretrained(
+        model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
+    )
+    return peft_model.eval()
+
+
+def apply_lora_factors(
+    model: PreTrainedModel | PeftModel,
+    factors: LoraFactorMap,
+    *,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Apply a LoRA given as in-memory tensors, writing no files.
+
+    A PEFT LoRA adapter is injected into exactly the named modules, with per-module rank and
+    ``lora_alpha = scale * r`` (so PEFT's ``scaling = lora_alpha / r`` equals ``scale``), and the
+    given A and B are copied in (cast to the module's dtype). The result is the same model as one
+    that ``PeftModel.from_pretrained`` builds from an adapter dir holding these tensors.
+
+    Args:
+        model: A base model (wrapped in place) or a ``PeftModel`` (the adapter is added).
+        factors: module name -> ``(A (r, k), B (d, r), scale)``. Names are as in the base
+            model's ``named_modules()`` (e.g. ``model.layers.0.self_attn.q_proj``); a leading
+            ``base_model.model.`` (PEFT's key prefix) is accepted too.
+        adapter_name: Name of the adapter inside the ``PeftModel``.
+
+    Returns:
+        The ``PeftModel`` in eval mode with the adapter active and frozen.
+
+    Raises:
+        ValueError: If ``factors`` is empty, names a module that is not a linear layer of the
+            model, or holds tensors whose shapes do not fit it.
+    """
+    if not factors:
+        raise ValueError("factors is empty: give at least one module's (A, B, scale)")
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    normalized = {_module_name(name): triple for name, triple in factors.items()}
+    ranks = {name: _check_factors(base, name, a, b) for name, (a, b, _) in normalized.items()}
+    config = _lora_config_for(ranks, {name: float(s) for name, (_, _, s) in normalized.items()})
+    # Injection draws a throw-away random init from the global RNG (it is overwritten below);
+    # fork_rng keeps the caller's global RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config)
+            peft_model = model
+        else:
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model.set_adapter(adapter_name)
+    with torch.no_grad():
+        for name, (a, b, _) in normalized.items():
+            lora_a, lora_b = lora_weights(base.get_submodule(name), adapter_name)
+            lora_a.copy_(a)  # (r, k), cast to the model's dtype
+            lora_b.copy_(b)  # (d, r)
+    for parameter in peft_model.parameters():
+        parameter.requires_grad_(False)
+    return peft_model.eval()
+
+
+def remove_adapters(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """Strip every LoRA layer and return the bare base model (its weights untouched).
+
+    Args:
+        model: A ``PeftModel``, or a base model (returned as is).
+
+    Returns:
+        The base model, in eval mode.
+    """
+    base = cast(PreTrainedModel, model.unload()) if isinstance(model, PeftModel) else model
+    return base.eval()
+
+
+@contextmanager
+def applied_adapter(
+    model: PreTrainedModel, adapter: str | Path | LoraFactorMap | None
+) -> Iterator[torch.nn.Module]:
+    """Run a block with an adapter applied, then restore the bare base model.
+
+    Args:
+        model: A base model (not a ``PeftModel``).
+        adapter: ``None`` (the base model itself), a PEFT adapter dir, or in-memory factors
+            (see :func:`apply_lora_factors`).
+
+    Yields:
+        The model to generate with.
+    """
+    if adapter is None:
+        yield model
+        return
+    if isinstance(adapter, (str, Path)):
+        adapted = apply_peft_adapter(model, adapter)
+    else:
+        adapted = apply_lora_factors(model, adapter)
+    try:
+        yield adapted
+    finally:
+        remove_adapters(adapted)
+
+
+def lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    """LoRA layers by module name in the base model, sorted by name."""
+    base = peft_model.get_base_model()
+    found = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    return dict(sorted(found.items()))
+
+
+def lora_weights(layer: object, adapter_name: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(A (r, k), B (d, r))`` weight parameters of one adapter in a PEFT LoRA layer."""
+    if not isinstance(layer, LoraLayer):
+        raise ValueError(f"{type(layer).__name__} is not a PEFT LoRA layer")
+    lora_a = cast(torch.nn.Linear, layer.lora_A[adapter_name])
+    lora_b = cast(torch.nn.Linear, layer.lora_B[adapter_name])
+    return lora_a.weight, lora_b.weight
+
+
+def _module_name(name: str) -> str:
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def _check_factors(base: torch.nn.Module, name: str, a: torch.Tensor, b: torch.Tensor) -> int:
+    """Validate one module's factors against the model; return the rank."""
+    try:
+        module = base.get_submodule(name)
+    except AttributeError as error:
+        raise ValueError(f"the model has no module {name!r}") from error
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"module {name!r} is a {type(module).__name__}, not nn.Linear")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+        raise ValueError(
+            f"{name}: need A (r, k) and B (d, r) with r >= 1, got A {tuple(a.shape)}, "
+            f"B {tuple(b.shape)}"
+        )
+    if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+        raise ValueError(
+            f"{name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a linear layer "
+            f"{module.in_features} -> {module.out_features}"
+        )
+    return int(a.shape[0])
+
+
+def _lora_config_for(ranks: Mapping[str, int], scales: Mapping[str, float]) -> LoraConfig:
+    """A LoraConfig targeting exactly these modules, with per-module rank and alpha."""
+    rank, _ = Counter(ranks.values()).most_common(1)[0]
+    alphas = {name: scales[name] * ranks[name] for name in ranks}
+    alpha, _ = Counter(alphas.values()).most_common(1)[0]
+    # PEFT matches pattern keys as regexes against the module name; escape the dots.
+    rank_pattern = {re.escape(n): r for n, r in ranks.items() if r != rank}
+    alpha_pattern = {re.escape(n): a for n, a in alphas.items() if a != alpha}
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; it computes alpha / r
+        lora_dropout=0.0,
+        target_modules=sorted(ranks),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+    )

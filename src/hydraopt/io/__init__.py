@@ -1,0 +1,1 @@
+"""Edges of the library: PEFT adapter dirs and bundles in and out."""

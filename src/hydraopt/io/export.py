@@ -1,0 +1,86 @@
+"""Export a bundle as one standard PEFT LoRA adapter dir per task.
+
+Each dir holds the task's *original* ``adapter_config.json`` and A' with the task's routed head.
+Heads carry the LoRA scale, so each is divided by that task's original scale for the module:
+PEFT multiplies it back, and ΔW = B' A' exactly as in the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hydraopt.errors import HydraoptError
+from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.bundle import DTYPES
+from hydraopt.io.keys import lora_key
+from hydraopt.io.peft import CONFIG_NAME, SAFETENSORS_NAME
+from hydraopt.types import Bundle
+
+
+def peft_state_dict(bundle: Bundle, task: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The PEFT-format tensors of one task's adapter."""
+    if task not in bundle.tasks:
+        raise HydraoptError(f"task {task!r} is not in the bundle (tasks: {list(bundle.tasks)})")
+    out = {}
+    for name, (a, head) in bundle.task_factors(task).items():
+        scale = bundle.scales[task][name]
+        out[lora_key(name, "A")] = a.to(dtype).contiguous()
+        out[lora_key(name, "B")] = (head / scale).to(dtype).contiguous()
+    return out
+
+
+def export_peft_adapters(
+    bundle: Bundle,
+    out: str | Path,
+    *,
+    tasks: list[str] | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+) -> dict[str, Path]:
+    """Write ``out/<task>/`` PEFT adapter dirs (atomically, all or nothing).
+
+    Args:
+        bundle: a loaded or in-memory bundle.
+        out: parent directory to create; refused if it exists unless ``force``.
+        tasks: subset of tasks to export (default all).
+        force: replace an existing ``out``.
+        dtype: tensor dtype of the files; default the bundle's storage dtype when it was loaded
+            from disk, float32 for an in-memory bundle (nothing rounded that was not already).
+
+    Returns:
+        task -> adapter directory.
+    """
+    name = dtype or bundle.extra.get("dtype") or "float32"
+    if name not in DTYPES:
+        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    torch_dtype = DTYPES[name]
+    selected = list(tasks) if tasks else list(bundle.tasks)
+    out = Path(out)
+    with atomic_dir(out, force=force) as tmp:
+        for task in selected:
+            d = tmp / task
+            d.mkdir()
+            save_file(
+                peft_state_dict(bundle, task, torch_dtype),
+                str(d / SAFETENSORS_NAME),
+                metadata={"format": "pt"},
+            )
+            config = dict(bundle.adapter_configs[task])
+            config["inference_mode"] = True
+            (d / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            provenance = {
+                "exported_by": f"hydraopt {bundle.extra.get('library_version')}",
+                "method": bundle.method,
+                "config": bundle.config,
+                "task": task,
+                "heads": {
+                    name: int(r[bundle.tasks.index(task)])
+                    for name, (_, _, r) in bundle.merged.items()
+                },
+            }
+            (d / "hydraopt_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return {task: out / task for task in selected}

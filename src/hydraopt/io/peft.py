@@ -1,0 +1,239 @@
+"""Read K PEFT LoRA adapter dirs into a validated, lazily-read :class:`AdapterSet`.
+
+Only headers are read up front (shapes, key names, configs); tensors are read per module group
+when the engine asks for them, so memory stays bounded by a few modules however large K is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hydraopt.errors import HydraoptError
+from hydraopt.io.keys import lora_key, module_sort_key, parse_lora_key
+from hydraopt.io.validate import (
+    check_finite,
+    check_lora_config,
+    first_difference,
+    lora_scale,
+    module_rank_alpha,
+)
+from hydraopt.types import AdapterInfo, LoraStack, ModuleSpec
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """K validated LoRA adapters over the same modules of the same base model.
+
+    Attributes:
+        adapters: one :class:`AdapterInfo` per task, in task order.
+        modules: every adapted module, natural order.
+        base_model: the shared ``base_model_name_or_path``.
+        scales: task -> module -> LoRA scale (alpha/r or alpha/sqrt(r)).
+    """
+
+    adapters: tuple[AdapterInfo, ...]
+    modules: tuple[ModuleSpec, ...]
+    base_model: str
+    scales: dict[str, dict[str, float]]
+    _pickled: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(a.task for a in self.adapters)
+
+    def load_stack(self, modules: Sequence[ModuleSpec]) -> LoraStack:
+        """Read the factors of ``modules`` (all the same shape) for every task.
+
+        Returns:
+            A :class:`LoraStack` with A (G, K, r, k), B (G, K, d, r) in float32 — fp16/bf16 inputs
+            are upcast here so every merge accumulates in float32.
+        """
+        specs = list(modules)
+        if len({m.shape_key for m in specs}) != 1:
+            raise ValueError("load_stack needs modules of one shape")
+        a_rows, b_rows, s_rows = [], [], []
+        for spec in specs:
+            a_k, b_k = [], []
+            for info in self.adapters:
+                a, b = self._read_pair(info, spec.name)
+                a_k.append(a)
+                b_k.append(b)
+            a_rows.append(torch.stack(a_k))
+            b_rows.append(torch.stack(b_k))
+            s_rows.append([self.scales[info.task][spec.name] for info in self.adapters])
+        return LoraStack(
+            A=torch.stack(a_rows),  # (G, K, r, k)
+            B=torch.stack(b_rows),  # (G, K, d, r)
+            scale=torch.tensor(s_rows, dtype=torch.float32),  # (G, K)
+        )
+
+    def _read_pair(self, info: AdapterInfo, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for factor in ("A", "B"):
+            key = lora_key(module, factor)
+            if info.task in self._pickled:
+                t = self._pickled[info.task][key]
+            else:
+                try:
+                    with safe_open(str(info.weights_file), framework="pt") as f:
+                        t = f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise HydraoptError(f"{info.weights_file}: cannot read {key}: {e}") from e
+            t = t.to(torch.float32)
+            check_finite(t, f"{info.weights_file} [{key}]")
+            out.append(t)
+        return out[0], out[1]
+
+
+def load_adapter_set(
+    paths: Sequence[str | Path],
+    names: Sequence[str] | None = None,
+    *,
+    allow_pickle: bool = False,
+    check_values: bool = True,
+) -> AdapterSet:
+    """Read and validate K PEFT LoRA adapter dirs.
+
+    Args:
+        paths: adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``).
+        names: task names, default the directory names.
+        allow_pickle: accept ``adapter_model.bin`` (read with ``weights_only=True``).
+        check_values: scan every tensor for NaN/Inf now, so a corrupt adapter is refused before
+            any work (each tensor is read once more later; cheap next to the merge).
+
+    Raises:
+        HydraoptError: on any mismatch (base model, modules, ranks, shapes), unsupported feature,
+            missing/corrupt file or non-finite value.
+    """
+    if len(paths) == 0:
+        raise HydraoptError("no adapters given")
+    dirs = [Path(p) for p in paths]
+    tasks = list(names) if names is not None else [d.name for d in dirs]
+    if len(tasks) != len(dirs):
+        raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
+    if len(set(tasks)) != len(tasks):
+        raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
+
+    infos, shapes, pickled = [], [], {}
+    for task, d in zip(tasks, dirs, strict=True):
+        info, shape, tensors = _read_adapter_header(task, d, allow_pickle=allow_pickle)
+        infos.append(info)
+        shapes.append(shape)
+        if tensors is not None:
+            pickled[task] = tensors
+
+    first = infos[0]
+    base = first.config.get("base_model_name_or_path") or ""
+    for info, shape in zip(infos[1:], shapes[1:], strict=True):
+        other = info.config.get("base_model_name_or_path") or ""
+        if other != base:
+            raise HydraoptError(
+                f"{info.path}: base model {other!r} differs from {first.path}'s {base!r}; "
+                "adapters must be trained on the same base model"
+            )
+        if set(shape) != set(shapes[0]):
+            raise HydraoptError(
+                f"{info.path}: target modules differ from {first.path} "
+                f"({first_difference(set(shapes[0]), set(shape))})"
+            )
+        for mod, s in shape.items():
+            if s != shapes[0][mod]:
+                raise HydraoptError(
+                    f"{info.path}: {mod} has A/B shapes {s} but {first.path} has {shapes[0][mod]} "
+                    "(mismatched ranks or base model shapes)"
+                )
+        if bool(info.config.get("fan_in_fan_out")) != bool(first.config.get("fan_in_fan_out")):
+            raise HydraoptError(f"{info.path}: fan_in_fan_out differs from {first.path}")
+
+    modules = []
+    for mod in sorted(shapes[0], key=module_sort_key):
+        (r, k), (d_out, r_b) = shapes[0][mod]
+        modules.append(ModuleSpec(name=mod, d=d_out, k=k, r=r))
+    scales = {
+        info.task: {m.name: lora_scale(info.config, m.name) for m in modules} for info in infos
+    }
+    aset = AdapterSet(tuple(infos), tuple(modules), base, scales, pickled)
+    if check_values:
+        for spec in modules:
+            for info in infos:
+                aset._read_pair(info, spec.name)
+    return aset
+
+
+def _read_adapter_header(
+    task: str, d: Path, *, allow_pickle: bool
+) -> tuple[AdapterInfo, dict[str, tuple[tuple[int, int], tuple[int, int]]], dict | None]:
+    """Config + per-module (A shape, B shape) of one adapter dir, validated on its own."""
+    if not d.is_dir():
+        raise HydraoptError(f"{d}: adapter directory not found")
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise HydraoptError(f"{d}: missing {CONFIG_NAME} (is this a PEFT adapter dir?)")
+    try:
+        config: dict[str, Any] = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HydraoptError(f"{cfg_path}: not valid JSON ({e})") from e
+    check_lora_config(config, d)
+
+    tensors: dict[str, torch.Tensor] | None = None
+    st_path, bin_path = d / SAFETENSORS_NAME, d / PICKLE_NAME
+    if st_path.is_file():
+        weights_file = st_path
+        try:
+            with safe_open(str(st_path), framework="pt") as f:
+                raw = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HydraoptError(f"{st_path}: corrupt safetensors file ({e})") from e
+    elif bin_path.is_file():
+        if not allow_pickle:
+            raise HydraoptError(
+                f"{d}: only {PICKLE_NAME} (a pickle) found; convert it to safetensors or pass "
+                "--allow-pickle to read it with torch.load(weights_only=True)"
+            )
+        weights_file = bin_path
+        try:
+            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt pickles
+            raise HydraoptError(f"{bin_path}: cannot be read safely ({e})") from e
+        raw = {k: tuple(v.shape) for k, v in tensors.items()}
+    else:
+        raise HydraoptError(f"{d}: missing {SAFETENSORS_NAME}")
+
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in raw.items():
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            raise HydraoptError(
+                f"{weights_file}: unsupported tensor {key!r} (only lora_A/lora_B weights merge; "
+                "DoRA magnitudes, biases, embeddings and modules_to_save are refused)"
+            )
+        module, factor = parsed
+        if len(shape) != 2:
+            raise HydraoptError(f"{weights_file}: {key} has shape {shape}, expected a matrix")
+        pairs.setdefault(module, {})[factor] = shape
+    if not pairs:
+        raise HydraoptError(f"{weights_file}: no LoRA weights found")
+    shapes = {}
+    for module, fac in pairs.items():
+        if set(fac) != {"A", "B"}:
+            raise HydraoptError(f"{weights_file}: {module} lacks lora_{'B' if 'A' in fac else 'A'}")
+        (r, k), (d_out, r_b) = fac["A"], fac["B"]
+        cfg_r, _ = module_rank_alpha(config, module)
+        if r != r_b or r != cfg_r:
+            raise HydraoptError(
+                f"{weights_file}: {module} has rank {r} (A) / {r_b} (B) but the config says {cfg_r}"
+            )
+        shapes[module] = ((r, k), (d_out, r_b))
+    info = AdapterInfo(task=task, path=d, config=config, weights_file=weights_file)
+    return info, shapes, tensors

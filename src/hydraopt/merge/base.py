@@ -1,0 +1,74 @@
+"""The one interface every merge method implements.
+
+A method works on a :class:`~hydraopt.types.LoraStack` (G same-shaped modules x K tasks, factor
+space) and returns a :class:`~hydraopt.types.MergedStack` (shared A', M heads, routing). It never
+opens files or parses key names; randomness comes only from the ``torch.Generator`` it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from hydraopt.errors import HydraoptError
+from hydraopt.types import LoraStack, MergedStack
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """Facts about the whole merge that a per-group call cannot see.
+
+    Attributes:
+        num_tasks: K.
+        num_factor_tensors: A and B tensors per adapter over *all* modules (2 x modules). The paper
+            divides its loss by K times this; the faithful solver needs it to reproduce the
+            paper's gradient scale, which matters for AdamW's epsilon.
+    """
+
+    num_tasks: int
+    num_factor_tensors: int
+
+
+class MergeMethod(Protocol):
+    """A registered merge method. ``name`` is the registry, CLI and bundle-metadata name."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    space: ClassVar[str]  # "factors" (A and B merged separately) or "delta" (fits B @ A)
+
+    def num_heads(self, config: Any, num_tasks: int) -> int:
+        """M, the number of B heads stored per module."""
+        ...
+
+    def merge(
+        self, stack: LoraStack, config: Any, *, generator: torch.Generator, context: MergeContext
+    ) -> MergedStack:
+        """Merge G modules of K adapters."""
+        ...
+
+
+def build_config(config_class: type, options: dict[str, Any]) -> Any:
+    """Build a frozen config from the options it knows; refuse the ones it does not.
+
+    ``None`` values mean "not given" and are skipped, so a CLI can pass every flag it has.
+    """
+    names = {f.name for f in dataclasses.fields(config_class)}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise HydraoptError(
+            f"option(s) {unknown} do not apply to this method (it takes {sorted(names)})"
+        )
+    return config_class(**given)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config dataclass (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out

@@ -1,0 +1,147 @@
+"""The classic data-free merges, composed as sparsify x consensus (mergekit's view).
+
+=================== =========== ========= ===============
+name                sparsify    consensus default weights
+=================== =========== ========= ===============
+task_arithmetic     none        sum       uniform (1/K)
+magnitude_prune     magnitude   sum       uniform (1/K)
+ties                magnitude   ties      unary (1)
+dare_linear         random      sum       uniform (1/K)
+dare_ties           random      ties      unary (1)
+=================== =========== ========= ===============
+
+The default weights follow the HydraOpt paper (appendix A.1: "uniform merging coefficients for TA
+and DARE, unary for TIES and DARE-TIES").
+
+Full merges work in *factor space* exactly like PEFT's ``add_weighted_adapter`` for same-rank
+adapters: A and B are merged separately, with sqrt(|w_i s_i|) on each side (the sign on A), so
+the result has scale 1. This is the method users compare against; its cross terms
+(B_i A_j for i != j) are why it loses quality. Each ``<name>_a_only`` variant (the paper's Fig. 6)
+merges only the A's with unscaled weights and keeps every task's own B_i (scale folded in), at
+the storage of HydraOpt with M = K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from hydraopt.errors import HydraoptError
+from hydraopt.merge.base import MergeContext
+from hydraopt.merge.consensus import Consensus, MajoritySign, combine
+from hydraopt.merge.registry import register
+from hydraopt.merge.sparsify import Sparsify, sparsify
+from hydraopt.types import LoraStack, MergedStack
+
+
+@dataclass(frozen=True)
+class ClassicConfig:
+    """Options of the classic merges.
+
+    Attributes:
+        weights: one coefficient per task; default uniform 1/K or unary 1 (see module doc).
+        density: fraction of entries kept by the sparsification (ignored by task_arithmetic).
+        majority_sign_method: TIES sign election, ``total`` (sum) or ``frequency`` (count).
+        heads: accepted only to reject a wrong ``--heads``; the method fixes M itself.
+    """
+
+    weights: tuple[float, ...] | None = None
+    density: float = 0.5
+    majority_sign_method: MajoritySign = "total"
+    heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise HydraoptError(f"density must be in (0, 1], got {self.density}")
+        if self.majority_sign_method not in ("total", "frequency"):
+            raise HydraoptError("majority_sign_method must be 'total' or 'frequency'")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+
+class GeneralizedTaskArithmetic:
+    """One sparsify x consensus merge, full (M = 1) or A-only (M = K)."""
+
+    config_class: ClassVar[type] = ClassicConfig
+    space: ClassVar[str] = "factors"
+    name: str
+
+    def __init__(
+        self,
+        sparsify_method: Sparsify,
+        consensus: Consensus,
+        default_weight: Literal["uniform", "unary"],
+        a_only: bool,
+    ) -> None:
+        self.sparsify_method = sparsify_method
+        self.consensus = consensus
+        self.default_weight = default_weight
+        self.a_only = a_only
+
+    def num_heads(self, config: ClassicConfig, num_tasks: int) -> int:
+        return num_tasks if self.a_only else 1
+
+    def task_weights(self, config: ClassicConfig, num_tasks: int) -> torch.Tensor:
+        """(K,) coefficients: the given ones, or the method's default."""
+        if config.weights is not None:
+            if len(config.weights) != num_tasks:
+                raise HydraoptError(f"{len(config.weights)} weights given for {num_tasks} adapters")
+            return torch.tensor(config.weights, dtype=torch.float32)
+        fill = 1.0 / num_tasks if self.default_weight == "uniform" else 1.0
+        return torch.full((num_tasks,), fill)
+
+    def merge(
+        self,
+        stack: LoraStack,
+        config: ClassicConfig,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+    ) -> MergedStack:
+        G, K, r, k = stack.A.shape
+        d = stack.B.shape[2]
+        expected = self.num_heads(config, K)
+        if config.heads is not None and config.heads != expected:
+            raise HydraoptError(
+                f"{self.name} stores {expected} head(s); got --heads {config.heads}"
+            )
+        w = self.task_weights(config, K).to(stack.A.device)  # (K,)
+
+        def merge_factor(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            pruned = sparsify(t.flatten(2), self.sparsify_method, config.density, generator)
+            return combine(pruned, weights, self.consensus, config.majority_sign_method)
+
+        if self.a_only:
+            a = merge_factor(stack.A, w.expand(G, K)).view(G, r, k)
+            heads = stack.scaled_B  # (G, K, d, r): every task keeps its own B
+            routing = torch.arange(K, device=heads.device).expand(G, K)
+            return MergedStack(a, heads, routing.clone())
+
+        ws = w * stack.scale  # (G, K)
+        root = ws.abs().sqrt()
+        w_a = root * torch.where(ws >= 0, 1.0, -1.0)  # sign on A only, so it is not squared away
+        # A first, then B, as PEFT does; the generator's stream order matters for DARE.
+        a = merge_factor(stack.A, w_a).view(G, r, k)
+        b = merge_factor(stack.B, root).view(G, d, r)
+        routing = torch.zeros(G, K, dtype=torch.long, device=a.device)
+        return MergedStack(a, b.unsqueeze(1), routing)
+
+
+_CLASSIC = {
+    "task_arithmetic": ("none", "sum", "uniform"),
+    "magnitude_prune": ("magnitude", "sum", "uniform"),
+    "ties": ("magnitude", "ties", "unary"),
+    "dare_linear": ("random", "sum", "uniform"),
+    "dare_ties": ("random", "ties", "unary"),
+}
+
+CLASSIC_METHODS: tuple[str, ...] = tuple(_CLASSIC)
+A_ONLY_METHODS: tuple[str, ...] = tuple(f"{n}_a_only" for n in _CLASSIC)
+
+for _name, (_sp, _co, _w) in _CLASSIC.items():
+    for _a_only in (False, True):
+        _method = GeneralizedTaskArithmetic(_sp, _co, _w, _a_only)  # type: ignore[arg-type]
+        _method.name = f"{_name}_a_only" if _a_only else _name
+        register(_method.name, _method)

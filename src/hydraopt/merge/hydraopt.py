@@ -1,0 +1,130 @@
+"""HydraOpt (Ceritli et al., arXiv 2507.17706): one shared A' and M <= K heads per module.
+
+Two solvers behind the one registered method:
+
+- ``fast`` (default): the exact closed form for the squared Frobenius distance (computed from the
+  factors, see :mod:`closed_form`), hard routing by alternating k-means / closed form for M < K
+  (:mod:`routing`), then AdamW refinement of the *hard-routed* error on the chosen distance
+  (:mod:`refine`). Hard routing is what gets deployed, so it is what is optimised.
+- ``paper``: the paper's algorithm as published (soft routing, AdamW, 1000 epochs; :mod:`paper`).
+  Kept as a faithful reference and for comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from hydraopt.errors import HydraoptError
+from hydraopt.merge.base import MergeContext
+from hydraopt.merge.closed_form import projected_heads, routed_heads
+from hydraopt.merge.distances import DISTANCES, Distance
+from hydraopt.merge.paper import paper_solve
+from hydraopt.merge.refine import fit_head_scales, refine
+from hydraopt.merge.registry import registered
+from hydraopt.merge.routing import best_routing
+from hydraopt.types import LoraStack, MergedStack
+
+
+@dataclass(frozen=True)
+class HydraOptConfig:
+    """Options of HydraOpt.
+
+    Attributes:
+        heads: M, number of B' heads per module (1 <= M <= K).
+        distance: f, ``mae`` (paper default), ``mse``, ``fro`` or ``cos``.
+        solver: ``fast`` (closed form + hard routing + refinement) or ``paper``.
+        epochs: paper solver: AdamW steps (paper: 1000).
+        lr: paper solver: learning rate (paper: 0.01).
+        weight_decay: paper solver: AdamW weight decay (torch's default, as the paper's code).
+        temperature: paper solver: T in softmax(C'/T); 0.2 here = the appendix code's T = 5.
+        restarts: fast solver: k-means++ starts for the routing (M < K).
+        refine_steps: fast solver: AdamW steps on the hard-routed distance (0 = closed form only).
+        refine_lr: fast solver: learning rate relative to the factors' RMS.
+    """
+
+    heads: int
+    distance: Distance = "mae"
+    solver: Literal["fast", "paper"] = "fast"
+    epochs: int = 1000
+    lr: float = 0.01
+    weight_decay: float = 0.01
+    temperature: float = 0.2
+    restarts: int = 8
+    refine_steps: int = 200
+    refine_lr: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.heads < 1:
+            raise HydraoptError(f"--heads must be >= 1, got {self.heads}")
+        if self.distance not in DISTANCES:
+            raise HydraoptError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if self.solver not in ("fast", "paper"):
+            raise HydraoptError(f"solver must be 'fast' or 'paper', got {self.solver!r}")
+        if self.temperature <= 0:
+            raise HydraoptError("temperature must be > 0")
+        if self.epochs < 0 or self.refine_steps < 0 or self.restarts < 1:
+            raise HydraoptError("epochs and refine_steps must be >= 0 and restarts >= 1")
+
+
+@registered("hydraopt")
+class HydraOpt:
+    """The registered HydraOpt method (see module doc)."""
+
+    config_class: ClassVar[type] = HydraOptConfig
+    space: ClassVar[str] = "delta"
+    name: ClassVar[str]
+
+    def num_heads(self, config: HydraOptConfig, num_tasks: int) -> int:
+        return config.heads
+
+    def merge(
+        self,
+        stack: LoraStack,
+        config: HydraOptConfig,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+    ) -> MergedStack:
+        G, K, r, k = stack.A.shape
+        M = config.heads
+        if M > K:
+            raise HydraoptError(f"--heads {M} exceeds the number of adapters K = {K}")
+        if config.solver == "paper":
+            a, heads, routing = paper_solve(
+                stack.delta(),
+                r,
+                M,
+                distance=config.distance,
+                epochs=config.epochs,
+                lr=config.lr,
+                weight_decay=config.weight_decay,
+                temperature=config.temperature,
+                num_factor_tensors=context.num_factor_tensors,
+                generator=generator,
+            )
+            return MergedStack(a, heads, routing)
+
+        scaled_b = stack.scaled_B
+        routing, a, _ = best_routing(
+            stack.A, scaled_b, M, generator=generator, restarts=config.restarts
+        )
+        heads = routed_heads(projected_heads(stack.A, scaled_b, a), routing, M)
+        # The closed form is exact for squared Frobenius (= mse up to a constant): refining could
+        # only move it by rounding, so skip it there.
+        if config.refine_steps > 0 and config.distance != "mse":
+            delta = stack.delta()
+            a, heads, _ = refine(
+                delta,
+                a,
+                heads,
+                routing,
+                distance=config.distance,
+                steps=config.refine_steps,
+                lr=config.refine_lr,
+            )
+            if config.distance == "cos":
+                heads = fit_head_scales(delta, a, heads, routing)
+        return MergedStack(a, heads, routing)

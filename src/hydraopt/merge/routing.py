@@ -1,0 +1,126 @@
+"""Hard routing for M < K: which tasks share a head.
+
+For a fixed A', the squared-Frobenius error of a routing is a k-means objective on the projected
+heads P_i = B_i A_i A'^T (see :mod:`closed_form`), so we alternate
+
+    routing <- Lloyd steps on P (A' fixed)      A' <- closed form (routing fixed)
+
+which never increases the error, from several k-means++ starts, and keep the best per module.
+Distances between heads come from their K x K Gram matrix, so every step is batched over modules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hydraopt.merge.closed_form import projected_heads, shared_a
+
+
+def _gram(projected: torch.Tensor) -> torch.Tensor:
+    flat = projected.flatten(2).to(torch.float64)  # (G, K, d*r)
+    return flat @ flat.transpose(1, 2)  # (G, K, K)
+
+
+def _distances_to_clusters(gram: torch.Tensor, routing: torch.Tensor, m: int) -> torch.Tensor:
+    """||P_i - mean_c||^2 for every task i and head c (G, K, M); empty heads get +inf."""
+    onehot = torch.nn.functional.one_hot(routing, m).to(gram.dtype)  # (G, K, M)
+    counts = onehot.sum(dim=1)  # (G, M)
+    safe = counts.clamp_min(1.0)
+    cross = gram @ onehot / safe[:, None, :]  # (G, K, M): <P_i, mean_c>
+    within = torch.einsum("gkm,gkl,glm->gm", onehot, gram, onehot) / safe.square()  # ||mean_c||^2
+    diag = gram.diagonal(dim1=1, dim2=2)  # (G, K)
+    dist = diag[:, :, None] - 2 * cross + within[:, None, :]
+    return torch.where(counts[:, None, :] > 0, dist, torch.inf)
+
+
+def _fill_empty(routing: torch.Tensor, dist: torch.Tensor, m: int) -> torch.Tensor:
+    """Give each empty head the task farthest from its own head (M <= K, so none stays empty)."""
+    routing = routing.clone()
+    for g in range(routing.shape[0]):
+        for _ in range(m):
+            counts = torch.bincount(routing[g], minlength=m)
+            empty = (counts == 0).nonzero()
+            if len(empty) == 0:
+                break
+            own = dist[g].gather(1, routing[g][:, None]).squeeze(1)
+            own = torch.where(counts[routing[g]] > 1, own, -torch.inf)  # never empty another head
+            routing[g, int(own.argmax())] = int(empty[0])
+    return routing
+
+
+def lloyd(gram: torch.Tensor, routing: torch.Tensor, m: int, max_iter: int = 50) -> torch.Tensor:
+    """Lloyd iterations from ``routing`` until no task moves."""
+    for _ in range(max_iter):
+        dist = _distances_to_clusters(gram, routing, m)
+        new = _fill_empty(dist.argmin(dim=2), dist, m)
+        if torch.equal(new, routing):
+            break
+        routing = new
+    return routing
+
+
+def kmeans_pp(gram: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on Gram distances; returns an initial routing (G, K)."""
+    G, K, _ = gram.shape
+    diag = gram.diagonal(dim1=1, dim2=2)
+    pair = (diag[:, :, None] + diag[:, None, :] - 2 * gram).clamp_min(0.0)  # (G, K, K)
+    centers = torch.empty(G, m, dtype=torch.long, device=gram.device)
+    first = torch.randint(K, (G,), generator=generator, device=gram.device)
+    centers[:, 0] = first
+    nearest = pair[torch.arange(G), first]  # (G, K)
+    for c in range(1, m):
+        probs = nearest.clamp_min(0) + 1e-300
+        pick = torch.multinomial(probs / probs.sum(1, keepdim=True), 1, generator=generator)[:, 0]
+        centers[:, c] = pick
+        nearest = torch.minimum(nearest, pair[torch.arange(G), pick])
+    to_centers = pair.gather(2, centers[:, None, :].expand(G, K, m))  # (G, K, M)
+    routing = to_centers.argmin(dim=2)
+    # each center routes to itself even if another center is at distance 0
+    routing.scatter_(1, centers, torch.arange(m, device=gram.device).expand(G, m))
+    return routing
+
+
+def best_routing(
+    A: torch.Tensor,
+    scaled_B: torch.Tensor,
+    num_heads: int,
+    *,
+    generator: torch.Generator,
+    restarts: int = 8,
+    max_alternations: int = 30,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing and A' that minimise the squared Frobenius error, per module.
+
+    Returns:
+        routing (G, K), A' (G, r, k), squared error (G,).
+    """
+    G, K = A.shape[:2]
+    m = num_heads
+    identity = torch.arange(K, device=A.device).expand(G, K).clone()
+    if m == K:
+        a_prime, err = shared_a(A, scaled_B, identity, K)
+        return identity, a_prime, err
+    if m == 1:
+        zeros = torch.zeros_like(identity)
+        a_prime, err = shared_a(A, scaled_B, zeros, 1)
+        return zeros, a_prime, err
+    # Start from the M = K subspace: it is where every task is represented best.
+    a_full, _ = shared_a(A, scaled_B, identity, K)
+    gram0 = _gram(projected_heads(A, scaled_B, a_full))
+    best_err = torch.full((G,), torch.inf, dtype=torch.float64, device=A.device)
+    best_routing = identity.clone()
+    best_a = a_full.clone()
+    for _ in range(max(1, restarts)):
+        routing = lloyd(gram0, kmeans_pp(gram0, m, generator), m)
+        a_prime, err = shared_a(A, scaled_B, routing, m)
+        for _ in range(max_alternations):
+            new = lloyd(_gram(projected_heads(A, scaled_B, a_prime)), routing, m)
+            if torch.equal(new, routing):
+                break
+            routing = new
+            a_prime, err = shared_a(A, scaled_B, routing, m)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_routing[better] = routing[better]
+        best_a[better] = a_prime[better]
+    return best_routing, best_a, best_err

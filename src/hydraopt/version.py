@@ -1,0 +1,3 @@
+"""Library version, written into every bundle's metadata."""
+
+__version__ = "0.1.0"

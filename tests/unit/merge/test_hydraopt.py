@@ -1,0 +1,166 @@
+"""HydraOpt method: invariants, solvers, distances."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import random_stack
+
+from hydraopt.errors import HydraoptError
+from hydraopt.merge.base import MergeContext
+from hydraopt.merge.distances import cos, fro, mae, mse
+from hydraopt.merge.hydraopt import HydraOptConfig
+from hydraopt.merge.paper import init_params, paper_solve
+from hydraopt.merge.refine import hard_routed_error, refine
+from hydraopt.merge.registry import get_method
+
+CTX = MergeContext(num_tasks=3, num_factor_tensors=8)
+
+
+@pytest.mark.parametrize("distance", ["mae", "mse", "fro", "cos"])
+def test_m_equals_k_reproduces_adapters_sharing_a(distance):
+    stack = random_stack(G=2, K=3, d=6, k=5, r=2, shared_a=True)
+    out = get_method("hydraopt").merge(
+        stack, HydraOptConfig(heads=3, distance=distance), generator=torch.Generator(), context=CTX
+    )
+    assert torch.allclose(out.delta(), stack.delta(), atol=1e-6)
+    assert out.routing.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_heads_out_of_range_are_refused():
+    stack = random_stack(K=3)
+    with pytest.raises(HydraoptError, match="exceeds"):
+        get_method("hydraopt").merge(
+            stack, HydraOptConfig(heads=4), generator=torch.Generator(), context=CTX
+        )
+    with pytest.raises(HydraoptError):
+        HydraOptConfig(heads=0)
+    with pytest.raises(HydraoptError):
+        HydraOptConfig(heads=1, distance="l3")  # type: ignore[arg-type]
+
+
+def test_distances_by_hand():
+    t = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    a = torch.tensor([[0.0, -2.0], [1.0, 1.0]])
+    # residual [[1, 0], [-1, 2]]
+    assert mae(t, a).item() == pytest.approx((1 + 0 + 1 + 2) / 4)
+    assert mse(t, a).item() == pytest.approx((1 + 0 + 1 + 4) / 4)
+    assert fro(t, a).item() == pytest.approx(math.sqrt(6))
+    # <t, a> = 0 + 4 + 0 + 3 = 7, |t| = sqrt(14), |a| = sqrt(6)
+    assert cos(t, a).item() == pytest.approx(1 - 7 / math.sqrt(14 * 6))
+    assert cos(t, 2 * t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("distance", ["mae", "fro", "cos"])
+def test_refinement_never_worsens_the_hard_routed_error(distance):
+    stack = random_stack(G=3, K=4, d=8, k=7, r=2, seed=11)
+    cfg0 = HydraOptConfig(heads=2, distance=distance, refine_steps=0)
+    cfg = HydraOptConfig(heads=2, distance=distance, refine_steps=60)
+    m = get_method("hydraopt")
+    start = m.merge(stack, cfg0, generator=torch.Generator().manual_seed(0), context=CTX)
+    done = m.merge(stack, cfg, generator=torch.Generator().manual_seed(0), context=CTX)
+    e0 = hard_routed_error(stack.delta(), start.A, start.heads, start.routing, distance).mean(1)
+    e1 = hard_routed_error(stack.delta(), done.A, done.heads, done.routing, distance).mean(1)
+    assert bool((e1 <= e0 + 1e-7).all())
+    if distance == "mae":
+        assert float(e1.sum()) < float(e0.sum())  # MAE differs from Frobenius: it must improve
+
+
+def test_refine_returns_best_iterate_even_with_a_bad_learning_rate():
+    stack = random_stack(G=2, K=3, seed=1)
+    delta = stack.delta()
+    a = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(0))
+    heads = torch.zeros(2, 1, 6, 2)
+    routing = torch.zeros(2, 3, dtype=torch.long)
+    start = hard_routed_error(delta, a, heads, routing, "mae").mean(1)
+    _, _, err = refine(delta, a, heads, routing, distance="mae", steps=5, lr=1e6)
+    assert bool((err <= start).all())
+
+
+def test_paper_init_matches_nn_linear_and_zero_heads():
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = init_params(2, 3, 2, 6, 4, 50, generator=gen, device="cpu", dtype=torch.float32)
+    bound = 1 / math.sqrt(50)  # nn.Linear's kaiming_uniform_(a=sqrt(5)) bound
+    assert float(a.abs().max()) <= bound and float(a.abs().max()) > 0.9 * bound
+    assert float(b.abs().max()) == 0.0
+    assert c is not None and c.shape == (2, 3, 2)
+    _, _, c_k = init_params(1, 3, 3, 6, 4, 5, generator=gen, device="cpu", dtype=torch.float32)
+    assert c_k is None  # M = K: Eq. 2, no routing logits
+
+
+def test_paper_solver_converges_on_an_easy_problem():
+    stack = random_stack(G=1, K=2, d=5, k=6, r=2, shared_a=True, seed=3)
+    delta = stack.delta()
+    a, heads, routing = paper_solve(
+        delta,
+        2,
+        2,
+        distance="mse",
+        epochs=400,
+        lr=0.05,
+        weight_decay=0.0,
+        temperature=0.2,
+        num_factor_tensors=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    err = hard_routed_error(delta, a, heads, routing, "mse").mean()
+    assert float(err) < 1e-3 * float(delta.square().mean())
+
+
+def test_paper_temperature_convention_is_softmax_c_over_t():
+    """With C' fixed (lr 0 on C' is not possible in AdamW, so use epochs=0) routing = argmax C'."""
+    gen = torch.Generator().manual_seed(5)
+    stack = random_stack(G=2, K=4, seed=2)
+    _, _, routing = paper_solve(
+        stack.delta(),
+        2,
+        3,
+        distance="mae",
+        epochs=0,
+        lr=0.01,
+        weight_decay=0.01,
+        temperature=0.2,
+        num_factor_tensors=2,
+        generator=gen,
+    )
+    gen2 = torch.Generator().manual_seed(5)
+    _, _, c = init_params(2, 4, 3, 6, 2, 5, generator=gen2, device="cpu", dtype=torch.float32)
+    assert routing.tolist() == c.argmax(-1).tolist()
+
+
+def test_fast_solver_beats_paper_soft_routing_on_hard_routed_error():
+    stack = random_stack(G=2, K=4, d=10, k=12, r=3, seed=8)
+    m = get_method("hydraopt")
+    fast = m.merge(
+        stack, HydraOptConfig(heads=2), generator=torch.Generator().manual_seed(0), context=CTX
+    )
+    paper = m.merge(
+        stack,
+        HydraOptConfig(heads=2, solver="paper", epochs=300),
+        generator=torch.Generator().manual_seed(0),
+        context=CTX,
+    )
+    d = stack.delta()
+    e_fast = hard_routed_error(d, fast.A, fast.heads, fast.routing, "mae").mean()
+    e_paper = hard_routed_error(d, paper.A, paper.heads, paper.routing, "mae").mean()
+    assert float(e_fast) <= float(e_paper)
+
+
+def test_hand_written_mae_gradient_equals_autograd():
+    from hydraopt.merge.refine import mae_value_and_grads
+
+    stack = random_stack(G=2, K=4, d=6, k=5, r=2, seed=12)
+    delta = stack.delta().double()
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    heads = torch.randn(2, 3, 6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    routing = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]])
+    loss = hard_routed_error(delta, a, heads, routing, "mae").mean(1)
+    loss.sum().backward()
+    value, g_a, g_h = mae_value_and_grads(
+        delta, a.detach(), heads.detach(), routing, torch.empty_like(delta)
+    )
+    assert torch.allclose(value, loss.detach())
+    assert torch.allclose(g_a, a.grad) and torch.allclose(g_h, heads.grad)
