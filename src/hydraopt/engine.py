@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import AdapterSet
 from hydraopt.merge.base import MergeContext, build_config, config_to_dict
 from hydraopt.merge.distances import get_distance
@@ -104,10 +105,32 @@ def iter_merged(
         yield len(chunk), merge_chunk(aset, chunk, method_name, config, options)
 
 
+def check_heads(method: str, config: Any, heads: int, num_tasks: int) -> None:
+    """Refuse an impossible M before any work (the methods check again for direct callers)."""
+    asked = getattr(config, "heads", None)
+    if asked is not None and asked > num_tasks:
+        raise HydraoptError(f"--heads {asked} exceeds the number of adapters K = {num_tasks}")
+    if asked is not None and asked != heads:
+        raise HydraoptError(f"{method} stores {heads} head(s); got --heads {asked}")
+
+
+def resolve_config(method: str, options: dict[str, Any] | Any, num_tasks: int) -> Any:
+    """The method's typed config from options (or a config as is), checked against K."""
+    method_obj = get_method(method)
+    if isinstance(options, dict):
+        config = build_config(method_obj.config_class, options)
+    elif isinstance(options, method_obj.config_class):
+        config = options
+    else:
+        raise TypeError(f"options must be a dict or a {method_obj.config_class.__name__}")
+    check_heads(method, config, method_obj.num_heads(config, num_tasks), num_tasks)
+    return config
+
+
 def merge_adapter_set(
     aset: AdapterSet,
     method: str = "hydraopt",
-    options: dict[str, Any] | None = None,
+    options: dict[str, Any] | Any = None,
     *,
     engine: EngineOptions | None = None,
     progress: Callable[[int], None] | None = None,
@@ -118,7 +141,8 @@ def merge_adapter_set(
     Args:
         aset: validated adapters (:func:`hydraopt.load_adapter_set`).
         method: registry name (``hydraopt``, ``ties``, ...).
-        options: the method's config fields (e.g. ``{"heads": 2, "distance": "mae"}``).
+        options: the method's config fields (e.g. ``{"heads": 2, "distance": "mae"}``), or a
+            config instance of the method.
         engine: seed, device and memory budget.
         progress: optional callable told how many modules just finished.
         bytes_per_param: storage dtype size used in the byte accounting.
@@ -127,9 +151,8 @@ def merge_adapter_set(
         An in-memory :class:`Bundle` (use :func:`hydraopt.save_bundle` to write it).
     """
     engine = engine or EngineOptions()
-    method_obj = get_method(method)
-    config = build_config(method_obj.config_class, options or {})
     K = len(aset.tasks)
+    config = resolve_config(method, options or {}, K)
     start = time.perf_counter()
     merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, list[float]] = {}

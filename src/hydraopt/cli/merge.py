@@ -15,7 +15,7 @@ from hydraopt.cli.options import (
     engine_options,
     method_options,
 )
-from hydraopt.engine import merge_adapter_set
+from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
@@ -38,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "hydraopt" and args.heads is None:
         raise HydraoptError("hydraopt needs --heads M (1 = smallest, K = most faithful)")
     aset = load_adapter_set(args.adapters, args.names, allow_pickle=args.allow_pickle)
+    config = resolve_config(args.method, method_options(args, args.method), len(aset.tasks))
     engine = engine_options(args)
     with progress_bar(len(aset.modules), f"{args.method}") as advance:
         bundle = merge_adapter_set(
             aset,
             args.method,
-            method_options(args, args.method),
+            config,
             engine=engine,
             progress=advance,
             bytes_per_param=BYTES[args.dtype],

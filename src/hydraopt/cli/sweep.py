@@ -20,7 +20,7 @@ from hydraopt.cli.options import (
     engine_options,
     method_options,
 )
-from hydraopt.engine import merge_adapter_set
+from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import atomic_dir
 from hydraopt.io.bundle import save_bundle
 from hydraopt.io.peft import load_adapter_set
@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     engine = engine_options(args)
     runs = [("hydraopt", m) for m in (args.heads or range(1, K + 1))]
     runs += [(name, None) for name in args.baselines]
+    configs = []
+    for method, heads in runs:  # validate every run before spending time on any
+        options = method_options(args, method)
+        options["heads"] = heads
+        configs.append(resolve_config(method, options, K))
     points, bundles = [], {}
     with atomic_dir(args.out, force=args.force) as tmp:
         with progress_bar(len(runs) * len(aset.modules), "sweep") as advance:

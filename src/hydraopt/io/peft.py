@@ -6,6 +6,7 @@ when the engine asks for them, so memory stays bounded by a few modules however 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class AdapterSet:
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(a.task for a in self.adapters)
+
+    def select(self, names: Sequence[str]) -> AdapterSet:
+        """The same adapters restricted to the named modules (for slices in tests and benchmarks)."""
+        wanted = set(names)
+        missing = wanted - {m.name for m in self.modules}
+        if missing:
+            raise HydraoptError(f"unknown modules: {sorted(missing)[:3]}")
+        return dataclasses.replace(self, modules=tuple(m for m in self.modules if m.name in wanted))
 
     def load_stack(self, modules: Sequence[ModuleSpec]) -> LoraStack:
         """Read the factors of ``modules`` (all the same shape) for every task.

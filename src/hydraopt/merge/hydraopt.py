@@ -53,8 +53,8 @@ class HydraOptConfig:
     weight_decay: float = 0.01
     temperature: float = 0.2
     restarts: int = 8
-    refine_steps: int = 200
-    refine_lr: float = 0.3
+    refine_steps: int = 100
+    refine_lr: float = 0.6
 
     def __post_init__(self) -> None:
         if self.heads < 1:
