@@ -38,6 +38,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src/hydraopt
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/real_adapters.py --out benchmarks/results

@@ -103,9 +103,18 @@ def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Pa
 
 
 def plot_tradeoff(
-    points: Sequence[dict[str, Any]], path: Path, *, y_key: str, y_label: str, title: str
+    points: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    y_key: str,
+    y_label: str,
+    title: str,
+    reference: tuple[float, str] | None = None,
 ) -> Path:
-    """Storage % (x) against ``y_key`` with one labelled point per system; HydraOpt M=1..K joined."""
+    """Storage % (x) against ``y_key`` with one labelled point per system; HydraOpt M=1..K joined.
+
+    ``reference`` draws a dashed horizontal line (value, label), e.g. the error of storing nothing.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,6 +141,16 @@ def plot_tradeoff(
             (p["storage_percent"], p[y_key]),
             fontsize=7,
             xytext=(4, 3),
+            textcoords="offset points",
+        )
+    if reference is not None:
+        ax.axhline(reference[0], color="grey", linestyle="--", linewidth=1)
+        ax.annotate(
+            reference[1],
+            (ax.get_xlim()[0], reference[0]),
+            fontsize=7,
+            color="grey",
+            xytext=(2, 3),
             textcoords="offset points",
         )
     ax.set_xlabel("storage S (% of the separate adapters)")

@@ -54,7 +54,7 @@ def plan_chunks(
     groups: dict[tuple[int, int, int], list[ModuleSpec]] = {}
     for m in modules:
         groups.setdefault(m.shape_key, []).append(m)
-    chunks = []
+    chunks: list[list[ModuleSpec]] = []
     for mods in groups.values():
         per = max(1, chunk_elements // (num_tasks * mods[0].d * mods[0].k))
         chunks.extend(mods[i : i + per] for i in range(0, len(mods), per))

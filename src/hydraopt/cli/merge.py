@@ -13,13 +13,13 @@ from hydraopt.cli.options import (
     add_engine_args,
     add_method_args,
     engine_options,
+    load_selected,
     method_options,
 )
 from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
-from hydraopt.io.peft import load_adapter_set
 from hydraopt.types import Bundle
 
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force)  # fail before any work, not after
     if args.method == "hydraopt" and args.heads is None:
         raise HydraoptError("hydraopt needs --heads M (1 = smallest, K = most faithful)")
-    aset = load_adapter_set(args.adapters, args.names, allow_pickle=args.allow_pickle)
+    aset = load_selected(args)
     config = resolve_config(args.method, method_options(args, args.method), len(aset.tasks))
     engine = engine_options(args)
     with progress_bar(len(aset.modules), f"{args.method}") as advance:

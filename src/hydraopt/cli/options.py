@@ -16,6 +16,11 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--names", nargs="+", help="task names (default: the directory names)")
     p.add_argument(
+        "--modules",
+        metavar="REGEX",
+        help="only modules whose name matches this regex (e.g. 'layers\\.1[0-9]\\.'); for quick looks",
+    )
+    p.add_argument(
         "--allow-pickle",
         action="store_true",
         help="accept adapter_model.bin (read with torch.load(weights_only=True))",
@@ -85,9 +90,30 @@ def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The method-config fields the user gave (None = not given, left to the config default)."""
     keys = ("heads",) + (HYDRAOPT_ONLY if method == "hydraopt" else CLASSIC_ONLY)
     given = {k: getattr(args, k, None) for k in keys}
-    if given.get("weights") is not None:
-        given["weights"] = tuple(given["weights"])
+    weights = given.get("weights")
+    if weights is not None:
+        given["weights"] = tuple(weights)
     return given
+
+
+def load_selected(args: argparse.Namespace):
+    """Load and validate the adapters, restricted to ``--modules`` if given."""
+    import re
+
+    from hydraopt.errors import HydraoptError
+    from hydraopt.io.peft import load_adapter_set
+
+    aset = load_adapter_set(args.adapters, args.names, allow_pickle=args.allow_pickle)
+    if getattr(args, "modules", None):
+        try:
+            pattern = re.compile(args.modules)
+        except re.error as e:
+            raise HydraoptError(f"--modules: invalid regex ({e})") from e
+        names = [m.name for m in aset.modules if pattern.search(m.name)]
+        if not names:
+            raise HydraoptError(f"--modules {args.modules!r} matches no module")
+        aset = aset.select(names)
+    return aset
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:

@@ -18,12 +18,12 @@ from hydraopt.cli.options import (
     add_engine_args,
     add_method_args,
     engine_options,
+    load_selected,
     method_options,
 )
 from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import atomic_dir
 from hydraopt.io.bundle import save_bundle
-from hydraopt.io.peft import load_adapter_set
 from hydraopt.merge.classic import A_ONLY_METHODS, CLASSIC_METHODS
 
 
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    aset = load_adapter_set(args.adapters, args.names, allow_pickle=args.allow_pickle)
+    aset = load_selected(args)
     K = len(aset.tasks)
     engine = engine_options(args)
     runs = [("hydraopt", m) for m in (args.heads or range(1, K + 1))]
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             y_key="relative_error",
             y_label=f"hard-routed {engine.error_distance} / {engine.error_distance} of ΔW' = 0",
             title=f"storage vs reconstruction error, {K} adapters",
+            reference=(1.0, "ΔW' = 0 (store nothing)"),
         )
     print_table(
         f"sweep over {K} adapters ({engine.error_distance}, hard-routed, mean over tasks and modules)",

@@ -35,7 +35,11 @@ class MergeContext:
 class MergeMethod(Protocol):
     """A registered merge method. ``name`` is the registry, CLI and bundle-metadata name."""
 
-    name: ClassVar[str]
+    @property
+    def name(self) -> str:
+        """Registry name (read-only: a class attribute or an instance attribute both fit)."""
+        ...
+
     config_class: ClassVar[type]
     space: ClassVar[str]  # "factors" (A and B merged separately) or "delta" (fits B @ A)
 

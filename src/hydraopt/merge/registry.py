@@ -22,7 +22,7 @@ def registered(name: str) -> Callable[[type], type]:
     """Class decorator: instantiate the class and register it under ``name``."""
 
     def wrap(cls: type) -> type:
-        cls.name = name
+        setattr(cls, "name", name)  # noqa: B010 - classes built by the decorator have no slot
         register(name, cls())
         return cls
 
