@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     default = sorted((REPO.parent / "shared" / "adapters").glob("en-*"))
     p.add_argument("--adapters", nargs="+", type=Path, default=default)
     p.add_argument("--layers", help="comma-separated layer indices (default: all)")
@@ -55,7 +57,9 @@ def machine() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -89,9 +93,19 @@ def main() -> None:
         row["fast"] = run(aset, "hydraopt", {"heads": m})
         row["closed"] = run(aset, "hydraopt", {"heads": m, "refine_steps": 0})
         if not args.skip_paper:
-            row["paper"] = run(aset, "hydraopt", {"heads": m, "solver": "paper", "epochs": args.epochs})
+            row["paper"] = run(
+                aset, "hydraopt", {"heads": m, "solver": "paper", "epochs": args.epochs}
+            )
         rows.append(row)
-        print(json.dumps({k: (v if k == "heads" else {kk: v[kk] for kk in ("seconds", "mae")}) for k, v in row.items()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: (v if k == "heads" else {kk: v[kk] for kk in ("seconds", "mae")})
+                    for k, v in row.items()
+                }
+            ),
+            flush=True,
+        )
     baselines = [run(aset, name, {}) for name in CLASSIC_METHODS]
     result = {
         "machine": machine(),
@@ -128,7 +142,11 @@ def markdown(result: dict) -> str:
             f"| {row['heads']} | {f['storage_percent']:.0f} | {f['mae']:.4e} | {f['seconds']:.1f} | "
             f"{c['mae']:.4e} | {c['seconds']:.1f} | {paper_cells} |"
         )
-    lines += ["", "| baseline | S % | MAE | relative to ΔW'=0 | s |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| baseline | S % | MAE | relative to ΔW'=0 | s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for b in result["baselines"]:
         lines.append(
             f"| {b['method']} | {b['storage_percent']:.0f} | {b['mae']:.4e} | {b['relative_mae']:.3f} | {b['seconds']:.1f} |"

@@ -1,0 +1,302 @@
+"""The systems an evaluation compares: zero-shot, per-task LoRA adapters, and merged bundles.
+
+A system answers one question per task: which adapter, if any, goes on the base model. Each also
+has a label (a row of the results table), a storage share S % (the x axis of the trade-off plot)
+and a content-based cache id per task, so cached generations follow the weights rather than the
+paths: renaming a directory keeps its cache, retraining or re-merging invalidates it.
+
+- :class:`ZeroShot`: the bare base model (S = 0).
+- :class:`PerTaskLora`: one PEFT adapter dir per task (S = 100). Dirs written by
+  ``hydraopt export`` are ordinary PEFT dirs and are evaluated through this class.
+- :class:`BundleSystem`: a bundle dir; each task's routed head is applied in memory, writing no
+  files (S from the bundle's storage accounting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from hydraopt.errors import HydraoptError
+from hydraopt.io.bundle import TENSORS_NAME, load_bundle
+from hydraopt.types import Bundle
+
+if TYPE_CHECKING:
+    from hydraopt.eval.generate import LoraFactorMap
+
+# Fields of adapter_config.json that do not change what the adapter computes at inference.
+# `hydraopt export` sets inference_mode=True on a copy of the original config; leaving it out of
+# the cache id lets an exported adapter and its trained original share a cache when their
+# weights are equal.
+_INFERENCE_IRRELEVANT_CONFIG = frozenset({"inference_mode"})
+
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def text_sha256(*parts: str) -> str:
+    """Hex SHA-256 of strings joined by NUL, which no part contains as a separator."""
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
+
+
+class System(Protocol):
+    """Something to evaluate on every task: a label, a storage share and an adapter per task."""
+
+    label: str
+
+    @property
+    def kind(self) -> str:
+        """``"zero-shot"``, ``"lora"`` or ``"bundle"``."""
+        ...
+
+    @property
+    def method(self) -> str:
+        """Plot group: ``"zero-shot"``, ``"lora"`` or the bundle's merge method."""
+        ...
+
+    @property
+    def storage_percent(self) -> float:
+        """Parameters stored, as % of K separate adapters."""
+        ...
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        """Raise :class:`HydraoptError` if the system has nothing for one of ``tasks``."""
+        ...
+
+    def cache_id(self, task: str) -> str:
+        """Hex digest of everything (besides the base model) that decides the task's outputs."""
+        ...
+
+    def adapter(self, task: str) -> None | Path | LoraFactorMap:
+        """What :func:`hydraopt.eval.generate.applied_adapter` applies for ``task``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary for the results file."""
+        ...
+
+
+@dataclass(frozen=True)
+class ZeroShot:
+    """The base model without any adapter.
+
+    Its outputs depend on the base model only, which the harness keys the cache on anyway, so
+    the cache id is a constant per task.
+    """
+
+    label: str = "zero-shot"
+
+    kind = "zero-shot"
+    method = "zero-shot"
+    storage_percent = 0.0
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        """Every task can be run zero-shot."""
+
+    def cache_id(self, task: str) -> str:
+        """Constant per task (see the class docstring)."""
+        return text_sha256("zero-shot", task)
+
+    def adapter(self, task: str) -> None:
+        """No adapter."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Label, kind and storage."""
+        return {"label": self.label, "kind": self.kind, "storage_percent": 0.0}
+
+
+@dataclass(frozen=True)
+class PerTaskLora:
+    """One PEFT LoRA adapter dir per task, applied by PEFT from disk.
+
+    Attributes:
+        root: Folder holding ``<task>/`` adapter dirs, or ``None`` when ``dirs`` lists them all.
+        dirs: Explicit task -> adapter dir; these win over ``root``.
+        label: Row label.
+    """
+
+    root: Path | None = None
+    dirs: Mapping[str, Path] = field(default_factory=dict)
+    label: str = "LoRA"
+
+    kind = "lora"
+    method = "lora"
+    # Separate adapters are the reference the storage share is measured against.
+    storage_percent = 100.0
+
+    def __post_init__(self) -> None:
+        if self.root is None and not self.dirs:
+            raise HydraoptError(f"system {self.label!r}: give an adapter root or task->dir map")
+
+    def adapter_dir(self, task: str) -> Path:
+        """The task's adapter dir (not checked; see :meth:`check_tasks`)."""
+        if task in self.dirs:
+            return Path(self.dirs[task])
+        if self.root is None:
+            raise HydraoptError(
+                f"system {self.label!r} has no adapter for task {task!r} "
+                f"(it has {sorted(self.dirs)})"
+            )
+        return Path(self.root) / task
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        """Every task needs a dir with ``adapter_config.json`` and a weights file."""
+        for task in tasks:
+            directory = self.adapter_dir(task)
+            if not (directory / "adapter_config.json").is_file():
+                raise HydraoptError(
+                    f"system {self.label!r}: no PEFT adapter for task {task!r} at {directory} "
+                    f"(expected {directory}/adapter_config.json)"
+                )
+            _weights_file(directory)
+
+    def cache_id(self, task: str) -> str:
+        """SHA-256 of the task name, the weights file and the inference-relevant config."""
+        directory = self.adapter_dir(task)
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        relevant = {k: v for k, v in config.items() if k not in _INFERENCE_IRRELEVANT_CONFIG}
+        return text_sha256(
+            "lora",
+            task,
+            file_sha256(_weights_file(directory)),
+            json.dumps(relevant, sort_keys=True),
+        )
+
+    def adapter(self, task: str) -> Path:
+        """The task's PEFT adapter dir."""
+        return self.adapter_dir(task)
+
+    def describe(self) -> dict[str, Any]:
+        """Label, kind, storage and where the adapters are."""
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "storage_percent": self.storage_percent,
+            "root": str(self.root) if self.root is not None else None,
+            "dirs": {task: str(path) for task, path in self.dirs.items()},
+        }
+
+
+@dataclass(frozen=True)
+class BundleSystem:
+    """A merged bundle; each task's routed head is applied in memory (no files written).
+
+    Build it with :func:`bundle_system`, which loads the bundle and hashes its tensor file once.
+
+    Attributes:
+        path: The bundle dir.
+        bundle: The loaded bundle.
+        tensors_sha256: SHA-256 of its ``tensors.safetensors``.
+        label: Row label.
+    """
+
+    path: Path
+    bundle: Bundle = field(repr=False, compare=False)
+    tensors_sha256: str
+    label: str
+
+    kind = "bundle"
+
+    @property
+    def method(self) -> str:
+        """The bundle's merge method (registry name)."""
+        return self.bundle.method
+
+    @property
+    def storage_percent(self) -> float:
+        """From the bundle's own storage accounting."""
+        return float(self.bundle.storage["storage_percent"])
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        """Every task must be one the bundle was merged from."""
+        missing = [task for task in tasks if task not in self.bundle.tasks]
+        if missing:
+            raise HydraoptError(
+                f"bundle {self.path} ({self.label!r}) lacks task(s) {missing}; it holds "
+                f"{list(self.bundle.tasks)}: drop those --tasks or merge a bundle that has them"
+            )
+
+    def cache_id(self, task: str) -> str:
+        """SHA-256 of the task, the tensor file and the task's head index in every module.
+
+        Routing lives in ``bundle.json``, not in the tensor file, and picks the head, so it is
+        part of the id; the rest of ``bundle.json`` (timings, provenance) is not.
+        """
+        i = self.bundle.tasks.index(task)
+        route = {name: int(routing[i]) for name, (_, _, routing) in self.bundle.merged.items()}
+        return text_sha256("bundle", task, self.tensors_sha256, json.dumps(route, sort_keys=True))
+
+    def adapter(self, task: str) -> LoraFactorMap:
+        """``{module: (A', B', 1.0)}``: the bundle's heads already carry the LoRA scale."""
+        return {name: (a, b, 1.0) for name, (a, b) in self.bundle.task_factors(task).items()}
+
+    def describe(self) -> dict[str, Any]:
+        """Label, kind, storage, path and the merge method with its config."""
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "storage_percent": self.storage_percent,
+            "path": str(self.path),
+            "method": self.method,
+            "heads": self.bundle.num_heads,
+            "config": self.bundle.config,
+            "tasks": list(self.bundle.tasks),
+        }
+
+
+def bundle_label(bundle: Bundle) -> str:
+    """Default row label: ``"hydraopt M=2"`` for HydraOpt, else the method's registry name."""
+    return f"hydraopt M={bundle.num_heads}" if bundle.method == "hydraopt" else bundle.method
+
+
+def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:
+    """Load a bundle dir as a system.
+
+    Args:
+        path: A dir written by :func:`hydraopt.save_bundle`.
+        label: Row label; default :func:`bundle_label`.
+
+    Raises:
+        HydraoptError: If ``path`` is not a readable bundle.
+    """
+    path = Path(path)
+    bundle = load_bundle(path)
+    return BundleSystem(
+        path=path,
+        bundle=bundle,
+        tensors_sha256=file_sha256(path / TENSORS_NAME),
+        label=label or bundle_label(bundle),
+    )
+
+
+def check_unique_labels(systems: Iterable[System]) -> None:
+    """Labels name table rows and cache nothing, but two equal ones would make rows ambiguous."""
+    seen: set[str] = set()
+    for system in systems:
+        if system.label in seen:
+            raise HydraoptError(
+                f"two systems are labelled {system.label!r}; give one a label "
+                f"(--system KIND=DIR:LABEL)"
+            )
+        seen.add(system.label)
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in _WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise HydraoptError(f"{directory} has no adapter weights (expected one of {_WEIGHT_FILES})")
