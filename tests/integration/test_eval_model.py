@@ -197,6 +197,9 @@ def test_finetune_writes_a_peft_dir_that_loads(base_model, trained, logits_of) -
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (32, 128)
+    # portable base name, as ../shared/adapters record it, so adapters from here merge with those
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert not (out / "README.md").exists()
     assert sorted(adapter_config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     summary = json.loads((out / "training.json").read_text())
     assert summary["task"] == "en-ta"

@@ -33,7 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from hydraopt.eval.finetune_config import FinetuneConfig
 from hydraopt.eval.generate import lora_layers, lora_weights
-from hydraopt.eval.model import load_base_model, resolve_model_source
+from hydraopt.eval.model import base_model_name, load_base_model
 from hydraopt.eval.tasks import Example, TaskSpec, build_prompt, load_split, load_task
 from hydraopt.io.atomic import atomic_dir, check_output_dir
 
@@ -149,7 +149,8 @@ def finetune(
         task_dir: The task folder (``task.json`` + ``train.jsonl``).
         out_dir: Where the adapter dir goes; written atomically (temp dir beside it, renamed).
         config: Training settings.
-        model_path: Base model to load (see ``load_base_model``); ignored if ``base`` is given.
+        model_path: Base model to load (see ``load_base_model``); with ``base`` given, only
+            names it in the adapter config.
         base: An already loaded ``(model, tokenizer)``; it is wrapped during training and
             restored (adapter removed, eval mode, original ``requires_grad`` flags) afterwards.
         overwrite: Replace an existing ``out_dir`` (only once the new one is complete).
@@ -169,12 +170,12 @@ def finetune(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
+        # ``model_path`` names the base also when the caller hands the loaded model in ``base``.
+        base_name = base_model_name(model_path)
         if base is None:
             model, tokenizer = load_base_model(model_path)
-            base_name = str(resolve_model_source(model_path).path)
         else:
             model, tokenizer = base
-            base_name = str(getattr(model, "name_or_path", ""))
         spec = load_task(task_dir)
         examples = load_split(task_dir, "train")
         encoded = [
@@ -191,7 +192,7 @@ def finetune(
             init_fingerprint = lora_A_fingerprint(peft_model)
             record = _train(peft_model, tokenizer, kept, config, progress, desc=spec.id)
             with atomic_dir(out, force=overwrite) as tmp:
-                _save_adapter(peft_model, tmp)
+                _save_adapter(peft_model, tmp, base_name)
                 summary = {
                     "task": spec.id,
                     "instruction": spec.instruction,
@@ -334,8 +335,12 @@ def _collate(
     return input_ids, attention_mask, labels
 
 
-def _save_adapter(peft_model: PeftModel, directory: Path) -> None:
-    """save_pretrained with the LoRA weights in float16, like the reference adapters."""
+def _save_adapter(peft_model: PeftModel, directory: Path, base_name: str) -> None:
+    """save_pretrained with the LoRA weights in float16, like the reference adapters.
+
+    The config records ``base_name`` (a portable model name, not where this machine keeps the
+    file) and PEFT's generated model card, which only repeats local paths, is dropped.
+    """
     state = {
         key: value.detach().to(torch.float16)
         for key, value in peft_model.state_dict().items()
@@ -345,6 +350,11 @@ def _save_adapter(peft_model: PeftModel, directory: Path) -> None:
     peft_model.save_pretrained(
         str(directory), safe_serialization=True, save_embedding_layers=False, state_dict=state
     )
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_name
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "README.md").unlink(missing_ok=True)
 
 
 def _versions() -> dict[str, str]:

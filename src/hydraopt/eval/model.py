@@ -68,6 +68,16 @@ def default_model_path() -> Path:
     )
 
 
+# The model the packaged GGUF quantises; adapters trained on the default base record this name
+# (as ../shared/adapters do), not a machine-specific site-packages path.
+DEFAULT_BASE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_name(path: str | Path | None = None) -> str:
+    """The ``base_model_name_or_path`` to write into adapters trained on ``path``."""
+    return DEFAULT_BASE_MODEL_NAME if path is None else str(path)
+
+
 def resolve_model_source(path: str | Path | None = None) -> ModelSource:
     """Turn a user-given model path into what ``from_pretrained`` needs.
 
