@@ -55,23 +55,47 @@ def _psd_sqrt_factor(h: torch.Tensor) -> torch.Tensor:
 
 
 def shared_a(
-    A: torch.Tensor, scaled_B: torch.Tensor, routing: torch.Tensor, num_heads: int
+    A: torch.Tensor,
+    scaled_B: torch.Tensor,
+    routing: torch.Tensor,
+    num_heads: int,
+    *,
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best A' for a fixed routing under the squared Frobenius distance.
+
+    Two exact paths to the same top-r eigenvectors of G_W (k x k): through the Kr x Kr
+    factor-space problem when K r <= k (a handful of adapters on a wide model), or through G_W
+    itself when K r > k (many adapters), which keeps memory at O(k^2) instead of O((K r)^2).
 
     Args:
         A: (G, K, r, k) the adapters' A.
         scaled_B: (G, K, d, r) the adapters' B with the LoRA scale folded in.
         routing: (G, K) head index per task.
         num_heads: M.
+        path: ``auto``, ``factors`` (Kr x Kr) or ``gram`` (k x k); for tests and benchmarks.
 
     Returns:
         A' (G, r, k) with orthonormal rows, and the squared error (G,) of the best heads.
     """
     G, K, r, k = A.shape
     a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
+    use_gram = path == "gram" or (path == "auto" and K * r > k)
+    if use_gram:
+        vals, a_prime = _top_eigen_gram(a64, b64, routing, num_heads, r)
+    else:
+        vals, a_prime = _top_eigen_factors(a64, b64, routing, num_heads, r)
+    total = total_energy(a64, b64)
+    return a_prime.to(A.dtype), (total - vals.sum(-1)).clamp_min(0.0)
+
+
+def _top_eigen_factors(
+    a64: torch.Tensor, b64: torch.Tensor, routing: torch.Tensor, m: int, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r eigenpairs of G_W through the Kr x Kr problem L^T (Acat Acat^T) L, H = L L^T."""
+    G, K, _, k = a64.shape
     cross = torch.einsum("gidr,gjds->girjs", b64, b64)  # (G, K, r, K, r): B_i^T B_j
-    P = routing_matrix(routing, num_heads)  # (G, K, K)
+    P = routing_matrix(routing, m)  # (G, K, K)
     H = (cross * P[:, :, None, :, None]).reshape(G, K * r, K * r)
     acat = a64.reshape(G, K * r, k)
     L = _psd_sqrt_factor(H)  # (G, Kr, Kr)
@@ -90,8 +114,35 @@ def shared_a(
         # Rank-deficient updates (e.g. a zero adapter): complete A' to orthonormal rows so that
         # the heads solve a well-posed problem; the missing directions carry no energy anyway.
         a_prime = _orthonormal_rows(a_prime)
-    total = total_energy(a64, b64)
-    return a_prime.to(A.dtype), (total - top_vals.sum(-1)).clamp_min(0.0)
+    return top_vals, a_prime
+
+
+def _top_eigen_gram(
+    a64: torch.Tensor, b64: torch.Tensor, routing: torch.Tensor, m: int, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r eigenpairs of G_W = sum_c n_c Dbar_c^T Dbar_c, formed as a k x k matrix.
+
+    A head with one task contributes A_i^T (B_i^T B_i) A_i (cheap, from r x r Grams); a head with
+    several contributes T_c^T T_c / n_c with T_c = sum_{i in c} B_i A_i, its only dense d x k.
+    """
+    G, K, _, k = a64.shape
+    gram = torch.zeros(G, k, k, dtype=torch.float64, device=a64.device)
+    for g in range(G):
+        members = [torch.nonzero(routing[g] == c).flatten() for c in range(m)]
+        singles = torch.cat([idx for idx in members if len(idx) == 1] or [routing.new_zeros(0)])
+        if len(singles):
+            a_s, b_s = a64[g, singles], b64[g, singles]  # (n, r, k), (n, d, r)
+            c_a = (b_s.transpose(1, 2) @ b_s) @ a_s  # (n, r, k)
+            gram[g] += torch.einsum("nrk,nrl->kl", a_s, c_a)
+        for idx in members:
+            if len(idx) > 1:
+                t = torch.einsum("ndr,nrk->dk", b64[g, idx], a64[g, idx])  # (d, k)
+                gram[g] += t.T @ t / len(idx)
+    with single_thread():
+        evals, evecs = torch.linalg.eigh(gram)
+    top_vals = evals[:, -r:].flip(-1).clamp_min(0.0)
+    a_prime = evecs[:, :, -r:].flip(-1).transpose(1, 2).contiguous()  # (G, r, k), orthonormal
+    return top_vals, a_prime
 
 
 def total_energy(A: torch.Tensor, scaled_B: torch.Tensor) -> torch.Tensor:

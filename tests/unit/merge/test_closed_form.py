@@ -108,3 +108,29 @@ def test_best_routing_groups_identical_tasks():
     assert r[0] == r[1] and r[2] == r[3] and r[0] != r[2]
     # two rank-2 updates need a rank-4 shared A' to be exact; rank 2 keeps the best 2 directions
     assert float(err[0]) == pytest.approx(dense_optimum(delta64(stack), r, r=2), rel=1e-7)
+
+
+@pytest.mark.parametrize("routing", [[0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 1], [0, 0, 0, 0]])
+def test_factor_and_gram_paths_agree(routing):
+    """K r > k uses the k x k path; both must give the same subspace and error."""
+    stack = random_stack(G=2, K=4, d=6, k=9, r=3, seed=7)
+    m = max(routing) + 1
+    rt = torch.tensor([routing, routing])
+    a_f, e_f = shared_a(stack.A, stack.scaled_B, rt, m, path="factors")
+    a_g, e_g = shared_a(stack.A, stack.scaled_B, rt, m, path="gram")
+    assert torch.allclose(e_f, e_g, rtol=1e-6)
+    # same row space: projectors agree
+    proj_f = a_f.transpose(1, 2) @ a_f
+    proj_g = a_g.transpose(1, 2) @ a_g
+    assert torch.allclose(proj_f, proj_g, atol=1e-5)
+    expected = dense_optimum(delta64(stack), routing, r=3)
+    assert float(e_g[0]) == pytest.approx(expected, rel=1e-7)
+
+
+def test_many_adapters_take_the_gram_path_and_reproduce_shared_a():
+    stack = random_stack(G=1, K=12, d=5, k=8, r=2, shared_a=True, seed=2)  # K r = 24 > k = 8
+    routing = torch.arange(12)[None]
+    a, err = shared_a(stack.A, stack.scaled_B, routing, 12)
+    heads = routed_heads(projected_heads(stack.A, stack.scaled_B, a), routing, 12)
+    assert torch.allclose(heads @ a[:, None], stack.delta(), atol=1e-5)
+    assert float(err[0]) < 1e-8
