@@ -49,7 +49,7 @@ def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> 
         help="fast solver refinement steps (default 100; 0 = closed form)",
     )
     g.add_argument(
-        "--refine-lr", type=float, help="fast solver refinement learning rate (default 0.6)"
+        "--refine-lr", type=float, help="fast solver refinement learning rate (default 1.0)"
     )
     g.add_argument("--density", type=float, help="TIES/DARE fraction kept (default 0.5)")
     g.add_argument(

@@ -54,7 +54,7 @@ class HydraOptConfig:
     temperature: float = 0.2
     restarts: int = 8
     refine_steps: int = 100
-    refine_lr: float = 0.6
+    refine_lr: float = 1.0
 
     def __post_init__(self) -> None:
         if self.heads < 1:
