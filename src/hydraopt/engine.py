@@ -12,7 +12,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,12 +39,20 @@ class EngineOptions:
         device: ``cpu`` or ``cuda``.
         chunk_elements: memory budget of one chunk, counted as G * K * d * k.
         error_distance: distance used for the hard-routed error stored in the bundle.
+        engine: ``local`` (this process) or ``ray`` (module groups as Ray tasks).
+        address: Ray cluster address (``None``: start a local Ray instance).
+        ray_cpus: CPUs of a local Ray instance.
+        ray_threads: torch threads inside each Ray task.
     """
 
     seed: int = 0
     device: str = "cpu"
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     error_distance: str = "mae"
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    ray_cpus: int | None = None
+    ray_threads: int = 1
 
 
 def plan_chunks(
@@ -157,7 +165,13 @@ def merge_adapter_set(
     merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, list[float]] = {}
     zero_errors: dict[str, list[float]] = {}
-    for done, result in iter_merged(aset, method, config, engine):
+    if engine.engine == "ray":
+        from hydraopt.engine_ray import iter_merged_ray
+
+        results = iter_merged_ray(aset, method, config, engine)
+    else:
+        results = iter_merged(aset, method, config, engine)
+    for done, result in results:
         for name, (a, heads, routing, err, zero) in result.items():
             merged[name] = (a, heads, routing)
             errors[name] = err

@@ -122,7 +122,14 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     if args.threads:
         torch.set_num_threads(args.threads)
     distance = getattr(args, "distance", None) or "mae"
-    return EngineOptions(seed=args.seed, device=args.device, error_distance=distance)
+    return EngineOptions(
+        seed=args.seed,
+        device=args.device,
+        error_distance=distance,
+        engine=args.engine,
+        address=args.address,
+        ray_threads=args.threads or 1,
+    )
 
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
