@@ -105,6 +105,23 @@ class AdapterSet:
         return out[0], out[1]
 
 
+def expand_adapter_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Adapter dirs as given, with a folder *of* adapter dirs expanded to its children (sorted).
+
+    Users arrive with "a folder of PEFT adapters"; ``hydraopt merge adapters/`` should just work.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        children = (
+            sorted(c for c in p.iterdir() if (c / CONFIG_NAME).is_file()) if p.is_dir() else []
+        )
+        if p.is_dir() and not (p / CONFIG_NAME).is_file() and children:
+            out.extend(children)
+        else:
+            out.append(p)
+    return out
+
+
 def load_adapter_set(
     paths: Sequence[str | Path],
     names: Sequence[str] | None = None,
@@ -115,7 +132,8 @@ def load_adapter_set(
     """Read and validate K PEFT LoRA adapter dirs.
 
     Args:
-        paths: adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``).
+        paths: adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``), or
+            folders holding such directories.
         names: task names, default the directory names.
         allow_pickle: accept ``adapter_model.bin`` (read with ``weights_only=True``).
         check_values: scan every tensor for NaN/Inf now, so a corrupt adapter is refused before
@@ -127,7 +145,7 @@ def load_adapter_set(
     """
     if len(paths) == 0:
         raise HydraoptError("no adapters given")
-    dirs = [Path(p) for p in paths]
+    dirs = expand_adapter_dirs(paths)
     tasks = list(names) if names is not None else [d.name for d in dirs]
     if len(tasks) != len(dirs):
         raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")

@@ -144,3 +144,12 @@ def test_fp16_inputs_are_upcast_to_float32(make_adapter):
     assert stack.A.dtype == torch.float32 and stack.B.dtype == torch.float32
     cfg = json.loads((a / "adapter_config.json").read_text())
     assert cfg["r"] == 4
+
+
+def test_a_folder_of_adapters_expands_to_its_adapter_dirs(make_adapter, tmp_path):
+    parent = tmp_path / "many"
+    for name in ("b-task", "a-task"):
+        make_adapter(name, parent=parent, seed=len(name))
+    (parent / "notes").mkdir()  # not an adapter: ignored
+    aset = load_adapter_set([parent])
+    assert aset.tasks == ("a-task", "b-task")
