@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/real_adapters.py --out benchmarks/results
+	$(BIN)/python benchmarks/speed.py --out benchmarks/results   # add --device cuda on a GPU box
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/speed.py --quick --out benchmarks/results/quick
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, type=Path, help="directory to create, holding <task>/ dirs"
     )
     p.add_argument("--tasks", nargs="+", help="export only these tasks")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="tensor dtype of the adapters (default: the bundle's). float32 is exact; in float16 "
+        "dividing a head by the LoRA scale can round entries that fall in the subnormal range",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
@@ -24,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force)
     bundle = load_bundle(args.bundle)
-    written = export_peft_adapters(bundle, args.out, tasks=args.tasks, force=args.force)
+    written = export_peft_adapters(
+        bundle, args.out, tasks=args.tasks, force=args.force, dtype=args.dtype
+    )
     for task, path in written.items():
         print(f"{task}: {path}")
     print(f"{len(written)} PEFT adapter dir(s) written under {args.out}")

@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hydraopt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hydraopt: interrupted; nothing was written", file=sys.stderr)
+        # Bundles and adapter dirs are written atomically, so none is left half-written;
+        # evaluate's generation cache is kept on purpose so that a rerun resumes.
+        print("hydraopt: interrupted", file=sys.stderr)
         return 130
 
 

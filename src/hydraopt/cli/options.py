@@ -66,6 +66,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     g.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="run module groups in this process or as Ray tasks (pip install 'hydraopt[scale]')",
+    )
+    g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    g.add_argument(
         "--dtype",
         default="float16",
         choices=("float16", "bfloat16", "float32"),

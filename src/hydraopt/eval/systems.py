@@ -55,7 +55,10 @@ def text_sha256(*parts: str) -> str:
 class System(Protocol):
     """Something to evaluate on every task: a label, a storage share and an adapter per task."""
 
-    label: str
+    @property
+    def label(self) -> str:
+        """Row label of the results table."""
+        ...
 
     @property
     def kind(self) -> str:

@@ -171,3 +171,10 @@ def test_force_replaces_an_existing_output(adapters, tmp_path):
         == 0
     )
     assert load_bundle(out).num_heads == 1
+
+
+def test_merge_on_the_ray_engine(adapters, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray-bundle"
+    assert main(["merge", *adapters, "--method", "ties", "--out", str(out), "--engine", "ray"]) == 0
+    assert load_bundle(out).num_heads == 1

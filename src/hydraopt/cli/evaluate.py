@@ -1,0 +1,247 @@
+"""``hydraopt evaluate``: score systems on tasks -> Table 1 (markdown), JSON and a trade-off plot.
+
+Systems are given as ``--system zero-shot``, ``--system lora=ROOT`` (``ROOT/<task>/`` PEFT dirs,
+e.g. the output of ``hydraopt export``) and ``--system bundle=DIR`` (a bundle, heads applied in
+memory), each optionally ``:LABEL``-suffixed. ``--merge-from ADAPTER_ROOT`` first merges the
+per-task adapters with every ``--methods`` and HydraOpt ``--heads`` (bundles cached under
+``OUT/bundles/``) and evaluates zero-shot, the LoRAs and every bundle: the paper's Table 1 in one
+command. Generations are cached (``OUT/cache`` by default), so a rerun only decodes what is new.
+
+Model and generation code (transformers, PEFT) is imported inside :func:`run`, so building the
+parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydraopt.errors import HydraoptError
+from hydraopt.eval.tasks import TASKS_ENV_VAR
+
+if TYPE_CHECKING:
+    from hydraopt.eval.systems import System
+
+# The baselines of the paper's Table 1: TA, TIES, DARE, DARE-TIES.
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+SYSTEM_KINDS = ("zero-shot", "lora", "bundle")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` subcommand; it sets ``func=run``."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score zero-shot / LoRA / bundles on tasks -> Table 1 (md, json, png)",
+        description=(
+            "Greedy-decode each task's split under every system, score it with the task's "
+            "metric, and write OUT/results.{json,md,png}. Generations are cached by content "
+            "(base model, adapter or bundle weights, task, settings): reruns decode only what "
+            "is missing, and an interrupted run resumes."
+        ),
+    )
+    p.add_argument("--tasks", nargs="+", required=True, help="task ids (or task dirs)")
+    p.add_argument(
+        "--system",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        dest="systems",
+        help="zero-shot | lora=ROOT | bundle=DIR, each with an optional :LABEL (repeatable)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="results dir (created or reused)")
+    p.add_argument("--limit", type=int, help="first N examples of each split (default all)")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="default test")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="generation cap for every task (default per task)"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--tasks-root", type=Path, help=f"folder of task folders (${TASKS_ENV_VAR})")
+    p.add_argument("--model", type=Path, help="base model .gguf or dir (default packaged SmolLM2)")
+    p.add_argument("--cache", type=Path, help="generation cache dir (default OUT/cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("merging first (--merge-from)")
+    g.add_argument(
+        "--merge-from",
+        type=Path,
+        metavar="ADAPTER_ROOT",
+        help="merge ADAPTER_ROOT/<task> for --tasks; evaluate zero-shot, LoRA and every bundle",
+    )
+    g.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(DEFAULT_METHODS),
+        help=f"baseline merge methods (default {' '.join(DEFAULT_METHODS)})",
+    )
+    g.add_argument("--heads", type=int, nargs="*", help="HydraOpt M values (default 1..K)")
+    g.add_argument("--seed", type=int, default=0, help="merge seed (DARE's drop mask; default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build systems (merging first if asked), evaluate, write the report; returns 0."""
+    from hydraopt.cli.display import print_table
+    from hydraopt.eval.harness import EvalConfig, evaluate, write_report
+
+    config = EvalConfig(
+        tasks=tuple(args.tasks),
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        threads=args.threads,
+        tasks_root=args.tasks_root,
+        model_path=args.model,
+        progress=not args.quiet,
+    )
+    systems = [parse_system(spec) for spec in args.systems]
+    if args.merge_from is not None:
+        systems = merged_systems(args, systems)
+    if not systems:
+        raise HydraoptError(
+            "nothing to evaluate: give --system (e.g. --system zero-shot) or --merge-from"
+        )
+    results = evaluate(systems, config, cache_dir=args.cache or args.out / "cache")
+    paths = write_report(results, args.out)
+    print_table(
+        f"{config.split} split, primary metric per task (0..100)",
+        ["system", "S %", *results.tasks, "Avg"],
+        [
+            [
+                s.label,
+                s.storage_percent,
+                *(s.tasks[t].scores["primary"] for t in results.tasks),
+                s.average,
+            ]
+            for s in results.systems
+        ],
+    )
+    summary = results.to_json()
+    rate = summary["tokens_per_second"]
+    print(
+        f"decoded {summary['generated_examples']} examples ({summary['generated_tokens']} tokens"
+        + (f", {rate:.1f} tokens/s" if rate else "")
+        + f"), {sum(r.cached for s in results.systems for r in s.tasks.values())} from the cache; "
+        f"{results.seconds:.1f} s in total"
+    )
+    print(f"table: {paths['markdown']}\nplot:  {paths['plot']}\njson:  {paths['json']}")
+    return 0
+
+
+def parse_system(spec: str) -> System:
+    """``zero-shot[:LABEL]``, ``lora=ROOT[:LABEL]`` or ``bundle=DIR[:LABEL]`` -> a system.
+
+    Raises:
+        HydraoptError: For another kind, a missing dir, or an unreadable bundle.
+    """
+    from hydraopt.eval.systems import PerTaskLora, ZeroShot, bundle_system
+
+    kind, _, value = spec.partition("=")
+    if not value:
+        kind, _, zero_shot_label = kind.partition(":")
+        if kind != "zero-shot":
+            raise HydraoptError(
+                f"--system {spec!r}: expected zero-shot, lora=ROOT or bundle=DIR (+ optional :LABEL)"
+            )
+        return ZeroShot(zero_shot_label or "zero-shot")
+    if kind not in SYSTEM_KINDS[1:]:
+        raise HydraoptError(
+            f"--system {spec!r}: unknown kind {kind!r}; use lora=ROOT or bundle=DIR"
+        )
+    path, label = _split_label(value)
+    if not path.is_dir():
+        raise HydraoptError(f"--system {spec!r}: {path} is not a directory")
+    if kind == "lora":
+        return PerTaskLora(root=path, label=label or "LoRA")
+    return bundle_system(path, label)
+
+
+def _split_label(value: str) -> tuple[Path, str | None]:
+    # A ':' may be part of a path; only treat it as the label separator if the whole value is
+    # not itself an existing path.
+    if ":" in value and not Path(value).exists():
+        path, _, label = value.rpartition(":")
+        return Path(path), label or None
+    return Path(value), None
+
+
+def merged_systems(args: argparse.Namespace, given: list[System]) -> list[System]:
+    """Rows in the paper's order: zero-shot, LoRA, the other ``given`` systems, the bundles.
+
+    Zero-shot and the LoRAs of ``--merge-from`` are added unless ``given`` already has them.
+    """
+    from hydraopt.eval.systems import PerTaskLora, ZeroShot, bundle_system
+
+    root = args.merge_from
+    zero_shot: list[System] = [s for s in given if isinstance(s, ZeroShot)] or [ZeroShot()]
+    systems: list[System] = [*zero_shot]
+    if not any(isinstance(s, PerTaskLora) and s.root == root for s in given):
+        systems.append(PerTaskLora(root=root, label="LoRA"))
+    systems += [s for s in given if not isinstance(s, ZeroShot)]
+    systems += [bundle_system(path) for path in build_bundles(args)]
+    return systems
+
+
+def build_bundles(args: argparse.Namespace) -> list[Path]:
+    """Merge ``--merge-from``'s adapters with every method, reusing ``OUT/bundles/<name>``.
+
+    Returns:
+        The bundle dirs, baselines first (in ``--methods`` order), then HydraOpt by M.
+
+    Raises:
+        HydraoptError: For a missing adapter, a bad method or M, or a cached bundle made from
+            other tasks or another seed.
+    """
+    from hydraopt.engine import EngineOptions, merge_adapter_set, resolve_config
+    from hydraopt.io.bundle import load_bundle, save_bundle
+    from hydraopt.io.peft import load_adapter_set
+    from hydraopt.merge.registry import list_methods
+
+    root: Path = args.merge_from
+    tasks = list(args.tasks)
+    missing = [t for t in tasks if not (root / t / "adapter_config.json").is_file()]
+    if missing:
+        raise HydraoptError(
+            f"--merge-from {root}: no PEFT adapter for task(s) {missing} "
+            f"(expected {root}/<task>/adapter_config.json)"
+        )
+    known = list_methods()
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise HydraoptError(f"unknown --methods {unknown}; known: {known}")
+    runs: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in args.methods]
+    heads = args.heads if args.heads is not None else range(1, len(tasks) + 1)
+    runs += [("hydraopt", {"heads": m}) for m in heads]
+    for method, options in runs:  # refuse a bad M before spending time on any merge
+        resolve_config(method, dict(options), len(tasks))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    aset = None
+    paths = []
+    for method, options in runs:
+        name = f"hydraopt_M{options['heads']}" if method == "hydraopt" else method
+        path = args.out / "bundles" / name
+        if (path / "bundle.json").is_file():
+            _check_cached_bundle(load_bundle(path), path, tasks, args.seed)
+        else:
+            if aset is None:
+                aset = load_adapter_set([root / t for t in tasks], tasks)
+            print(f"merging {name} ...", file=sys.stderr)
+            bundle = merge_adapter_set(
+                aset, method, dict(options), engine=EngineOptions(seed=args.seed)
+            )
+            save_bundle(bundle, path)
+        paths.append(path)
+    return paths
+
+
+def _check_cached_bundle(bundle, path: Path, tasks: list[str], seed: int) -> None:
+    if list(bundle.tasks) != tasks or bundle.extra.get("seed", seed) != seed:
+        raise HydraoptError(
+            f"{path} was merged from tasks {list(bundle.tasks)} with seed "
+            f"{bundle.extra.get('seed')}, not {tasks} with seed {seed}; delete it or use another --out"
+        )
