@@ -27,8 +27,8 @@ from hydraopt.eval.harness import (
     GenerationCache,
     SystemResult,
     TaskResult,
-    markdown_table,
 )
+from hydraopt.eval.report import markdown_table
 from hydraopt.eval.systems import PerTaskLora, ZeroShot, bundle_system
 from hydraopt.eval.tasks import build_prompt, load_split, load_task
 

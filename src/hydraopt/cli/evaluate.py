@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build systems (merging first if asked), evaluate, write the report; returns 0."""
     from hydraopt.cli.display import print_table
-    from hydraopt.eval.harness import EvalConfig, evaluate, write_report
+    from hydraopt.eval.harness import EvalConfig, evaluate
+    from hydraopt.eval.report import write_report
 
     config = EvalConfig(
         tasks=tuple(args.tasks),

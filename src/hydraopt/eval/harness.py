@@ -5,7 +5,7 @@ split and scores it with the task's metric. Generations are cached in JSONL file
 hash of everything that decides them (base model bytes, the system's weights, task, split,
 generation cap), one line per example keyed by its index and the SHA-256 of its prompt; lines are
 appended and flushed after every batch, so an interrupted run resumes where it stopped and a
-rerun generates nothing. :func:`write_report` writes ``results.json``, ``results.md`` (rows =
+rerun generates nothing. :func:`hydraopt.eval.report.write_report` writes ``results.json``, ``results.md`` (rows =
 systems with S %, columns = tasks + Avg, as Table 1 of arXiv 2507.17706) and ``results.png``
 (average score against storage %).
 """
@@ -13,7 +13,6 @@ systems with S %, columns = tasks + Avg, as Table 1 of arXiv 2507.17706) and ``r
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from hydraopt.analysis import plot_tradeoff
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.generate import applied_adapter, generate
 from hydraopt.eval.metrics import get_metric
@@ -44,9 +42,6 @@ from hydraopt.eval.tasks import (
 # old caches are ignored rather than mixed in.
 CACHE_FORMAT = "hydraopt-generations-v1 greedy"
 RESULTS_FORMAT = "hydraopt-eval"
-# Secondary scores shown beside a task's primary one but left out of Avg: the paper reports
-# grammar correction as F0.5 and also gives JFLEG's own GLEU.
-EXTRA_COLUMNS = {"gleu": "GLEU"}
 MODEL_DTYPE = "float32"  # load_base_model's default; part of the model identity
 
 
@@ -177,7 +172,7 @@ class EvalResults:
         return sum(r.generated for s in self.systems for r in s.tasks.values())
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready form; the file :func:`write_report` writes."""
+        """JSON-ready form; the file :func:`hydraopt.eval.report.write_report` writes."""
         new_tokens = sum(r.new_tokens for s in self.systems for r in s.tasks.values())
         decode_seconds = sum(
             r.generate_seconds for s in self.systems for r in s.tasks.values() if r.generated
@@ -425,94 +420,3 @@ def _run_task(
 def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
-
-
-# ---------------------------------------------------------------------------------- report --
-
-
-def _number(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.1f}"
-
-
-def markdown_table(results: EvalResults) -> str:
-    """Table 1 of the paper: one row per system with S %, a column per task, then Avg.
-
-    A task whose scores carry an :data:`EXTRA_COLUMNS` key (GLEU for grammar correction) gets a
-    second column beside it, left out of Avg. Numbers have one decimal, as in the paper.
-    """
-    columns: list[tuple[str, str]] = []  # (task, score key)
-    header = ["system", "S %"]
-    for task in results.tasks:
-        columns.append((task, "primary"))
-        header.append(task)
-        for key, name in EXTRA_COLUMNS.items():
-            if any(key in s.tasks[task].scores for s in results.systems):
-                columns.append((task, key))
-                header.append(f"{task} {name}")
-    header.append("Avg")
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    for s in results.systems:
-        cells = [s.label, _number(s.storage_percent)]
-        cells += [_number(s.tasks[task].scores.get(key)) for task, key in columns]
-        cells.append(_number(s.average))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"Scores in 0..100 on the {results.config.split} split, greedy decoding. "
-        "Avg: mean of the primary metrics"
-        + (" (extra columns not included)." if len(columns) > len(results.tasks) else ".")
-    )
-    for task in results.tasks:
-        first = results.systems[0].tasks[task] if results.systems else None
-        if first is not None:
-            lines.append(f"- {task}: {first.metric}; {first.examples} examples.")
-    return "\n".join(lines) + "\n"
-
-
-def tradeoff_points(results: EvalResults) -> list[dict[str, Any]]:
-    """One point per system for :func:`hydraopt.analysis.plot_tradeoff` (y key ``average``)."""
-    return [
-        {
-            "label": s.label,
-            "method": s.method,
-            "storage_percent": s.storage_percent,
-            "average": s.average,
-        }
-        for s in results.systems
-    ]
-
-
-def write_report(results: EvalResults, out: str | Path) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``.
-
-    ``out`` may already exist (it usually holds the cache and merged bundles of earlier runs);
-    the three files are replaced.
-
-    Returns:
-        ``{"json", "markdown", "plot"}`` -> path.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out / "results.json",
-        "markdown": out / "results.md",
-        "plot": out / "results.png",
-    }
-    _write_text(paths["json"], json.dumps(results.to_json(), indent=2, ensure_ascii=False) + "\n")
-    _write_text(paths["markdown"], markdown_table(results))
-    n = max((r.examples for s in results.systems for r in s.tasks.values()), default=0)
-    plot_tradeoff(
-        tradeoff_points(results),
-        paths["plot"],
-        y_key="average",
-        y_label="average score over tasks (primary metrics, 0..100)",
-        title=f"storage vs quality: {len(results.tasks)} tasks, {results.config.split} (≤{n} each)",
-    )
-    return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    # Write beside, then rename: a reader never sees half a results file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
