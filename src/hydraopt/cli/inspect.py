@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from hydraopt.analysis import error_by_task, factor_similarity, plot_similarity
 from hydraopt.cli.display import print_table
 from hydraopt.cli.merge import print_summary
@@ -109,7 +111,7 @@ def show_similarity(aset: AdapterSet, module_filter: str | None, plot: Path | No
             ["", *tasks],
             [[t, *[float(v) for v in sim[key][i]]] for i, t in enumerate(tasks)],
         )
-    off = ~__import__("torch").eye(len(tasks), dtype=bool)
+    off = ~torch.eye(len(tasks), dtype=torch.bool)
     ratio = float(sim["B"][off].mean() / sim["A"][off].mean()) if len(tasks) > 1 else float("nan")
     a_mean, b_mean = float(sim["A"][off].mean()), float(sim["B"][off].mean())
     print(f"mean off-diagonal distance: A {a_mean:.3e}, B {b_mean:.3e} (B/A = {ratio:.2f})")
