@@ -19,27 +19,30 @@ from hydraopt.types import Bundle, ModuleSpec
 def factor_similarity(
     aset: AdapterSet, modules: Sequence[ModuleSpec] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Mean absolute difference between tasks' A's and between their B's (the paper's Fig. 2).
+    """How alike the tasks' A's are, and their B's (the paper's Fig. 2).
 
     Args:
         aset: the adapters.
         modules: which modules to average over (default all).
 
     Returns:
-        ``{"A": (K, K), "B": (K, K)}`` mean over modules of mean |X_i - X_j|. Small A distances
-        next to large B distances are what HydraOpt exploits.
+        ``{"A", "B"}``: (K, K) mean over modules of mean |X_i - X_j| (the paper's measure), and
+        ``{"A_relative", "B_relative"}``: the same divided by the mean |X| of the pair. Only the
+        relative numbers compare A with B (A's start from a kaiming init and are ~10x larger
+        than B's); small relative A distances next to large B ones are what HydraOpt exploits.
     """
     specs = list(modules) if modules is not None else list(aset.modules)
     K = len(aset.tasks)
-    sums = {
-        "A": torch.zeros(K, K, dtype=torch.float64),
-        "B": torch.zeros(K, K, dtype=torch.float64),
-    }
+    keys = ("A", "B", "A_relative", "B_relative")
+    sums = {k: torch.zeros(K, K, dtype=torch.float64) for k in keys}
     for spec in specs:
         stack = aset.load_stack([spec])
         for key, t in (("A", stack.A[0]), ("B", stack.B[0])):
             flat = t.flatten(1).to(torch.float64)  # (K, n)
-            sums[key] += (flat[:, None, :] - flat[None, :, :]).abs().mean(-1)
+            diff = (flat[:, None, :] - flat[None, :, :]).abs().mean(-1)  # (K, K)
+            size = flat.abs().mean(-1)  # (K,)
+            sums[key] += diff
+            sums[f"{key}_relative"] += diff / ((size[:, None] + size[None, :]) / 2).clamp_min(1e-30)
     return {k: v / max(1, len(specs)) for k, v in sums.items()}
 
 
@@ -77,10 +80,11 @@ def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    vmax = float(max(sim["A"].max(), sim["B"].max()))
+    vmax = float(max(sim["A_relative"].max(), sim["B_relative"].max()))
     for ax, key in zip(axes, ("A", "B"), strict=True):
-        im = ax.imshow(sim[key].numpy(), vmin=0, vmax=vmax, cmap="viridis")
-        ax.set_title(f"mean |{key}_i - {key}_j|")
+        rel = sim[f"{key}_relative"]
+        im = ax.imshow(rel.numpy(), vmin=0, vmax=vmax, cmap="viridis")
+        ax.set_title(f"mean |{key}_i - {key}_j| / mean |{key}|")
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
         ax.set_yticks(range(len(tasks)), tasks)
         for i in range(len(tasks)):
@@ -88,14 +92,14 @@ def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Pa
                 ax.text(
                     j,
                     i,
-                    f"{float(sim[key][i, j]):.1e}",
+                    f"{float(rel[i, j]):.2f}",
                     ha="center",
                     va="center",
                     fontsize=7,
                     color="w",
                 )
     fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.suptitle("LoRA factor similarity across tasks (A alike, B task-specific)")
+    fig.suptitle("relative difference between tasks' LoRA factors (0 = identical)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

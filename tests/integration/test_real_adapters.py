@@ -50,9 +50,8 @@ def test_a_matrices_are_more_alike_than_b(real_set):
     mods = [m for m in real_set.modules if ".layers.17." in m.name]
     sim = factor_similarity(real_set, mods)
     off = ~torch.eye(len(real_set.tasks), dtype=bool)
-    rel_a = sim["A"][off].mean() / real_set.load_stack(mods[:1]).A.abs().mean()
-    rel_b = sim["B"][off].mean() / real_set.load_stack(mods[:1]).B.abs().mean()
-    assert rel_a < rel_b
+    rel_a, rel_b = sim["A_relative"][off].mean(), sim["B_relative"][off].mean()
+    assert rel_a < 0.3 < 1.0 < rel_b  # A's drift little from the shared init; B's are unrelated
 
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 4, 5])

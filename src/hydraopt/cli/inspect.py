@@ -107,15 +107,20 @@ def show_similarity(aset: AdapterSet, module_filter: str | None, plot: Path | No
     tasks = list(aset.tasks)
     for key in ("A", "B"):
         print_table(
-            f"mean |{key}_i - {key}_j| over {len(mods)} modules",
+            f"mean |{key}_i - {key}_j| / mean |{key}| over {len(mods)} modules (0 = identical)",
             ["", *tasks],
-            [[t, *[float(v) for v in sim[key][i]]] for i, t in enumerate(tasks)],
+            [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
         )
     off = ~torch.eye(len(tasks), dtype=torch.bool)
-    ratio = float(sim["B"][off].mean() / sim["A"][off].mean()) if len(tasks) > 1 else float("nan")
-    a_mean, b_mean = float(sim["A"][off].mean()), float(sim["B"][off].mean())
-    print(f"mean off-diagonal distance: A {a_mean:.3e}, B {b_mean:.3e} (B/A = {ratio:.2f})")
+    a_rel, b_rel = float(sim["A_relative"][off].mean()), float(sim["B_relative"][off].mean())
+    print(
+        f"mean relative difference between tasks: A {a_rel:.3f}, B {b_rel:.3f} "
+        f"(B/A = {b_rel / a_rel:.1f}; absolute: A {float(sim['A'][off].mean()):.2e}, "
+        f"B {float(sim['B'][off].mean()):.2e})"
+        if len(tasks) > 1
+        else "one adapter: nothing to compare"
+    )
     if plot:
         plot_similarity(sim, tasks, plot)
         print(f"similarity plot written to {plot}")
-    return {"tasks": tasks, "A": sim["A"].tolist(), "B": sim["B"].tolist()}
+    return {"tasks": tasks, **{k: v.tolist() for k, v in sim.items()}}

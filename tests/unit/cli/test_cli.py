@@ -36,7 +36,7 @@ def test_merge_export_inspect(adapters, tmp_path, capsys):
     plot = tmp_path / "sim.png"
     assert main(["inspect", str(out), "--plot", str(plot), "--json", str(tmp_path / "i.json")]) == 0
     shown = capsys.readouterr().out
-    assert "worst" in shown and "mean |A_i - A_j|" in shown
+    assert "worst" in shown and "mean |A_i - A_j| / mean |A|" in shown
     assert plot.stat().st_size > 1000
     report = json.loads((tmp_path / "i.json").read_text())
     assert set(report["bundle"]["error_by_task"]) == set(bundle.tasks)
