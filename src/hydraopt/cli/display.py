@@ -16,9 +16,19 @@ console = Console(stderr=False)
 
 @contextmanager
 def progress_bar(total: int, desc: str):
-    """A tqdm bar on stderr; yields a callable(n) to advance it."""
+    """A tqdm bar on stderr; yields a callable(n) to advance it.
+
+    Off when stderr is not a terminal (CI logs, pipes): hundreds of carriage-return updates
+    there are noise, and the summary table says what happened.
+    """
     bar = tqdm(
-        total=total, desc=desc, unit="module", file=sys.stderr, dynamic_ncols=True, leave=False
+        total=total,
+        desc=desc,
+        unit="module",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+        disable=None,
     )
     try:
         yield bar.update
