@@ -61,6 +61,7 @@ def shared_a(
     num_heads: int,
     *,
     path: str = "auto",
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best A' for a fixed routing under the squared Frobenius distance.
 
@@ -74,12 +75,14 @@ def shared_a(
         routing: (G, K) head index per task.
         num_heads: M.
         path: ``auto``, ``factors`` (Kr x Kr) or ``gram`` (k x k); for tests and benchmarks.
+        dtype: working precision (float64 by default; the routing search of many adapters uses
+            float32, then recomputes its winner in float64).
 
     Returns:
         A' (G, r, k) with orthonormal rows, and the squared error (G,) of the best heads.
     """
     G, K, r, k = A.shape
-    a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
+    a64, b64 = A.to(dtype), scaled_B.to(dtype)
     use_gram = path == "gram" or (path == "auto" and K * r > k)
     if use_gram:
         vals, a_prime = _top_eigen_gram(a64, b64, routing, num_heads, r)
@@ -126,7 +129,7 @@ def _top_eigen_gram(
     several contributes T_c^T T_c / n_c with T_c = sum_{i in c} B_i A_i, its only dense d x k.
     """
     G, K, _, k = a64.shape
-    gram = torch.zeros(G, k, k, dtype=torch.float64, device=a64.device)
+    gram = torch.zeros(G, k, k, dtype=a64.dtype, device=a64.device)
     for g in range(G):
         members = [torch.nonzero(routing[g] == c).flatten() for c in range(m)]
         singles = torch.cat([idx for idx in members if len(idx) == 1] or [routing.new_zeros(0)])

@@ -21,8 +21,9 @@ from hydraopt.errors import HydraoptError
 from hydraopt.merge.base import MergeContext
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.distances import DISTANCES, Distance
+from hydraopt.merge.median_start import median_start
 from hydraopt.merge.paper import paper_solve
-from hydraopt.merge.refine import fit_head_scales, refine
+from hydraopt.merge.refine import fit_head_scales, refine, resolve_precision
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
 from hydraopt.types import LoraStack, MergedStack
@@ -41,8 +42,15 @@ class HydraOptConfig:
         weight_decay: paper solver: AdamW weight decay (torch's default, as the paper's code).
         temperature: paper solver: T in softmax(C'/T); 0.2 here = the appendix code's T = 5.
         restarts: fast solver: k-means++ starts for the routing (M < K).
-        refine_steps: fast solver: AdamW steps on the hard-routed distance (0 = closed form only).
+        refine_steps: fast solver: Adam steps on the hard-routed distance (0 = closed form only).
         refine_lr: fast solver: learning rate relative to the factors' RMS.
+        refine_precision: fast solver: dtype of the refinement's dense products; ``auto`` =
+            bfloat16 where it is fast (AVX-512 BF16 / AMX CPUs, CUDA), else float32.
+        refine_tasks: fast solver: tasks per refinement step; with more adapters than this each
+            step samples them, so a step's cost does not grow with K.
+        start: fast solver, MAE only: ``auto`` starts the refinement from the better of the
+            closed form and the low-rank fit of per-head medians (:mod:`median_start`) when
+            K <= refine_tasks; ``closed_form`` always starts from the closed form.
     """
 
     heads: int
@@ -55,6 +63,9 @@ class HydraOptConfig:
     restarts: int = 8
     refine_steps: int = 100
     refine_lr: float = 1.0
+    refine_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    refine_tasks: int = 8
+    start: Literal["auto", "closed_form"] = "auto"
 
     def __post_init__(self) -> None:
         if self.heads < 1:
@@ -67,6 +78,12 @@ class HydraOptConfig:
             raise HydraoptError("temperature must be > 0")
         if self.epochs < 0 or self.refine_steps < 0 or self.restarts < 1:
             raise HydraoptError("epochs and refine_steps must be >= 0 and restarts >= 1")
+        if self.refine_precision not in ("auto", "float32", "bfloat16"):
+            raise HydraoptError("refine_precision must be auto, float32 or bfloat16")
+        if self.refine_tasks < 1:
+            raise HydraoptError("refine_tasks must be >= 1")
+        if self.start not in ("auto", "closed_form"):
+            raise HydraoptError("start must be 'auto' or 'closed_form'")
 
 
 @registered("hydraopt")
@@ -116,6 +133,9 @@ class HydraOpt:
         # only move it by rounding, so skip it there.
         if config.refine_steps > 0 and config.distance != "mse":
             delta = stack.delta()
+            # Medians cost a sort over the tasks: only where the refinement sees every task.
+            if config.distance == "mae" and config.start == "auto" and config.refine_tasks >= K:
+                a, heads = median_start(delta, stack.A, a, heads, routing)
             a, heads, _ = refine(
                 delta,
                 a,
@@ -124,6 +144,9 @@ class HydraOpt:
                 distance=config.distance,
                 steps=config.refine_steps,
                 lr=config.refine_lr,
+                precision=resolve_precision(config.refine_precision, delta.device),
+                tasks_per_step=config.refine_tasks,
+                generator=generator,
             )
             if config.distance == "cos":
                 heads = fit_head_scales(delta, a, heads, routing)

@@ -8,9 +8,50 @@ improve on its starting point.
 
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
+from typing import Literal
+
 import torch
 
 from hydraopt.merge.distances import get_distance
+
+CHECK_EVERY = 10  # low-precision refinement: steps between looks at the loss
+
+Precision = Literal["float32", "bfloat16"]
+PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are fast on ``device`` (else they can be 10x *slower* than fp32).
+
+    CUDA: the device says. CPU: only with AVX-512 BF16 or AMX (read from /proc/cpuinfo, so on
+    other systems we stay in float32, the safe choice).
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    return _cpu_has_bf16()
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """``auto`` -> ``bfloat16`` where it is fast (see :func:`fast_bfloat16`), else ``float32``."""
+    if precision == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    return precision  # type: ignore[return-value]
 
 
 def hard_routed_error(
@@ -18,13 +59,37 @@ def hard_routed_error(
 ) -> torch.Tensor:
     """f(ΔW_i, B'_{route(i)} A') per module and task (G, K).
 
+    Without autograd, the separable distances (mae, mse, fro) are computed ERROR_BLOCK tasks at a
+    time in one reused buffer: the same numbers with a memory peak that does not grow with K.
+
     Args:
         delta: (G, K, d, k) the original updates.
         a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
     """
     g_idx = torch.arange(heads.shape[0], device=heads.device)[:, None]
-    approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
-    return get_distance(distance)(delta, approx)
+    needs_graph = torch.is_grad_enabled() and (a.requires_grad or heads.requires_grad)
+    if needs_graph or distance not in _SEPARABLE:
+        approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
+        return get_distance(distance)(delta, approx)
+    K, (d, k) = routing.shape[1], delta.shape[-2:]
+    out = []
+    for lo in range(0, K, ERROR_BLOCK):
+        block = slice(lo, lo + ERROR_BLOCK)
+        err = heads[g_idx, routing[:, block]] @ a[:, None]  # (G, b, d, k)
+        err.sub_(delta[:, block])
+        out.append(_SEPARABLE[distance](err, d * k))
+    return torch.cat(out, dim=1)
+
+
+ERROR_BLOCK = 8  # tasks per block of the error evaluation
+
+# Distances of the difference alone, applied in place to a (G, b, d, k) error buffer; the same
+# formulas as hydraopt.merge.distances (tests compare the two).
+_SEPARABLE = {
+    "mae": lambda e, n: e.abs_().sum(dim=(-2, -1)) / n,
+    "mse": lambda e, n: e.square_().sum(dim=(-2, -1)) / n,
+    "fro": lambda e, n: e.square_().sum(dim=(-2, -1)).sqrt(),
+}
 
 
 def mae_value_and_grads(
@@ -33,31 +98,56 @@ def mae_value_and_grads(
     heads: torch.Tensor,
     routing: torch.Tensor,
     work: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    with_loss: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Mean-over-tasks MAE per module and its gradients w.r.t. A' and the heads.
 
     loss_g = 1/K sum_i mean|E_gi|, E_gi = H_{g,route(gi)} A'_g - ΔW_gi, so
     dloss/dH_c = sum_{i -> c} sign(E_i) A'^T / (K d k) and dloss/dA' = sum_i H^T sign(E_i) / (K d k).
 
+    The dense products run in ``work``'s dtype (``delta`` must have it too): bfloat16 doubles to
+    triples the speed on CPUs with AVX-512 BF16 and halves the memory, and costs little here
+    because sign(E) is exact in any dtype; loss and gradients come back in ``a``'s dtype.
+
     Args:
+        delta: (G, K, d, k) targets, contiguous, in ``work``'s dtype.
+        a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
         work: a (G, K, d, k) buffer, overwritten.
+        with_loss: compute the loss (a full extra pass over E; the loop skips it on most steps).
 
     Returns:
-        loss (G,), grad A' (G, r, k), grad heads (G, M, d, r).
+        loss (G,) or None, grad A' (G, r, k), grad heads (G, M, d, r).
     """
     G, K, d, k = delta.shape
-    M = heads.shape[1]
+    M, r = heads.shape[1], a.shape[1]
     g_idx = torch.arange(G, device=heads.device)[:, None]
-    routed = heads[g_idx, routing]  # (G, K, d, r)
-    torch.matmul(routed, a[:, None], out=work)
-    work.sub_(delta)  # E
-    loss = work.abs().mean(dim=(2, 3)).mean(1)  # (G,)
-    work.sign_()
+    routed = heads[g_idx, routing].to(work.dtype)  # (G, K, d, r)
+    a_w = a.to(work.dtype)[:, None].expand(G, K, r, k)  # (G, K, r, k)
+    # E = H A' - ΔW in one BLAS call: the subtraction rides in the GEMM (beta = -1), which saves
+    # a full pass over the largest tensor of the step.
+    torch.baddbmm(
+        delta.reshape(G * K, d, k),
+        routed.reshape(G * K, d, r),
+        a_w.reshape(G * K, r, k),
+        beta=-1,
+        out=work.view(G * K, d, k),
+    )
+    loss = None
+    if with_loss:
+        acc = torch.promote_types(work.dtype, torch.float32)  # never accumulate in bf16
+        l1 = torch.linalg.vector_norm(work, ord=1, dim=(2, 3), dtype=acc)  # (G, K)
+        loss = (l1 / (d * k)).mean(1).to(a.dtype)  # (G,)
+    torch.sign(work, out=work)
     norm = 1.0 / (K * d * k)
-    g_routed = work @ a[:, None].transpose(-1, -2)  # (G, K, d, r)
-    onehot = torch.nn.functional.one_hot(routing, M).to(delta.dtype)  # (G, K, M)
-    g_heads = torch.einsum("gkm,gkdr->gmdr", onehot, g_routed) * norm
-    g_a = (routed.transpose(-1, -2) @ work).sum(1) * norm  # (G, r, k)
+    g_routed = (work @ a_w.transpose(-1, -2)).to(a.dtype)  # (G, K, d, r)
+    # Sum each task's gradient into its head: index_add over flattened (module, head) slots
+    # (a one-hot einsum costs K x M x d x r, which dominates when M is large).
+    flat = (g_idx * M + routing).flatten()  # (G K,)
+    g_heads = torch.zeros(G * M, d, r, dtype=a.dtype, device=a.device)
+    g_heads.index_add_(0, flat, g_routed.reshape(G * K, d, r))
+    g_heads = g_heads.reshape(G, M, d, r) * norm
+    g_a = (routed.transpose(-1, -2) @ work).to(a.dtype).sum(1) * norm  # (G, r, k)
     return loss, g_a, g_heads
 
 
@@ -82,6 +172,9 @@ def refine(
     distance: str,
     steps: int,
     lr: float,
+    precision: Precision = "float32",
+    tasks_per_step: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its error.
 
@@ -91,25 +184,42 @@ def refine(
         distance: registry name of f.
         steps: optimisation steps (0 returns the start, evaluated).
         lr: learning rate *relative* to the balanced factors' RMS.
+        precision: dtype of the dense products of the MAE steps (``bfloat16``: about 3x faster on
+            CPUs with AVX-512 BF16 and on GPUs; sign(E) is exact in it). Parameters and Adam
+            state stay float32, and the final choice between iterates and the start is made on
+            the float32 error, so the result is never worse than the start.
+        tasks_per_step: if smaller than K, each step uses that many tasks drawn at random (an
+            unbiased estimate of the gradient): the cost of a step stops growing with K. The
+            start and the last iterate are then compared on the full float32 error.
+        generator: draws the tasks (required when sampling).
 
     Returns:
         A' (G, r, k), heads (G, M, d, r), mean error over tasks (G,).
     """
     a, heads = balance(a, heads)
     with torch.no_grad():
-        best_err = hard_routed_error(delta, a, heads, routing, distance).mean(1)
-    best_a, best_h = a.clone(), heads.clone()
+        start_err = hard_routed_error(delta, a, heads, routing, distance).mean(1)
     if steps <= 0:
-        return best_a, best_h, best_err
+        return a, heads, start_err
+    K = delta.shape[1]
+    sampled = tasks_per_step is not None and tasks_per_step < K
+    if sampled and generator is None:
+        raise ValueError("sampling tasks needs a generator")
+    low = PRECISIONS[precision] if distance == "mae" else delta.dtype
+    # Losses seen in the loop can pick the best iterate only if they are comparable with each
+    # other (same tasks); they are compared with the float32 start only after the loop. A loss
+    # costs an extra pass over E, so the low-precision loop looks at it every CHECK_EVERY steps.
+    track = not sampled
+    check_every = 1 if low == delta.dtype else CHECK_EVERY
+    best_a, best_h = a.clone(), heads.clone()
+    best_err = torch.full_like(start_err, float("inf"))
+
     # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
     scale = a.square().mean(dim=(1, 2)).sqrt().clamp_min(1e-30)  # (G,)
     s_a, s_h = scale[:, None, None], scale[:, None, None, None]
-    a_p = (a / s_a).requires_grad_(True)
-    h_p = (heads / s_h).requires_grad_(True)
-    opt = torch.optim.AdamW([a_p, h_p], lr=lr, weight_decay=0.0)
-    # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps settle
-    # into the L1 optimum instead of rattling around it.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    a_p = (a / s_a).requires_grad_(distance != "mae")
+    h_p = (heads / s_h).requires_grad_(distance != "mae")
+    adam = Adam([a_p, h_p])
 
     def keep_better(err: torch.Tensor) -> None:
         nonlocal best_err
@@ -119,33 +229,78 @@ def refine(
             best_a[better] = (a_p.detach() * s_a)[better]
             best_h[better] = (h_p.detach() * s_h)[better]
 
-    def current_error() -> torch.Tensor:
-        return hard_routed_error(delta, a_p * s_a, h_p * s_h, routing, distance).mean(1)  # (G,)
+    def current_error(target: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance).mean(1)  # (G,)
 
-    mae_work = torch.empty_like(delta) if distance == "mae" else None
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
+    delta_w = delta.to(low)
+    batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
+    mae_work = (
+        delta_w.new_empty(delta.shape[0], batch, *delta.shape[2:]) if distance == "mae" else None
+    )
+    for step in range(steps):
+        check = track and step % check_every == 0
+        if sampled and generator is not None:
+            idx = torch.randperm(K, generator=generator, device=generator.device)[:batch]
+            idx = idx.to(delta.device)
+            target, route = delta_w[:, idx], routing[:, idx]
+        else:
+            target, route = delta_w, routing
         if mae_work is not None:
             # Hand-written MAE gradient: 2x faster than autograd here (one reused buffer,
             # no graph), and this loop is where a default merge spends its time.
             with torch.no_grad():
                 per_module, g_a, g_h = mae_value_and_grads(
-                    delta, a_p * s_a, h_p * s_h, routing, mae_work
+                    target, a_p * s_a, h_p * s_h, route, mae_work, with_loss=check
                 )
-                keep_better(per_module)
-                a_p.grad, h_p.grad = g_a * s_a, g_h * s_h
+                grads = [g_a * s_a, g_h * s_h]
         else:
-            per_module = current_error()
+            per_module = current_error(target, route)
+            # Modules are independent; summing keeps each module's gradient its own.
+            grads = list(torch.autograd.grad(per_module.sum(), [a_p, h_p]))
+        if check and per_module is not None:
             # The loss is evaluated at the current point: record it before stepping away.
             with torch.no_grad():
                 keep_better(per_module.detach())
-            # Modules are independent; summing keeps each module's gradient its own.
-            per_module.sum().backward()
-        opt.step()
-        sched.step()
+        # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps
+        # settle into the L1 optimum instead of rattling around it.
+        adam.step(grads, 0.5 * lr * (1.0 + math.cos(math.pi * step / steps)))
+    del mae_work, delta_w
     with torch.no_grad():
-        keep_better(current_error())
+        if track and low != delta.dtype:
+            best_err = hard_routed_error(delta, best_a, best_h, routing, distance).mean(1)
+        keep_better(current_error(delta, routing))
+        worse = start_err <= best_err  # float32 comparison with the start; ties keep the start
+        best_a[worse], best_h[worse] = a[worse], heads[worse]
+        best_err = torch.where(worse, start_err, best_err)
     return best_a, best_h, best_err
+
+
+class Adam:
+    """Adam (torch's defaults and update, no weight decay) on a few tensors, updated in place.
+
+    Hand-written because ``torch.optim`` costs seconds on its first use in a process (it pulls
+    in the compiler stack) — more than a whole small merge — and a per-step overhead that shows
+    on the many small modules of a model.
+    """
+
+    def __init__(
+        self, params: list[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999), eps=1e-8
+    ):
+        self.params = params
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor], lr: float) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        bias1, bias2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+            m.lerp_(g, 1.0 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-lr / bias1)
 
 
 def fit_head_scales(

@@ -59,6 +59,9 @@ def lloyd(gram: torch.Tensor, routing: torch.Tensor, m: int, max_iter: int = 50)
     return routing
 
 
+FLOAT32_SEARCH_FROM = 16  # K above which the routing search runs in float32
+
+
 def kmeans_pp(gram: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding on Gram distances; returns an initial routing (G, K)."""
     G, K, _ = gram.shape
@@ -104,23 +107,28 @@ def best_routing(
         zeros = torch.zeros_like(identity)
         a_prime, err = shared_a(A, scaled_B, zeros, 1)
         return zeros, a_prime, err
+    # Many adapters: search in float32 (the k x k Grams of the clusters dominate the cost and
+    # rounding there cannot change which routing wins by much), then redo the winner in float64.
+    search = torch.float32 if K > FLOAT32_SEARCH_FROM else torch.float64
     # Start from the M = K subspace: it is where every task is represented best.
-    a_full, _ = shared_a(A, scaled_B, identity, K)
+    a_full, _ = shared_a(A, scaled_B, identity, K, dtype=search)
     gram0 = _gram(projected_heads(A, scaled_B, a_full))
     best_err = torch.full((G,), torch.inf, dtype=torch.float64, device=A.device)
     best_routing = identity.clone()
     best_a = a_full.clone()
     for _ in range(max(1, restarts)):
         routing = lloyd(gram0, kmeans_pp(gram0, m, generator), m)
-        a_prime, err = shared_a(A, scaled_B, routing, m)
+        a_prime, err = shared_a(A, scaled_B, routing, m, dtype=search)
         for _ in range(max_alternations):
             new = lloyd(_gram(projected_heads(A, scaled_B, a_prime)), routing, m)
             if torch.equal(new, routing):
                 break
             routing = new
-            a_prime, err = shared_a(A, scaled_B, routing, m)
+            a_prime, err = shared_a(A, scaled_B, routing, m, dtype=search)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_routing[better] = routing[better]
         best_a[better] = a_prime[better]
+    if search != torch.float64:
+        best_a, best_err = shared_a(A, scaled_B, best_routing, m)
     return best_routing, best_a, best_err
