@@ -4,6 +4,10 @@ Modules are grouped by shape and merged in chunks whose dense size stays under a
 memory is bounded by a few modules at a time whatever K and the model size. Each chunk gets its own
 generator seeded from (seed, first module name), so results do not depend on which process or in
 what order chunks run.
+
+The same path merges VeRA adapter sets: the set's kind picks the method's entry point
+(``merge`` or ``merge_vera``) and the bundle type; the method is always looked up by name in the
+one registry.
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import AdapterSet
-from hydraopt.merge.base import MergeContext, build_config, config_to_dict
+from hydraopt.merge.base import MergeContext, build_config, config_class_for, config_to_dict
 from hydraopt.merge.distances import get_distance
 from hydraopt.merge.refine import hard_routed_error
 from hydraopt.merge.registry import get_method
-from hydraopt.storage import storage_report
-from hydraopt.types import Bundle, ModuleSpec
+from hydraopt.storage import storage_report, vera_storage_report
+from hydraopt.types import Bundle, ModuleSpec, VeraBundle
+from hydraopt.vera.load import VeraAdapterSet
 from hydraopt.version import __version__
 
 DEFAULT_CHUNK_ELEMENTS = 2**22  # dense (G, K, d, k) floats per chunk: 16 MiB in float32; larger
@@ -76,17 +81,22 @@ def chunk_generator(seed: int, first_module: str, device: str) -> torch.Generato
 
 
 def merge_chunk(
-    aset: AdapterSet,
+    aset: AdapterSet | VeraAdapterSet,
     chunk: Sequence[ModuleSpec],
     method_name: str,
     config: Any,
     options: EngineOptions,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float]]]:
-    """Merge one chunk; returns module -> (A', heads, routing, error per task, zero error per task)."""
+    """Merge one chunk; returns module -> (A', heads, routing, error per task, zero error per task).
+
+    For a VeRA set the first two are the λb rows (Mb, d) and the λd rows (Md, r).
+    """
     method = get_method(method_name)
-    stack = aset.load_stack(chunk).to(options.device)
     context = MergeContext(num_tasks=len(aset.tasks), num_factor_tensors=2 * len(aset.modules))
     gen = chunk_generator(options.seed, chunk[0].name, options.device)
+    if isinstance(aset, VeraAdapterSet):
+        return _merge_vera_chunk(aset, chunk, method, config, options, gen, context)
+    stack = aset.load_stack(chunk).to(options.device)
     out = method.merge(stack, config, generator=gen, context=context)
     with torch.no_grad():
         delta = stack.delta()
@@ -105,8 +115,37 @@ def merge_chunk(
     return result
 
 
+def _merge_vera_chunk(
+    aset: VeraAdapterSet,
+    chunk: Sequence[ModuleSpec],
+    method: Any,
+    config: Any,
+    options: EngineOptions,
+    gen: torch.Generator,
+    context: MergeContext,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float]]]:
+    stack = aset.load_stack(chunk).to(options.device)
+    out = method.merge_vera(stack, config, generator=gen, context=context)
+    with torch.no_grad():
+        delta = stack.delta()
+        # Errors in LoRA form (ΔW'_i = heads[route] @ A'), the same measure as for LoRA bundles.
+        a, heads = out.as_lora(stack.A, stack.B)
+        err = hard_routed_error(delta, a, heads, out.routing, options.error_distance)
+        zero = get_distance(options.error_distance)(delta, torch.zeros_like(delta))
+    return {
+        spec.name: (
+            out.lambda_b[g].detach().float().cpu().contiguous(),
+            out.lambda_d[g].detach().float().cpu().contiguous(),
+            out.routing[g].cpu().contiguous(),
+            [float(e) for e in err[g].cpu()],
+            [float(z) for z in zero[g].cpu()],
+        )
+        for g, spec in enumerate(chunk)
+    }
+
+
 def iter_merged(
-    aset: AdapterSet, method_name: str, config: Any, options: EngineOptions
+    aset: AdapterSet | VeraAdapterSet, method_name: str, config: Any, options: EngineOptions
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (modules done in this chunk, chunk result) chunk by chunk (local engine)."""
     for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements):
@@ -122,32 +161,65 @@ def check_heads(method: str, config: Any, heads: int, num_tasks: int) -> None:
         raise HydraoptError(f"{method} stores {heads} head(s); got --heads {asked}")
 
 
-def resolve_config(method: str, options: dict[str, Any] | Any, num_tasks: int) -> Any:
-    """The method's typed config from options (or a config as is), checked against K."""
+def resolve_config(
+    method: str, options: dict[str, Any] | Any, num_tasks: int, kind: str = "lora"
+) -> Any:
+    """The method's typed config from options (or a config as is), checked against K.
+
+    Args:
+        kind: the adapters' kind (``lora`` or ``vera``, an adapter set's ``kind``); picks the
+            method's config class for it.
+    """
     method_obj = get_method(method)
+    config_class = config_class_for(method_obj, kind)
     if isinstance(options, dict):
-        config = build_config(method_obj.config_class, options)
-    elif isinstance(options, method_obj.config_class):
+        config = build_config(config_class, options)
+    elif isinstance(options, config_class):
         config = options
     else:
-        raise TypeError(f"options must be a dict or a {method_obj.config_class.__name__}")
+        raise TypeError(f"options must be a dict or a {config_class.__name__}")
     check_heads(method, config, method_obj.num_heads(config, num_tasks), num_tasks)
     return config
 
 
+@overload
 def merge_adapter_set(
     aset: AdapterSet,
+    method: str = ...,
+    options: dict[str, Any] | Any = ...,
+    *,
+    engine: EngineOptions | None = ...,
+    progress: Callable[[int], None] | None = ...,
+    bytes_per_param: int = ...,
+) -> Bundle: ...
+
+
+@overload
+def merge_adapter_set(
+    aset: VeraAdapterSet,
+    method: str = ...,
+    options: dict[str, Any] | Any = ...,
+    *,
+    engine: EngineOptions | None = ...,
+    progress: Callable[[int], None] | None = ...,
+    bytes_per_param: int = ...,
+) -> VeraBundle: ...
+
+
+def merge_adapter_set(
+    aset: AdapterSet | VeraAdapterSet,
     method: str = "hydraopt",
     options: dict[str, Any] | Any = None,
     *,
     engine: EngineOptions | None = None,
     progress: Callable[[int], None] | None = None,
     bytes_per_param: int = 2,
-) -> Bundle:
+) -> Bundle | VeraBundle:
     """Merge every module of ``aset`` with the registered ``method``.
 
     Args:
-        aset: validated adapters (:func:`hydraopt.load_adapter_set`).
+        aset: validated adapters (:func:`hydraopt.load_adapter_set`), LoRA or VeRA; a VeRA set
+            gives a :class:`VeraBundle`.
         method: registry name (``hydraopt``, ``ties``, ...).
         options: the method's config fields (e.g. ``{"heads": 2, "distance": "mae"}``), or a
             config instance of the method.
@@ -160,7 +232,7 @@ def merge_adapter_set(
     """
     engine = engine or EngineOptions()
     K = len(aset.tasks)
-    config = resolve_config(method, options or {}, K)
+    config = resolve_config(method, options or {}, K, aset.kind)
     start = time.perf_counter()
     merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, list[float]] = {}
@@ -179,6 +251,18 @@ def merge_adapter_set(
         if progress is not None:
             progress(done)
     seconds = time.perf_counter() - start
+    extra = {
+        "library_version": __version__,
+        "seed": engine.seed,
+        "device": engine.device,
+        "merge_seconds": seconds,
+        "error_distance": engine.error_distance,
+        "errors": {m.name: errors[m.name] for m in aset.modules},
+        "zero_errors": {m.name: zero_errors[m.name] for m in aset.modules},
+        "sources": {info.task: str(info.path) for info in aset.adapters},
+    }
+    if isinstance(aset, VeraAdapterSet):
+        return _vera_bundle(aset, method, config, merged, extra, bytes_per_param)
     heads = {name: int(h.shape[0]) for name, (_, h, _) in merged.items()}
     return Bundle(
         method=method,
@@ -190,14 +274,38 @@ def merge_adapter_set(
         adapter_configs={info.task: info.config for info in aset.adapters},
         scales=aset.scales,
         storage=storage_report(aset.modules, K, heads, bytes_per_param),
-        extra={
-            "library_version": __version__,
-            "seed": engine.seed,
-            "device": engine.device,
-            "merge_seconds": seconds,
-            "error_distance": engine.error_distance,
-            "errors": {m.name: errors[m.name] for m in aset.modules},
-            "zero_errors": {m.name: zero_errors[m.name] for m in aset.modules},
-            "sources": {info.task: str(info.path) for info in aset.adapters},
-        },
+        extra=extra,
+    )
+
+
+def _vera_bundle(
+    aset: VeraAdapterSet,
+    method: str,
+    config: Any,
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    extra: dict[str, Any],
+    bytes_per_param: int,
+) -> VeraBundle:
+    vera_a, vera_b = aset.projections
+    rows_b = {name: int(b.shape[0]) for name, (b, _, _) in merged.items()}
+    rows_d = {name: int(d.shape[0]) for name, (_, d, _) in merged.items()}
+    storage = vera_storage_report(
+        aset.modules,
+        len(aset.tasks),
+        rows_b,
+        rows_d,
+        vera_a.numel() + vera_b.numel(),
+        bytes_per_param,
+    )
+    return VeraBundle(
+        method=method,
+        config=config_to_dict(config),
+        tasks=aset.tasks,
+        base_model=aset.base_model,
+        modules=aset.modules,
+        merged={m.name: merged[m.name] for m in aset.modules},
+        projections=aset.projections,
+        adapter_configs={info.task: info.config for info in aset.adapters},
+        storage=storage,
+        extra={**extra, "in_features_source": aset.in_features_source},
     )

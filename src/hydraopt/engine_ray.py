@@ -14,10 +14,11 @@ from typing import Any
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import AdapterSet
+from hydraopt.vera.load import VeraAdapterSet
 
 
 def iter_merged_ray(
-    aset: AdapterSet, method_name: str, config: Any, options: Any
+    aset: AdapterSet | VeraAdapterSet, method_name: str, config: Any, options: Any
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (modules in chunk, chunk result) as Ray tasks finish.
 
@@ -61,7 +62,9 @@ def iter_merged_ray(
             ray.shutdown()
 
 
-def _merge_chunk_task(aset: AdapterSet, chunk, method_name: str, config: Any, options: Any):
+def _merge_chunk_task(
+    aset: AdapterSet | VeraAdapterSet, chunk, method_name: str, config: Any, options: Any
+):
     import torch
 
     from hydraopt.engine import merge_chunk

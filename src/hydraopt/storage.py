@@ -2,7 +2,8 @@
 
 K separate adapters store K * r * (d + k) parameters per module; a bundle stores one A' (r * k)
 and M heads (M * d * r). The routing table (K small integers per module) is reported but, as in
-the paper, not counted in S.
+the paper, not counted in S. K separate VeRA adapters store K * (d + r) per module and a VeRA
+bundle Mb * d + Md * r (one of Mb, Md is 1); their frozen projections are not counted.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def storage_report(
     mods = list(modules)
     full = adapters_params(mods, num_tasks)
     merged = bundle_params(mods, heads)
+    return _report(full, merged, bytes_per_param, num_tasks * len(mods))
+
+
+def _report(full: int, merged: int, bytes_per_param: int, routing_entries: int) -> dict[str, Any]:
     return {
         "adapters_params": full,
         "bundle_params": merged,
@@ -48,5 +53,41 @@ def storage_report(
         "bytes_per_param": bytes_per_param,
         "adapters_bytes": full * bytes_per_param,
         "bundle_bytes": merged * bytes_per_param,
-        "routing_entries": num_tasks * len(mods),
+        "routing_entries": routing_entries,
+    }
+
+
+def vera_adapters_params(modules: Iterable[ModuleSpec], num_tasks: int) -> int:
+    """Trained parameters of K separate VeRA adapters: K * (d + r) per module (λb and λd)."""
+    return sum(num_tasks * (m.d + m.r) for m in modules)
+
+
+def vera_bundle_params(
+    modules: Iterable[ModuleSpec], rows_b: Mapping[str, int], rows_d: Mapping[str, int]
+) -> int:
+    """Parameters of a VeRA bundle with ``rows_b[name]`` λb and ``rows_d[name]`` λd rows."""
+    return sum(rows_b[m.name] * m.d + rows_d[m.name] * m.r for m in modules)
+
+
+def vera_storage_report(
+    modules: Iterable[ModuleSpec],
+    num_tasks: int,
+    rows_b: Mapping[str, int],
+    rows_d: Mapping[str, int],
+    projection_params: int,
+    bytes_per_param: int = 2,
+) -> dict[str, Any]:
+    """S % of a VeRA bundle over K separate VeRAs, exact; the same keys as :func:`storage_report`.
+
+    The frozen projections (``projection_params`` = r * (max_in + max_out)) are reported but not
+    counted on either side: every task shares the same ones (one ``projection_prng_key``) and
+    PEFT can regenerate them, so storing K VeRAs needs them once, like the bundle. With M = 1
+    this gives the paper's 20 % for K = 5 (Table 3); docs/methods.md compares its M > 1 steps.
+    """
+    mods = list(modules)
+    full = vera_adapters_params(mods, num_tasks)
+    merged = vera_bundle_params(mods, rows_b, rows_d)
+    return {
+        **_report(full, merged, bytes_per_param, num_tasks * len(mods)),
+        "projection_params": projection_params,
     }

@@ -147,3 +147,128 @@ class Bundle:
         return {
             name: (a, heads[int(routing[i])]) for name, (a, heads, routing) in self.merged.items()
         }
+
+
+@dataclass(frozen=True)
+class VeraStack:
+    """K VeRA adapters' trained vectors for G same-shaped modules, with the frozen projections.
+
+    VeRA (Kopiczko et al., ICLR 2024) updates a module by ΔW = diag(λb) B diag(λd) A, where A and B
+    are random projections shared by every module and task (PEFT stores one ``vera_A`` (r, max_in)
+    and ``vera_B`` (max_out, r); a module uses the slices A[:, :k] and B[:d, :]) and only the
+    vectors λb (d) and λd (r) are trained per module. There is no scale factor.
+
+    Attributes:
+        lambda_b: (G, K, d) float32.
+        lambda_d: (G, K, r) float32.
+        A: (r, k) the module's slice of ``vera_A`` (the same for every module of the group).
+        B: (d, r) the module's slice of ``vera_B``.
+    """
+
+    lambda_b: torch.Tensor
+    lambda_d: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        """Dense updates ΔW, (G, K, d, k). Only for small shapes, tests and refinement."""
+        left = self.lambda_b[..., :, None] * self.B  # (G, K, d, r)
+        right = self.lambda_d[..., :, None] * self.A  # (G, K, r, k)
+        return left @ right
+
+    def to(self, device: torch.device | str) -> VeraStack:
+        return VeraStack(
+            self.lambda_b.to(device), self.lambda_d.to(device), self.A.to(device), self.B.to(device)
+        )
+
+
+@dataclass(frozen=True)
+class MergedVeraStack:
+    """The result of a VeRA merge for G same-shaped modules.
+
+    One of the two vectors has a single row per module (shared by every task); the other has M
+    rows and ``routing`` names the row each task uses. With M = 1 both have one row.
+
+    Attributes:
+        lambda_b: (G, Mb, d).
+        lambda_d: (G, Md, r); Mb == 1 or Md == 1.
+        routing: (G, K) int64 index into the side with M rows (all zeros when M = 1).
+    """
+
+    lambda_b: torch.Tensor
+    lambda_d: torch.Tensor
+    routing: torch.Tensor
+
+    def routed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's (λb (G, K, d), λd (G, K, r))."""
+        g_idx = torch.arange(self.routing.shape[0], device=self.routing.device)[:, None]
+        zeros = torch.zeros_like(self.routing)
+        b_idx = self.routing if self.lambda_b.shape[1] > 1 else zeros
+        d_idx = self.routing if self.lambda_d.shape[1] > 1 else zeros
+        return self.lambda_b[g_idx, b_idx], self.lambda_d[g_idx, d_idx]
+
+    def as_lora(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same updates as (A' (G, r, k), heads (G, M, d, r)) with ΔW'_i = heads[route(i)] @ A'.
+
+        Lets LoRA-space tools (hard-routed errors) measure a VeRA merge without a second copy.
+        """
+        if self.lambda_d.shape[1] == 1:  # λd shared: it folds into A', λb rows make the heads
+            a = self.lambda_d[:, 0, :, None] * A  # (G, r, k)
+            return a, self.lambda_b[..., :, None] * B  # (G, Mb, d, r)
+        a = A.expand(self.lambda_b.shape[0], *A.shape)  # (G, r, k)
+        heads = self.lambda_b[:, :, :, None] * B * self.lambda_d[:, :, None, :]  # (G, Md, d, r)
+        return a, heads
+
+    def to(self, device: torch.device | str) -> MergedVeraStack:
+        return MergedVeraStack(
+            self.lambda_b.to(device), self.lambda_d.to(device), self.routing.to(device)
+        )
+
+
+@dataclass(frozen=True)
+class VeraBundle:
+    """A merged set of VeRA adapters: per module the λb and λd rows, routing and provenance.
+
+    Mirrors :class:`Bundle` (same metadata fields, ``merged`` values keep the routing third) so
+    that reports read both; the projections travel with it so that export is self-contained.
+
+    Attributes:
+        method: registry name of the merge method.
+        config: the method's resolved config as a plain dict.
+        tasks: task names, in routing order.
+        base_model: ``base_model_name_or_path`` shared by every input adapter.
+        modules: the adapted modules (d = len λb, k = input features, r).
+        merged: module name -> (λb rows (Mb, d), λd rows (Md, r), routing (K,)).
+        projections: (``vera_A`` (r, max_in), ``vera_B`` (max_out, r)), as PEFT stores them.
+        adapter_configs: task -> original ``adapter_config.json`` (for export).
+        storage: parameter accounting (see :func:`hydraopt.storage.vera_storage_report`).
+        extra: free-form metadata (seed, library version, timings, errors).
+    """
+
+    method: str
+    config: dict[str, Any]
+    tasks: tuple[str, ...]
+    base_model: str
+    modules: tuple[ModuleSpec, ...]
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    projections: tuple[torch.Tensor, torch.Tensor]
+    adapter_configs: dict[str, dict[str, Any]]
+    storage: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_heads(self) -> int:
+        """M: the most rows either vector has in any module."""
+        return max(max(int(b.shape[0]), int(d.shape[0])) for b, d, _ in self.merged.values())
+
+    def task_vectors(self, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The routed (λb (d,), λd (r,)) of one task per module."""
+        i = self.tasks.index(task)
+        out = {}
+        for name, (lam_b, lam_d, routing) in self.merged.items():
+            route = int(routing[i])
+            out[name] = (
+                lam_b[route if lam_b.shape[0] > 1 else 0],
+                lam_d[route if lam_d.shape[0] > 1 else 0],
+            )
+        return out

@@ -1,11 +1,13 @@
 """``hydraopt evaluate``: score systems on tasks -> Table 1 (markdown), JSON and a trade-off plot.
 
-Systems are given as ``--system zero-shot``, ``--system lora=ROOT`` (``ROOT/<task>/`` PEFT dirs,
-e.g. the output of ``hydraopt export``) and ``--system bundle=DIR`` (a bundle, heads applied in
-memory), each optionally ``:LABEL``-suffixed. ``--merge-from ADAPTER_ROOT`` first merges the
-per-task adapters with every ``--methods`` and HydraOpt ``--heads`` (bundles cached under
-``OUT/bundles/``) and evaluates zero-shot, the LoRAs and every bundle: the paper's Table 1 in one
-command. Generations are cached (``OUT/cache`` by default), so a rerun only decodes what is new.
+Systems are given as ``--system zero-shot``, ``--system lora=ROOT`` (``ROOT/<task>/`` PEFT LoRA
+dirs, e.g. the output of ``hydraopt export``), ``--system vera=ROOT`` (the same with PEFT VeRA
+dirs, e.g. ``hydraopt finetune --adapter vera`` or an exported VeRA merge) and ``--system
+bundle=DIR`` (a bundle, heads applied in memory), each optionally ``:LABEL``-suffixed.
+``--merge-from ADAPTER_ROOT`` first merges the per-task adapters with every ``--methods`` and
+HydraOpt ``--heads`` (bundles cached under ``OUT/bundles/``) and evaluates zero-shot, the LoRAs
+and every bundle: the paper's Table 1 in one command. Generations are cached (``OUT/cache`` by
+default), so a rerun only decodes what is new.
 
 Model and generation code (transformers, PEFT) is imported inside :func:`run`, so building the
 parser stays cheap.
@@ -26,14 +28,14 @@ if TYPE_CHECKING:
 
 # The baselines of the paper's Table 1: TA, TIES, DARE, DARE-TIES.
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-SYSTEM_KINDS = ("zero-shot", "lora", "bundle")
+SYSTEM_KINDS = ("zero-shot", "lora", "vera", "bundle")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` subcommand; it sets ``func=run``."""
     p = subparsers.add_parser(
         "evaluate",
-        help="score zero-shot / LoRA / bundles on tasks -> Table 1 (md, json, png)",
+        help="score zero-shot / LoRA / VeRA / bundles on tasks -> Table 1 (md, json, png)",
         description=(
             "Greedy-decode each task's split under every system, score it with the task's "
             "metric, and write OUT/results.{json,md,png}. Generations are cached by content "
@@ -48,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SPEC",
         dest="systems",
-        help="zero-shot | lora=ROOT | bundle=DIR, each with an optional :LABEL (repeatable)",
+        help="zero-shot | lora=ROOT | vera=ROOT | bundle=DIR, each with an optional :LABEL "
+        "(repeatable)",
     )
     p.add_argument("--out", required=True, type=Path, help="results dir (created or reused)")
     p.add_argument("--limit", type=int, help="first N examples of each split (default all)")
@@ -132,31 +135,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_system(spec: str) -> System:
-    """``zero-shot[:LABEL]``, ``lora=ROOT[:LABEL]`` or ``bundle=DIR[:LABEL]`` -> a system.
+    """``zero-shot[:LABEL]``, ``lora=ROOT[:LABEL]``, ``vera=ROOT[:LABEL]`` or ``bundle=DIR[:LABEL]``
+    -> a system.
 
     Raises:
         HydraoptError: For another kind, a missing dir, or an unreadable bundle.
     """
-    from hydraopt.eval.systems import PerTaskLora, ZeroShot, bundle_system
+    from hydraopt.eval.systems import PerTaskLora, PerTaskVera, ZeroShot, bundle_system
 
     kind, _, value = spec.partition("=")
     if not value:
         kind, _, zero_shot_label = kind.partition(":")
         if kind != "zero-shot":
             raise HydraoptError(
-                f"--system {spec!r}: expected zero-shot, lora=ROOT or bundle=DIR (+ optional :LABEL)"
+                f"--system {spec!r}: expected zero-shot, lora=ROOT, vera=ROOT or bundle=DIR "
+                f"(+ optional :LABEL)"
             )
         return ZeroShot(zero_shot_label or "zero-shot")
     if kind not in SYSTEM_KINDS[1:]:
         raise HydraoptError(
-            f"--system {spec!r}: unknown kind {kind!r}; use lora=ROOT or bundle=DIR"
+            f"--system {spec!r}: unknown kind {kind!r}; use lora=ROOT, vera=ROOT or bundle=DIR"
         )
     path, label = _split_label(value)
     if not path.is_dir():
         raise HydraoptError(f"--system {spec!r}: {path} is not a directory")
-    if kind == "lora":
-        return PerTaskLora(root=path, label=label or "LoRA")
-    return bundle_system(path, label)
+    if kind == "bundle":
+        return bundle_system(path, label)
+    per_task = {"lora": PerTaskLora, "vera": PerTaskVera}[kind]
+    return per_task(root=path, label=label or per_task.label)
 
 
 def _split_label(value: str) -> tuple[Path, str | None]:
@@ -173,9 +179,23 @@ def merged_systems(args: argparse.Namespace, given: list[System]) -> list[System
 
     Zero-shot and the LoRAs of ``--merge-from`` are added unless ``given`` already has them.
     """
-    from hydraopt.eval.systems import PerTaskLora, ZeroShot, bundle_system
+    from hydraopt.eval.systems import PerTaskLora, ZeroShot, adapter_kind, bundle_system
 
     root = args.merge_from
+    first = root / args.tasks[0]
+    if (first / "adapter_config.json").is_file() and adapter_kind(first) == "vera":
+        # TODO(vera-merge): wire once the VeRA merge is committed (in progress beside this:
+        # load_adapter_set returns a VeraAdapterSet for VERA dirs, merge_adapter_set merges it,
+        # export_peft_adapters(VeraBundle) -> hydraopt.vera.bundle.export_vera_adapters writes
+        # PEFT VeRA dirs). Then: PerTaskVera(root=root) is the reference row; build_bundles
+        # also exports each bundle to OUT/bundles/<name>/peft; each export is evaluated through
+        # PerTaskVera's from-disk path, with the bundle's label, method and storage_percent
+        # (a small PerTaskAdapters subclass carrying them). No in-memory bundle path is needed.
+        raise HydraoptError(
+            f"--merge-from {root}: VeRA adapters cannot be merged by evaluate yet; merge and "
+            f"export them, then pass the exported root as --system vera=DIR "
+            f"(and --system vera={root} for the separate VeRAs)"
+        )
     zero_shot: list[System] = [s for s in given if isinstance(s, ZeroShot)] or [ZeroShot()]
     systems: list[System] = [*zero_shot]
     if not any(isinstance(s, PerTaskLora) and s.root == root for s in given):

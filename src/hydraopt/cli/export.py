@@ -1,4 +1,4 @@
-"""``hydraopt export BUNDLE_DIR --out DIR`` -> ``DIR/<task>/`` PEFT adapter dirs."""
+"""``hydraopt export BUNDLE_DIR --out DIR`` -> ``DIR/<task>/`` PEFT adapter dirs (LoRA or VeRA)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from hydraopt.io.atomic import check_output_dir
-from hydraopt.io.bundle import load_bundle
+from hydraopt.io.bundle import load_any_bundle
 from hydraopt.io.export import export_peft_adapters
 
 
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force)
-    bundle = load_bundle(args.bundle)
+    bundle = load_any_bundle(args.bundle)
     written = export_peft_adapters(
         bundle, args.out, tasks=args.tasks, force=args.force, dtype=args.dtype
     )

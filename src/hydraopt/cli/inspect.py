@@ -2,7 +2,8 @@
 
 Given a bundle dir: its storage table, routing, error per task and the worst modules, plus the
 A/B similarity of its source adapters when they are still on disk. Given adapter dirs: their A/B
-similarity (the paper's Fig. 2) and what each M would store.
+similarity (the paper's Fig. 2) and what each M would store. VeRA bundles and adapters get the
+same report with λd / λb in place of A / B.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from hydraopt.analysis import error_by_task, factor_similarity, plot_similarity
 from hydraopt.cli.display import print_table
 from hydraopt.cli.merge import print_summary
-from hydraopt.io.bundle import META_NAME, load_bundle
+from hydraopt.io.bundle import META_NAME, load_any_bundle
 from hydraopt.io.peft import AdapterSet, load_adapter_set
-from hydraopt.storage import storage_report
-from hydraopt.types import Bundle
+from hydraopt.storage import storage_report, vera_storage_report
+from hydraopt.types import Bundle, VeraBundle
+from hydraopt.vera.analysis import vector_similarity
+from hydraopt.vera.load import VeraAdapterSet
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report: dict = {}
-    aset: AdapterSet | None = None
+    aset: AdapterSet | VeraAdapterSet | None = None
     if len(args.paths) == 1 and (Path(args.paths[0]) / META_NAME).is_file():
-        bundle = load_bundle(args.paths[0])
+        bundle = load_any_bundle(args.paths[0])
         report["bundle"] = show_bundle(bundle, args.top)
         sources = bundle.extra.get("sources", {})
         paths = [sources.get(t) for t in bundle.tasks]
@@ -52,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
             print("(source adapters not found on disk: A/B similarity skipped)")
     else:
         aset = load_adapter_set(args.paths, check_values=False)
-        report["storage"] = show_storage(aset)
-    if aset is not None:
+        report["storage"] = (
+            show_vera_storage(aset) if isinstance(aset, VeraAdapterSet) else show_storage(aset)
+        )
+    if isinstance(aset, VeraAdapterSet):
+        report["similarity"] = show_vera_similarity(aset, args.module_filter)
+    elif aset is not None:
         report["similarity"] = show_similarity(aset, args.module_filter, args.plot)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_bundle(bundle: Bundle, top: int) -> dict:
+def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
     print_summary(bundle)
     errors = bundle.extra.get("errors", {})
     dist = bundle.extra.get("error_distance", "mae")
@@ -79,7 +87,8 @@ def show_bundle(bundle: Bundle, top: int) -> dict:
         "method": bundle.method,
         "config": bundle.config,
         "storage": bundle.storage,
-        "error_by_task": error_by_task(bundle),
+        # reads only ``tasks`` and ``extra``, which both bundle kinds have
+        "error_by_task": error_by_task(cast(Bundle, bundle)),
         "errors": errors,
         "routing": {n: r.tolist() for n, (_, _, r) in bundle.merged.items()},
     }
@@ -123,4 +132,48 @@ def show_similarity(aset: AdapterSet, module_filter: str | None, plot: Path | No
     if plot:
         plot_similarity(sim, tasks, plot)
         print(f"similarity plot written to {plot}")
+    return {"tasks": tasks, **{k: v.tolist() for k, v in sim.items()}}
+
+
+def show_vera_storage(aset: VeraAdapterSet) -> list[dict]:
+    """What HydraOpt with M = 1..K stores, for either shared vector."""
+    K = len(aset.tasks)
+    names = [m.name for m in aset.modules]
+    proj = sum(t.numel() for t in aset.projections)
+    rows, out = [], []
+    for m in range(1, K + 1):
+        for shared, rows_b, rows_d in (("lambda_d", m, 1), ("lambda_b", 1, m)):
+            s = vera_storage_report(
+                aset.modules, K, dict.fromkeys(names, rows_b), dict.fromkeys(names, rows_d), proj
+            )
+            rows.append(
+                [f"hydraopt M={m} (shared {shared})", s["bundle_params"], s["storage_percent"]]
+            )
+            out.append({"heads": m, "shared": shared, **s})
+    print_table(
+        f"storage of {K} VeRA adapters over {len(aset.modules)} modules "
+        f"({out[0]['adapters_params']} trained parameters; the {proj} projection parameters are "
+        "shared and not counted)",
+        ["bundle", "parameters", "S %"],
+        rows,
+    )
+    return out
+
+
+def show_vera_similarity(aset: VeraAdapterSet, module_filter: str | None) -> dict:
+    """How alike the tasks' λd and λb are (relative mean absolute differences)."""
+    mods = [m for m in aset.modules if module_filter is None or module_filter in m.name]
+    sim = vector_similarity(aset, mods)
+    tasks = list(aset.tasks)
+    for key in ("lambda_d", "lambda_b"):
+        print_table(
+            f"mean |{key}_i - {key}_j| / mean |{key}| over {len(mods)} modules (0 = identical)",
+            ["", *tasks],
+            [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
+        )
+    if len(tasks) > 1:
+        off = ~torch.eye(len(tasks), dtype=torch.bool)
+        d_rel = float(sim["lambda_d_relative"][off].mean())
+        b_rel = float(sim["lambda_b_relative"][off].mean())
+        print(f"mean relative difference between tasks: lambda_d {d_rel:.3f}, lambda_b {b_rel:.3f}")
     return {"tasks": tasks, **{k: v.tolist() for k, v in sim.items()}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import cast
 
 from hydraopt.analysis import error_by_task
 from hydraopt.cli.display import human_bytes, print_table, progress_bar
@@ -20,7 +21,7 @@ from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
-from hydraopt.types import Bundle
+from hydraopt.types import Bundle, VeraBundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "hydraopt" and args.heads is None:
         raise HydraoptError("hydraopt needs --heads M (1 = smallest, K = most faithful)")
     aset = load_selected(args)
-    config = resolve_config(args.method, method_options(args, args.method), len(aset.tasks))
+    config = resolve_config(
+        args.method, method_options(args, args.method), len(aset.tasks), aset.kind
+    )
     engine = engine_options(args)
     with progress_bar(len(aset.modules), f"{args.method}") as advance:
         bundle = merge_adapter_set(
@@ -55,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(bundle: Bundle) -> None:
-    """Storage and per-task hard-routed error of a bundle."""
+def print_summary(bundle: Bundle | VeraBundle) -> None:
+    """Storage and per-task hard-routed error of a bundle (LoRA or VeRA)."""
     s = bundle.storage
     dist = bundle.extra.get("error_distance", "mae")
     print_table(
@@ -68,7 +71,8 @@ def print_summary(bundle: Bundle) -> None:
             ["bundle", s["bundle_params"], human_bytes(s["bundle_bytes"]), s["storage_percent"]],
         ],
     )
-    per_task = error_by_task(bundle)
+    # error_by_task reads only ``tasks`` and ``extra``, which both bundle kinds have.
+    per_task = error_by_task(cast(Bundle, bundle))
     heads_used = {
         t: len({int(r[i]) for _, _, r in bundle.merged.values()})
         for i, t in enumerate(bundle.tasks)

@@ -25,6 +25,12 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept adapter_model.bin (read with torch.load(weights_only=True))",
     )
+    p.add_argument(
+        "--base-model",
+        metavar="DIR",
+        help="VeRA adapters: base model dir whose layer shapes give each module's input features "
+        "(default: the adapters' base_model_name_or_path if local or cached, else k = max_in)",
+    )
 
 
 def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
@@ -50,6 +56,11 @@ def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> 
     )
     g.add_argument(
         "--refine-lr", type=float, help="fast solver refinement learning rate (default 1.0)"
+    )
+    g.add_argument(
+        "--shared",
+        choices=("lambda_d", "lambda_b"),
+        help="hydraopt on VeRA adapters: the vector all tasks share (default lambda_d)",
     )
     g.add_argument("--density", type=float, help="TIES/DARE fraction kept (default 0.5)")
     g.add_argument(
@@ -89,6 +100,7 @@ HYDRAOPT_ONLY = (
     "restarts",
     "refine_steps",
     "refine_lr",
+    "shared",
 )
 CLASSIC_ONLY = ("density", "weights", "majority_sign_method")
 
@@ -110,7 +122,12 @@ def load_selected(args: argparse.Namespace):
     from hydraopt.errors import HydraoptError
     from hydraopt.io.peft import load_adapter_set
 
-    aset = load_adapter_set(args.adapters, args.names, allow_pickle=args.allow_pickle)
+    aset = load_adapter_set(
+        args.adapters,
+        args.names,
+        allow_pickle=args.allow_pickle,
+        base_model=getattr(args, "base_model", None),
+    )
     if getattr(args, "modules", None):
         try:
             pattern = re.compile(args.modules)

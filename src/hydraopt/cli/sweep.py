@@ -1,7 +1,8 @@
 """``hydraopt sweep ADAPTER_DIR... --out DIR``: the whole storage/error trade-off.
 
-Runs HydraOpt for M = 1..K and every classic baseline (full and A-only) on the same adapters and
-writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` (storage % against hard-routed error).
+Runs HydraOpt for M = 1..K and every classic baseline (full and A-only) on the same adapters
+(LoRA or VeRA) and writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` (storage % against
+hard-routed error).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     for method, heads in runs:  # validate every run before spending time on any
         options = method_options(args, method)
         options["heads"] = heads
-        configs.append(resolve_config(method, options, K))
+        configs.append(resolve_config(method, options, K, aset.kind))
     points, bundles = [], {}
     with atomic_dir(args.out, force=args.force) as tmp:
         with progress_bar(len(runs) * len(aset.modules), "sweep") as advance:

@@ -1,14 +1,19 @@
-"""Fine-tune one LoRA adapter per task on the base model, as the paper's adapters are made.
+"""Fine-tune one LoRA or VeRA adapter per task on the base model, as the paper's adapters are made.
 
 Loss is on the target tokens only (prompt tokens are labelled -100; the target is followed by the
-EOS token that ends the assistant turn). Everything random is seeded from ``FinetuneConfig.seed``:
+EOS token that ends the assistant turn). Both adapter kinds share the data pipeline, loss,
+optimizer, schedule and saving; only the adapter's initialisation differs. Everything random is
+seeded (from ``FinetuneConfig.seed`` unless said otherwise):
 
 - the LoRA A matrices are drawn per module from a ``torch.Generator`` seeded by (seed, module
   name), independent of the task and of the global RNG, so every task's adapter starts from the
   SAME A for the same seed. HydraOpt relies on this: adapters that share their initial A keep
   similar A's after training, which is what makes one shared A' a good fit.
 - the data order comes from its own ``torch.Generator`` (a fresh permutation each epoch).
-- LoRA dropout can only draw from torch's global RNG (``nn.Dropout`` takes no generator); the
+- VeRA's frozen projections A and B come from PEFT's own generator seeded by
+  ``FinetuneConfig.projection_prng_key`` (not by ``seed``): every task shares them, as merging
+  VeRA adapters requires; its trained vectors start at constants (λb = 0, λd = ``d_initial``).
+- adapter dropout can only draw from torch's global RNG (``nn.Dropout`` takes no generator); the
   training loop therefore runs inside ``torch.random.fork_rng`` with a seeded global RNG, which
   leaves the caller's global RNG stream as it was.
 """
@@ -19,22 +24,24 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from hydraopt.eval.finetune_config import FinetuneConfig
+from hydraopt.eval.finetune_config import AdapterKind, FinetuneConfig
 from hydraopt.eval.generate import lora_layers, lora_weights
 from hydraopt.eval.model import base_model_name, load_base_model
 from hydraopt.eval.tasks import Example, TaskSpec, build_prompt, load_split, load_task
+from hydraopt.eval.vera_adapter import vera_projections
 from hydraopt.io.atomic import atomic_dir, check_output_dir
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
@@ -133,6 +140,87 @@ def lora_A_fingerprint(peft_model: PeftModel, adapter_name: str = "default") -> 
     return digest.hexdigest()
 
 
+def init_vera_model(model: PreTrainedModel, config: FinetuneConfig) -> PeftModel:
+    """Wrap ``model`` in a trainable VeRA adapter whose projections depend only on the PRNG key.
+
+    PEFT draws the shared projections A (vera_r, k_max) and B (d_max, vera_r) from a
+    ``torch.Generator`` seeded by ``projection_prng_key`` (Kaiming uniform) and saves them with
+    the adapter (``save_projection=True``), so a saved adapter does not depend on PEFT
+    regenerating them identically elsewhere. The trained vectors start at constants, so the
+    adapter starts as the identity update whatever the seed.
+
+    Args:
+        model: The base model (wrapped in place).
+        config: ``vera_r``, ``vera_dropout``, ``d_initial``, ``projection_prng_key`` and the
+            target modules.
+
+    Returns:
+        The ``PeftModel``, λb and λd of every module trainable, everything else frozen.
+    """
+    vera_config = VeraConfig(
+        r=config.vera_r,
+        target_modules=list(config.target_modules),
+        projection_prng_key=config.projection_prng_key,
+        save_projection=True,
+        vera_dropout=config.vera_dropout,
+        d_initial=config.d_initial,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # PEFT draws a throw-away λd from the global RNG before filling it with d_initial; fork_rng
+    # keeps the caller's global stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        return get_peft_model(model, vera_config)
+
+
+def vera_projection_fingerprint(peft_model: PeftModel, adapter_name: str = "default") -> str:
+    """sha256 over VeRA's shared projections A and B (float32).
+
+    Recorded in ``training.json`` as ``projection_sha256``: VeRA adapters with equal
+    fingerprints share their frozen projections and can be merged vector by vector.
+    """
+    digest = hashlib.sha256()
+    for name, weight in zip("AB", vera_projections(peft_model, adapter_name), strict=True):
+        digest.update(name.encode())
+        digest.update(weight.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _AdapterRecipe:
+    """What differs between adapter kinds: how to start one and which weights it saves.
+
+    Attributes:
+        init: Wraps the base model in a fresh trainable adapter.
+        fingerprint_key: ``training.json`` key of ``fingerprint``'s digest.
+        fingerprint: Digest of what every task must share (LoRA's initial A, VeRA's
+            projections).
+        saves: Whether a ``state_dict`` key is one of the adapter's saved tensors.
+    """
+
+    init: Callable[[PreTrainedModel, FinetuneConfig], PeftModel]
+    fingerprint_key: str
+    fingerprint: Callable[[PeftModel], str]
+    saves: Callable[[str], bool]
+
+
+_RECIPES: dict[AdapterKind, _AdapterRecipe] = {
+    "lora": _AdapterRecipe(
+        init_lora_model, "init_A_sha256", lora_A_fingerprint, lambda key: "lora_" in key
+    ),
+    # λb/λd of every module, and the shared projections once (PEFT saves them from
+    # base_model.vera_A / vera_B; the per-layer references to them are not separate tensors).
+    "vera": _AdapterRecipe(
+        init_vera_model,
+        "projection_sha256",
+        vera_projection_fingerprint,
+        lambda key: (
+            "vera_lambda_" in key or key.startswith(("base_model.vera_A.", "base_model.vera_B."))
+        ),
+    ),
+}
+
+
 def finetune(
     task_dir: str | Path,
     out_dir: str | Path,
@@ -143,7 +231,7 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train one LoRA adapter on a task's train split and save it as a PEFT adapter dir.
+    """Train one LoRA or VeRA adapter on a task's train split and save it as a PEFT adapter dir.
 
     Args:
         task_dir: The task folder (``task.json`` + ``train.jsonl``).
@@ -157,8 +245,10 @@ def finetune(
         progress: Show a tqdm bar with loss and tokens/s.
 
     Returns:
-        ``out_dir``, holding ``adapter_config.json``, ``adapter_model.safetensors`` (float16)
-        and ``training.json`` (settings, step count, wall time, losses, init fingerprint).
+        ``out_dir``, holding ``adapter_config.json``, ``adapter_model.safetensors`` (float16;
+        for VeRA the shared projections too) and ``training.json`` (settings, step count, wall
+        time, losses, and the fingerprint of what every task shares: ``init_A_sha256`` for
+        LoRA, ``projection_sha256`` for VeRA).
 
     Raises:
         ValueError: If ``out_dir`` exists and ``overwrite`` is false, or no training example
@@ -187,17 +277,17 @@ def finetune(
                 f"no training example of {spec.id} fits max_len={config.max_len}; raise max_len"
             )
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        peft_model = init_lora_model(model, config)
+        recipe = _RECIPES[config.adapter]
+        peft_model = recipe.init(model, config)
         try:
-            init_fingerprint = lora_A_fingerprint(peft_model)
+            init_fingerprint = recipe.fingerprint(peft_model)
             record = _train(peft_model, tokenizer, kept, config, progress, desc=spec.id)
             with atomic_dir(out, force=overwrite) as tmp:
-                _save_adapter(peft_model, tmp, base_name)
+                _save_adapter(peft_model, tmp, base_name, recipe.saves)
                 summary = {
                     "task": spec.id,
                     "instruction": spec.instruction,
-                    **{k: v for k, v in asdict(config).items() if k != "target_modules"},
-                    "target_modules": list(config.target_modules),
+                    **config.record(),
                     "examples_seen": config.steps * config.batch_size,
                     "train_examples": len(examples),
                     "train_examples_used": len(kept),
@@ -205,7 +295,7 @@ def finetune(
                     "optimizer": "AdamW (betas 0.9/0.999, eps 1e-8)",
                     "schedule": "linear warm-up then linear decay (hydraopt lr_multiplier)",
                     "loss": "mean cross-entropy over target tokens + EOS; prompt masked",
-                    "init_A_sha256": init_fingerprint,
+                    recipe.fingerprint_key: init_fingerprint,
                     "base_model": base_name,
                     "dtype": str(next(model.parameters()).dtype),
                     "versions": _versions(),
@@ -232,14 +322,16 @@ def _train(
 ) -> dict[str, object]:
     """The optimisation loop; returns what training.json records about the run."""
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     order = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     tokens_total = 0
     peft_model.train()
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # only LoRA dropout draws from it; see module docstring
+        torch.manual_seed(config.seed)  # only adapter dropout draws from it; see module docstring
         bar = tqdm(range(config.steps), desc=f"finetune {desc}", unit="step", disable=not progress)
         batches = _batch_indices(len(data), config.batch_size, order)
         for step in bar:
@@ -248,7 +340,9 @@ def _train(
             )
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_multiplier(step, config.warmup_steps, config.steps)
+                group["lr"] = config.learning_rate * lr_multiplier(
+                    step, config.warmup_steps, config.steps
+                )
             loss = target_loss(peft_model, input_ids, attention_mask, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -335,8 +429,11 @@ def _collate(
     return input_ids, attention_mask, labels
 
 
-def _save_adapter(peft_model: PeftModel, directory: Path, base_name: str) -> None:
-    """save_pretrained with the LoRA weights in float16, like the reference adapters.
+def _save_adapter(
+    peft_model: PeftModel, directory: Path, base_name: str, saves: Callable[[str], bool]
+) -> None:
+    """save_pretrained with the adapter's weights (``saves`` picks their keys) in float16, like
+    the reference adapters.
 
     The config records ``base_name`` (a portable model name, not where this machine keeps the
     file) and PEFT's generated model card, which only repeats local paths, is dropped.
@@ -344,7 +441,7 @@ def _save_adapter(peft_model: PeftModel, directory: Path, base_name: str) -> Non
     state = {
         key: value.detach().to(torch.float16)
         for key, value in peft_model.state_dict().items()
-        if "lora_" in key
+        if saves(key)
     }
     # No embedding layers are trained; "auto" would look for a config.json (a GGUF has none).
     peft_model.save_pretrained(

@@ -1,4 +1,5 @@
-"""Batched greedy decoding, with the base model, a PEFT adapter dir, or in-memory LoRA factors.
+"""Batched greedy decoding, with the base model, a PEFT adapter dir (LoRA or VeRA), or in-memory
+LoRA factors or VeRA weights.
 
 Decoding is greedy (``do_sample=False``, one beam), so an output depends only on the weights and
 the prompt: left padding keeps each row's last prompt token at the last position and the
@@ -17,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -25,6 +26,9 @@ from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from hydraopt.eval.vera_adapter import VeraWeights
 
 # module name (as in `base_model.named_modules()`) -> (A (r, k), B (d, r), scale); the LoRA delta
 # of that module is scale * B @ A, as in PEFT where scale = lora_alpha / r.
@@ -205,7 +209,7 @@ def apply_lora_factors(
     if not factors:
         raise ValueError("factors is empty: give at least one module's (A, B, scale)")
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    normalized = {_module_name(name): triple for name, triple in factors.items()}
+    normalized = {module_name(name): triple for name, triple in factors.items()}
     ranks = {name: _check_factors(base, name, a, b) for name, (a, b, _) in normalized.items()}
     config = _lora_config_for(ranks, {name: float(s) for name, (_, _, s) in normalized.items()})
     # Injection draws a throw-away random init from the global RNG (it is overwritten below);
@@ -228,7 +232,7 @@ def apply_lora_factors(
 
 
 def remove_adapters(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
-    """Strip every LoRA layer and return the bare base model (its weights untouched).
+    """Strip every adapter layer and return the bare base model (its weights untouched).
 
     Args:
         model: A ``PeftModel``, or a base model (returned as is).
@@ -242,14 +246,15 @@ def remove_adapters(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
 
 @contextmanager
 def applied_adapter(
-    model: PreTrainedModel, adapter: str | Path | LoraFactorMap | None
+    model: PreTrainedModel, adapter: str | Path | LoraFactorMap | VeraWeights | None
 ) -> Iterator[torch.nn.Module]:
     """Run a block with an adapter applied, then restore the bare base model.
 
     Args:
         model: A base model (not a ``PeftModel``).
-        adapter: ``None`` (the base model itself), a PEFT adapter dir, or in-memory factors
-            (see :func:`apply_lora_factors`).
+        adapter: ``None`` (the base model itself), a PEFT adapter dir (LoRA or VeRA), in-memory
+            LoRA factors (see :func:`apply_lora_factors`) or VeRA weights (see
+            :func:`hydraopt.eval.vera_adapter.apply_vera_weights`).
 
     Yields:
         The model to generate with.
@@ -257,8 +262,13 @@ def applied_adapter(
     if adapter is None:
         yield model
         return
+    # Imported here: vera_adapter builds on this module (module_name).
+    from hydraopt.eval.vera_adapter import VeraWeights, apply_vera_weights
+
     if isinstance(adapter, (str, Path)):
         adapted = apply_peft_adapter(model, adapter)
+    elif isinstance(adapter, VeraWeights):
+        adapted = apply_vera_weights(model, adapter)
     else:
         adapted = apply_lora_factors(model, adapter)
     try:
@@ -283,7 +293,8 @@ def lora_weights(layer: object, adapter_name: str = "default") -> tuple[torch.Te
     return lora_a.weight, lora_b.weight
 
 
-def _module_name(name: str) -> str:
+def module_name(name: str) -> str:
+    """A module name as in ``named_modules()``: PEFT's ``base_model.model.`` key prefix dropped."""
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 

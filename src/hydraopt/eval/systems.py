@@ -1,4 +1,4 @@
-"""The systems an evaluation compares: zero-shot, per-task LoRA adapters, and merged bundles.
+"""The systems an evaluation compares: zero-shot, per-task LoRA or VeRA adapters, merged bundles.
 
 A system answers one question per task: which adapter, if any, goes on the base model. Each also
 has a label (a row of the results table), a storage share S % (the x axis of the trade-off plot)
@@ -6,8 +6,10 @@ and a content-based cache id per task, so cached generations follow the weights 
 paths: renaming a directory keeps its cache, retraining or re-merging invalidates it.
 
 - :class:`ZeroShot`: the bare base model (S = 0).
-- :class:`PerTaskLora`: one PEFT adapter dir per task (S = 100). Dirs written by
+- :class:`PerTaskLora`: one PEFT LoRA adapter dir per task (S = 100). Dirs written by
   ``hydraopt export`` are ordinary PEFT dirs and are evaluated through this class.
+- :class:`PerTaskVera`: the same for PEFT VeRA dirs (S = 100: the paper's Table 3 measures VeRA
+  merges against separate VeRAs). Merged VeRA adapters exported as PEFT VeRA dirs go here too.
 - :class:`BundleSystem`: a bundle dir; each task's routed head is applied in memory, writing no
   files (S from the bundle's storage accounting).
 """
@@ -19,7 +21,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_bundle
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 _INFERENCE_IRRELEVANT_CONFIG = frozenset({"inference_mode"})
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# adapter_config.json's peft_type -> the system kind that evaluates such dirs.
+_KIND_OF_PEFT_TYPE = {"LORA": "lora", "VERA": "vera"}
 _CHUNK = 1 << 20
 
 
@@ -62,12 +66,12 @@ class System(Protocol):
 
     @property
     def kind(self) -> str:
-        """``"zero-shot"``, ``"lora"`` or ``"bundle"``."""
+        """``"zero-shot"``, ``"lora"``, ``"vera"`` or ``"bundle"``."""
         ...
 
     @property
     def method(self) -> str:
-        """Plot group: ``"zero-shot"``, ``"lora"`` or the bundle's merge method."""
+        """Plot group: ``"zero-shot"``, ``"lora"``, ``"vera"`` or the bundle's merge method."""
         ...
 
     @property
@@ -123,8 +127,12 @@ class ZeroShot:
 
 
 @dataclass(frozen=True)
-class PerTaskLora:
-    """One PEFT LoRA adapter dir per task, applied by PEFT from disk.
+class PerTaskAdapters:
+    """One PEFT adapter dir per task, applied by PEFT from disk; base of one class per kind.
+
+    Subclasses fix ``kind``: the first part of the cache id, and what ``adapter_config.json``'s
+    ``peft_type`` must map to (:func:`adapter_kind`), so a dir of the wrong kind is refused by
+    name rather than mislabelled in the table.
 
     Attributes:
         root: Folder holding ``<task>/`` adapter dirs, or ``None`` when ``dirs`` lists them all.
@@ -134,12 +142,12 @@ class PerTaskLora:
 
     root: Path | None = None
     dirs: Mapping[str, Path] = field(default_factory=dict)
-    label: str = "LoRA"
+    label: str = "adapters"
 
-    kind = "lora"
-    method = "lora"
+    kind: ClassVar[str]
+    method: ClassVar[str]
     # Separate adapters are the reference the storage share is measured against.
-    storage_percent = 100.0
+    storage_percent: ClassVar[float] = 100.0
 
     def __post_init__(self) -> None:
         if self.root is None and not self.dirs:
@@ -157,7 +165,7 @@ class PerTaskLora:
         return Path(self.root) / task
 
     def check_tasks(self, tasks: Iterable[str]) -> None:
-        """Every task needs a dir with ``adapter_config.json`` and a weights file."""
+        """Every task needs a dir with ``adapter_config.json`` of this kind and a weights file."""
         for task in tasks:
             directory = self.adapter_dir(task)
             if not (directory / "adapter_config.json").is_file():
@@ -165,15 +173,21 @@ class PerTaskLora:
                     f"system {self.label!r}: no PEFT adapter for task {task!r} at {directory} "
                     f"(expected {directory}/adapter_config.json)"
                 )
+            found = adapter_kind(directory)
+            if found != self.kind:
+                raise HydraoptError(
+                    f"system {self.label!r}: {directory} is a {found} adapter, not {self.kind}; "
+                    f"pass its root as --system {found}=ROOT"
+                )
             _weights_file(directory)
 
     def cache_id(self, task: str) -> str:
-        """SHA-256 of the task name, the weights file and the inference-relevant config."""
+        """SHA-256 of the kind, task name, the weights file and the inference-relevant config."""
         directory = self.adapter_dir(task)
         config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
         relevant = {k: v for k, v in config.items() if k not in _INFERENCE_IRRELEVANT_CONFIG}
         return text_sha256(
-            "lora",
+            self.kind,
             task,
             file_sha256(_weights_file(directory)),
             json.dumps(relevant, sort_keys=True),
@@ -192,6 +206,50 @@ class PerTaskLora:
             "root": str(self.root) if self.root is not None else None,
             "dirs": {task: str(path) for task, path in self.dirs.items()},
         }
+
+
+@dataclass(frozen=True)
+class PerTaskLora(PerTaskAdapters):
+    """One PEFT LoRA adapter dir per task (see :class:`PerTaskAdapters`)."""
+
+    label: str = "LoRA"
+
+    kind = "lora"
+    method = "lora"
+
+
+@dataclass(frozen=True)
+class PerTaskVera(PerTaskAdapters):
+    """One PEFT VeRA adapter dir per task (see :class:`PerTaskAdapters`).
+
+    PEFT builds the VeRA layers from the dir (the saved projections included), exactly as
+    ``PeftModel.from_pretrained`` does; :func:`hydraopt.eval.vera_adapter.apply_vera_weights` is the
+    in-memory equivalent and gives the same logits.
+    """
+
+    label: str = "VeRA"
+
+    kind = "vera"
+    method = "vera"
+
+
+def adapter_kind(directory: str | Path) -> str:
+    """The system kind (``"lora"`` / ``"vera"``) of a PEFT adapter dir, from its config.
+
+    Raises:
+        HydraoptError: If the config is unreadable or names another PEFT type.
+    """
+    path = Path(directory) / "adapter_config.json"
+    try:
+        peft_type = json.loads(path.read_text(encoding="utf-8")).get("peft_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise HydraoptError(f"cannot read {path}: {error}") from error
+    if peft_type not in _KIND_OF_PEFT_TYPE:
+        raise HydraoptError(
+            f"{path}: peft_type {peft_type!r} is not evaluated here "
+            f"(supported: {sorted(_KIND_OF_PEFT_TYPE)})"
+        )
+    return _KIND_OF_PEFT_TYPE[peft_type]
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """The bundle on disk: ``bundle.json`` (metadata) + ``tensors.safetensors`` (A' and heads).
 
 Versioned; documented in docs/bundle-format.md. Tensors are keyed ``<module>.A`` (r, k) and
-``<module>.heads`` (M, d, r), heads with the LoRA scale folded in. Writes are atomic.
+``<module>.heads`` (M, d, r), heads with the LoRA scale folded in. Writes are atomic. VeRA bundles
+(format version 2, ``adapter_kind: "vera"``) live in :mod:`hydraopt.vera.bundle`; ``save_bundle``
+and ``load_any_bundle`` handle both kinds.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,25 +20,34 @@ from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir
 from hydraopt.types import Bundle, ModuleSpec
 
+if TYPE_CHECKING:
+    from hydraopt.types import VeraBundle
+
 FORMAT_NAME = "hydraopt-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what LoRA bundles are written as (unchanged since version 1)
+NEWEST_FORMAT_VERSION = 2  # version 2 adds ``adapter_kind`` (VeRA bundles); readers take both
 META_NAME = "bundle.json"
 TENSORS_NAME = "tensors.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def save_bundle(
-    bundle: Bundle, out: str | Path, *, dtype: str = "float16", force: bool = False
+    bundle: Bundle | VeraBundle, out: str | Path, *, dtype: str = "float16", force: bool = False
 ) -> Path:
     """Write ``bundle`` to the directory ``out`` atomically.
 
     Args:
-        bundle: the merged result.
+        bundle: the merged result (a VeRA bundle is written by
+            :func:`hydraopt.vera.bundle.save_vera_bundle`).
         out: target directory; refused if it exists unless ``force``.
         dtype: tensor storage type, ``float16`` (default, like PEFT's saved adapters),
             ``bfloat16`` or ``float32``.
         force: replace an existing ``out``.
     """
+    if not isinstance(bundle, Bundle):
+        from hydraopt.vera.bundle import save_vera_bundle  # it imports this module
+
+        return save_vera_bundle(bundle, out, dtype=dtype, force=force)
     if dtype not in DTYPES:
         raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tensors: dict[str, torch.Tensor] = {}
@@ -77,8 +88,8 @@ def save_bundle(
     return Path(out)
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle directory written by :func:`save_bundle` (tensors as float32)."""
+def read_bundle_meta(path: str | Path) -> dict[str, Any]:
+    """The checked ``bundle.json`` of a bundle dir (format name and version)."""
     path = Path(path)
     meta_path, tensor_path = path / META_NAME, path / TENSORS_NAME
     if not meta_path.is_file() or not tensor_path.is_file():
@@ -87,12 +98,42 @@ def load_bundle(path: str | Path) -> Bundle:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise HydraoptError(f"{meta_path}: corrupt bundle metadata ({e})") from e
-    if meta.get("format") != FORMAT_NAME:
-        raise HydraoptError(f"{meta_path}: not a hydraopt bundle (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise HydraoptError(f"{meta_path}: not a hydraopt bundle (format={found!r})")
+    if int(meta.get("format_version", 0)) > NEWEST_FORMAT_VERSION:
         raise HydraoptError(
             f"{path}: bundle format {meta['format_version']} is newer than this hydraopt "
-            f"({FORMAT_VERSION}); upgrade hydraopt"
+            f"({NEWEST_FORMAT_VERSION}); upgrade hydraopt"
+        )
+    return meta
+
+
+def load_any_bundle(path: str | Path) -> Bundle | VeraBundle:
+    """Read a LoRA or a VeRA bundle directory (tensors as float32)."""
+    meta = read_bundle_meta(path)
+    if meta.get("adapter_kind", "lora") == "vera":
+        from hydraopt.vera.bundle import load_vera_bundle_from_meta  # it imports this module
+
+        return load_vera_bundle_from_meta(Path(path), meta)
+    return load_bundle(path)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a LoRA bundle directory written by :func:`save_bundle` (tensors as float32).
+
+    Raises:
+        HydraoptError: for anything but a readable LoRA bundle (a VeRA bundle included: read
+            those with :func:`load_any_bundle`).
+    """
+    path = Path(path)
+    tensor_path = path / TENSORS_NAME
+    meta = read_bundle_meta(path)
+    kind = meta.get("adapter_kind", "lora")
+    if kind != "lora":
+        raise HydraoptError(
+            f"{path}: a {kind.upper()} bundle has no LoRA factors; read it with "
+            "hydraopt.load_any_bundle or export it (hydraopt export) to PEFT adapter dirs"
         )
     try:
         tensors = load_file(str(tensor_path))

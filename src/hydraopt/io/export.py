@@ -2,7 +2,8 @@
 
 Each dir holds the task's *original* ``adapter_config.json`` and A' with the task's routed head.
 Heads carry the LoRA scale, so each is divided by that task's original scale for the module:
-PEFT multiplies it back, and ΔW = B' A' exactly as in the bundle.
+PEFT multiplies it back, and ΔW = B' A' exactly as in the bundle. VeRA bundles export to PEFT
+VeRA dirs (:func:`hydraopt.vera.bundle.export_vera_adapters`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hydraopt.io.atomic import atomic_dir
 from hydraopt.io.bundle import DTYPES
 from hydraopt.io.keys import lora_key
 from hydraopt.io.peft import CONFIG_NAME, SAFETENSORS_NAME
-from hydraopt.types import Bundle
+from hydraopt.types import Bundle, VeraBundle
 
 
 def peft_state_dict(bundle: Bundle, task: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def peft_state_dict(bundle: Bundle, task: str, dtype: torch.dtype) -> dict[str, 
 
 
 def export_peft_adapters(
-    bundle: Bundle,
+    bundle: Bundle | VeraBundle,
     out: str | Path,
     *,
     tasks: list[str] | None = None,
@@ -44,7 +45,7 @@ def export_peft_adapters(
     """Write ``out/<task>/`` PEFT adapter dirs (atomically, all or nothing).
 
     Args:
-        bundle: a loaded or in-memory bundle.
+        bundle: a loaded or in-memory bundle (a VeRA bundle gives PEFT VeRA dirs).
         out: parent directory to create; refused if it exists unless ``force``.
         tasks: subset of tasks to export (default all).
         force: replace an existing ``out``.
@@ -54,6 +55,10 @@ def export_peft_adapters(
     Returns:
         task -> adapter directory.
     """
+    if isinstance(bundle, VeraBundle):
+        from hydraopt.vera.bundle import export_vera_adapters  # it imports io/ modules
+
+        return export_vera_adapters(bundle, out, tasks=tasks, force=force, dtype=dtype)
     name = dtype or bundle.extra.get("dtype") or "float32"
     if name not in DTYPES:
         raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")

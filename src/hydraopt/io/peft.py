@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,9 @@ from hydraopt.io.validate import (
     module_rank_alpha,
 )
 from hydraopt.types import AdapterInfo, LoraStack, ModuleSpec
+
+if TYPE_CHECKING:
+    from hydraopt.vera.load import VeraAdapterSet
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -42,6 +45,8 @@ class AdapterSet:
         base_model: the shared ``base_model_name_or_path``.
         scales: task -> module -> LoRA scale (alpha/r or alpha/sqrt(r)).
     """
+
+    kind: ClassVar[str] = "lora"
 
     adapters: tuple[AdapterInfo, ...]
     modules: tuple[ModuleSpec, ...]
@@ -128,8 +133,13 @@ def load_adapter_set(
     *,
     allow_pickle: bool = False,
     check_values: bool = True,
-) -> AdapterSet:
-    """Read and validate K PEFT LoRA adapter dirs.
+    base_model: str | Path | None = None,
+) -> AdapterSet | VeraAdapterSet:
+    """Read and validate K PEFT LoRA adapter dirs, or K PEFT VeRA adapter dirs.
+
+    The adapters' ``peft_type`` decides: all ``VERA`` gives a
+    :class:`~hydraopt.vera.load.VeraAdapterSet` (see :func:`~hydraopt.vera.load.load_vera_adapter_set`),
+    otherwise every adapter must be LoRA; a mix is refused.
 
     Args:
         paths: adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``), or
@@ -138,6 +148,8 @@ def load_adapter_set(
         allow_pickle: accept ``adapter_model.bin`` (read with ``weights_only=True``).
         check_values: scan every tensor for NaN/Inf now, so a corrupt adapter is refused before
             any work (each tensor is read once more later; cheap next to the merge).
+        base_model: VeRA only: a local base model dir whose layer shapes give each module's
+            input features (default: the adapters' ``base_model_name_or_path`` if local).
 
     Raises:
         HydraoptError: on any mismatch (base model, modules, ranks, shapes), unsupported feature,
@@ -151,6 +163,19 @@ def load_adapter_set(
         raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
     if len(set(tasks)) != len(tasks):
         raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
+    vera = [d for d in dirs if peft_type_of(d) == "VERA"]
+    if vera and len(vera) != len(dirs):
+        lora = next(d for d in dirs if d not in vera)
+        raise HydraoptError(
+            f"{vera[0]} is a VeRA adapter but {lora} is {peft_type_of(lora) or 'not'} one; "
+            "LoRA and VeRA adapters cannot be merged together"
+        )
+    if vera:
+        from hydraopt.vera.load import load_vera_adapter_set  # vera.load imports this module
+
+        return load_vera_adapter_set(
+            dirs, tasks, allow_pickle=allow_pickle, check_values=check_values, base_model=base_model
+        )
 
     infos, shapes, pickled = [], [], {}
     for task, d in zip(tasks, dirs, strict=True):
@@ -196,6 +221,17 @@ def load_adapter_set(
             for info in infos:
                 aset._read_pair(info, spec.name)
     return aset
+
+
+def peft_type_of(d: Path) -> str:
+    """The upper-cased ``peft_type`` of an adapter dir, or "" if its config cannot be read.
+
+    Only a hint for dispatching; the full loaders report unreadable configs properly.
+    """
+    try:
+        return str(json.loads((d / CONFIG_NAME).read_text()).get("peft_type", "")).upper()
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _read_adapter_header(

@@ -3,6 +3,10 @@
 A method works on a :class:`~hydraopt.types.LoraStack` (G same-shaped modules x K tasks, factor
 space) and returns a :class:`~hydraopt.types.MergedStack` (shared A', M heads, routing). It never
 opens files or parses key names; randomness comes only from the ``torch.Generator`` it is given.
+
+A method that also merges VeRA adapters names a ``vera_config_class`` and implements
+``merge_vera`` (:class:`~hydraopt.types.VeraStack` -> :class:`~hydraopt.types.MergedVeraStack`);
+the engine picks the entry point from the adapter set's kind, never from the method's name.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.types import LoraStack, MergedStack
+from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class MergeMethod(Protocol):
 
     config_class: ClassVar[type]
     space: ClassVar[str]  # "factors" (A and B merged separately) or "delta" (fits B @ A)
+    vera_config_class: ClassVar[type | None]  # None: the method does not merge VeRA adapters
 
     def num_heads(self, config: Any, num_tasks: int) -> int:
         """M, the number of B heads stored per module."""
@@ -52,6 +57,25 @@ class MergeMethod(Protocol):
     ) -> MergedStack:
         """Merge G modules of K adapters."""
         ...
+
+    def merge_vera(
+        self, stack: VeraStack, config: Any, *, generator: torch.Generator, context: MergeContext
+    ) -> MergedVeraStack:
+        """Merge G modules of K VeRA adapters (only if ``vera_config_class`` is set)."""
+        ...
+
+
+def config_class_for(method: MergeMethod, kind: str) -> type:
+    """The config class of ``method`` for adapters of ``kind`` (``lora`` or ``vera``).
+
+    Raises:
+        HydraoptError: if the method does not merge that kind of adapter.
+    """
+    if kind == "lora":
+        return method.config_class
+    if kind == "vera" and method.vera_config_class is not None:
+        return method.vera_config_class
+    raise HydraoptError(f"method {method.name!r} does not merge {kind.upper()} adapters")
 
 
 def build_config(config_class: type, options: dict[str, Any]) -> Any:

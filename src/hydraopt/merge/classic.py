@@ -19,6 +19,10 @@ the result has scale 1. This is the method users compare against; its cross term
 (B_i A_j for i != j) are why it loses quality. Each ``<name>_a_only`` variant (the paper's Fig. 6)
 merges only the A's with unscaled weights and keeps every task's own B_i (scale folded in), at
 the storage of HydraOpt with M = K.
+
+VeRA adapters (``merge_vera``) merge their two vectors the same way: λd plays A (it starts random
+and takes the sign) and λb plays B (it starts at zero); VeRA has no scale, so each side gets
+sqrt(|w_i|). ``<name>_a_only`` merges only λd and keeps every task's λb.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from hydraopt.merge.base import MergeContext
 from hydraopt.merge.consensus import Consensus, MajoritySign, combine
 from hydraopt.merge.registry import register
 from hydraopt.merge.sparsify import Sparsify, sparsify
-from hydraopt.types import LoraStack, MergedStack
+from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class GeneralizedTaskArithmetic:
 
     config_class: ClassVar[type] = ClassicConfig
     space: ClassVar[str] = "factors"
+    vera_config_class: ClassVar[type | None] = ClassicConfig
     name: str
 
     def __init__(
@@ -110,8 +115,7 @@ class GeneralizedTaskArithmetic:
         w = self.task_weights(config, K).to(stack.A.device)  # (K,)
 
         def merge_factor(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            pruned = sparsify(t.flatten(2), self.sparsify_method, config.density, generator)
-            return combine(pruned, weights, self.consensus, config.majority_sign_method)
+            return self.merge_tensors(t.flatten(2), weights, config, generator)
 
         if self.a_only:
             a = merge_factor(stack.A, w.expand(G, K)).view(G, r, k)
@@ -127,6 +131,45 @@ class GeneralizedTaskArithmetic:
         b = merge_factor(stack.B, root).view(G, d, r)
         routing = torch.zeros(G, K, dtype=torch.long, device=a.device)
         return MergedStack(a, b.unsqueeze(1), routing)
+
+    def merge_tensors(
+        self,
+        tensors: torch.Tensor,
+        weights: torch.Tensor,
+        config: ClassicConfig,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Sparsify then combine (G, K, n) task tensors with weights (G, K) -> (G, n)."""
+        pruned = sparsify(tensors, self.sparsify_method, config.density, generator)
+        return combine(pruned, weights, self.consensus, config.majority_sign_method)
+
+    def merge_vera(
+        self,
+        stack: VeraStack,
+        config: ClassicConfig,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+    ) -> MergedVeraStack:
+        """λd and λb merged separately (see module doc): M = 1, or M = K λb rows for A-only."""
+        G, K, _ = stack.lambda_b.shape
+        expected = self.num_heads(config, K)
+        if config.heads is not None and config.heads != expected:
+            raise HydraoptError(
+                f"{self.name} stores {expected} head(s); got --heads {config.heads}"
+            )
+        w = self.task_weights(config, K).to(stack.lambda_b.device).expand(G, K)  # (G, K)
+        if self.a_only:
+            lam_d = self.merge_tensors(stack.lambda_d, w, config, generator)  # (G, r)
+            routing = torch.arange(K, device=lam_d.device).expand(G, K).clone()
+            return MergedVeraStack(stack.lambda_b, lam_d[:, None], routing)
+        root = w.abs().sqrt()
+        w_d = root * torch.where(w >= 0, 1.0, -1.0)  # the sign on λd only, as on LoRA's A
+        # λd first, then λb (A before B for LoRA): the generator's stream order matters for DARE.
+        lam_d = self.merge_tensors(stack.lambda_d, w_d, config, generator)  # (G, r)
+        lam_b = self.merge_tensors(stack.lambda_b, root, config, generator)  # (G, d)
+        routing = torch.zeros(G, K, dtype=torch.long, device=lam_b.device)
+        return MergedVeraStack(lam_b[:, None], lam_d[:, None], routing)
 
 
 _CLASSIC = {

@@ -26,7 +26,8 @@ from hydraopt.merge.paper import paper_solve
 from hydraopt.merge.refine import fit_head_scales, refine, resolve_precision
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
-from hydraopt.types import LoraStack, MergedStack
+from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
+from hydraopt.vera.config import VeraHydraOptConfig
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class HydraOptConfig:
         weight_decay: paper solver: AdamW weight decay (torch's default, as the paper's code).
         temperature: paper solver: T in softmax(C'/T); 0.2 here = the appendix code's T = 5.
         restarts: fast solver: k-means++ starts for the routing (M < K).
-        refine_steps: fast solver: Adam steps on the hard-routed distance (0 = closed form only).
+        refine_steps: fast solver: AdamW steps on the hard-routed distance (0 = closed form only).
         refine_lr: fast solver: learning rate relative to the factors' RMS.
         refine_precision: fast solver: dtype of the refinement's dense products; ``auto`` =
             bfloat16 where it is fast (AVX-512 BF16 / AMX CPUs, CUDA), else float32.
@@ -92,6 +93,7 @@ class HydraOpt:
 
     config_class: ClassVar[type] = HydraOptConfig
     space: ClassVar[str] = "delta"
+    vera_config_class: ClassVar[type | None] = VeraHydraOptConfig
     name: ClassVar[str]
 
     def num_heads(self, config: HydraOptConfig, num_tasks: int) -> int:
@@ -151,3 +153,17 @@ class HydraOpt:
             if config.distance == "cos":
                 heads = fit_head_scales(delta, a, heads, routing)
         return MergedStack(a, heads, routing)
+
+    def merge_vera(
+        self,
+        stack: VeraStack,
+        config: VeraHydraOptConfig,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+    ) -> MergedVeraStack:
+        """One shared VeRA vector and M heads of the other (see :mod:`hydraopt.vera.merge`)."""
+        # Imported here: hydraopt.vera.merge imports this package's modules, which import this one.
+        from hydraopt.vera.merge import merge_vera_hydraopt
+
+        return merge_vera_hydraopt(stack, config, generator=generator)

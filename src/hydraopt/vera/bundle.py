@@ -1,0 +1,188 @@
+"""VeRA bundles on disk (format version 2, ``adapter_kind: "vera"``) and their PEFT export.
+
+Same directory layout as LoRA bundles (docs/bundle-format.md): ``bundle.json`` +
+``tensors.safetensors``, written atomically. Tensors: ``<module>.lambda_b`` (Mb, d),
+``<module>.lambda_d`` (Md, r) in the bundle dtype, and the shared projections ``vera_A``
+(r, max_in), ``vera_B`` (max_out, r) always in float32: they must stay bit-equal to the ones the
+original adapters were trained with. Export writes one PEFT VeRA dir per task with the task's
+routed vectors and the projections (``save_projection: true``), so each dir is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hydraopt.errors import HydraoptError
+from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.bundle import DTYPES, FORMAT_NAME, META_NAME, TENSORS_NAME
+from hydraopt.io.peft import CONFIG_NAME, SAFETENSORS_NAME
+from hydraopt.types import ModuleSpec, VeraBundle
+from hydraopt.vera.load import PROJECTION_KEYS, lambda_key
+
+VERA_FORMAT_VERSION = 2
+
+
+def save_vera_bundle(
+    bundle: VeraBundle, out: str | Path, *, dtype: str = "float16", force: bool = False
+) -> Path:
+    """Write a VeRA ``bundle`` to the directory ``out`` atomically (see module doc)."""
+    if dtype not in DTYPES:
+        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    vera_a, vera_b = bundle.projections
+    tensors: dict[str, torch.Tensor] = {
+        "vera_A": vera_a.to(torch.float32).contiguous(),
+        "vera_B": vera_b.to(torch.float32).contiguous(),
+    }
+    routing: dict[str, list[int]] = {}
+    modules = []
+    for spec in bundle.modules:
+        lam_b, lam_d, route = bundle.merged[spec.name]
+        tensors[f"{spec.name}.lambda_b"] = lam_b.to(DTYPES[dtype]).contiguous()
+        tensors[f"{spec.name}.lambda_d"] = lam_d.to(DTYPES[dtype]).contiguous()
+        routing[spec.name] = [int(x) for x in route]
+        rows_b, rows_d = int(lam_b.shape[0]), int(lam_d.shape[0])
+        modules.append(
+            {
+                "name": spec.name,
+                "d": spec.d,
+                "k": spec.k,
+                "r": spec.r,
+                "heads": max(rows_b, rows_d),
+                "lambda_b_rows": rows_b,
+                "lambda_d_rows": rows_d,
+            }
+        )
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": VERA_FORMAT_VERSION,
+        "adapter_kind": "vera",
+        "library_version": bundle.extra.get("library_version"),
+        "method": bundle.method,
+        "config": bundle.config,
+        "tasks": list(bundle.tasks),
+        "base_model": bundle.base_model,
+        "dtype": dtype,
+        "projections": {
+            "vera_A": list(vera_a.shape),
+            "vera_B": list(vera_b.shape),
+            "dtype": "float32",
+        },
+        "modules": modules,
+        "routing": routing,
+        "storage": bundle.storage,
+        "adapter_configs": bundle.adapter_configs,
+        "extra": bundle.extra,
+    }
+    with atomic_dir(Path(out), force=force) as tmp:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
+    """The VeRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
+    tensor_path = path / TENSORS_NAME
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as e:
+        raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
+    try:
+        projections = (tensors["vera_A"].float(), tensors["vera_B"].float())
+        modules, merged = [], {}
+        for m in meta["modules"]:
+            spec = ModuleSpec(name=m["name"], d=m["d"], k=m["k"], r=m["r"])
+            modules.append(spec)
+            routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
+            merged[spec.name] = (
+                tensors[f"{spec.name}.lambda_b"].float(),
+                tensors[f"{spec.name}.lambda_d"].float(),
+                routing,
+            )
+    except KeyError as e:
+        raise HydraoptError(f"{path}: incomplete VeRA bundle (missing {e})") from e
+    return VeraBundle(
+        method=meta["method"],
+        config=meta["config"],
+        tasks=tuple(meta["tasks"]),
+        base_model=meta["base_model"],
+        modules=tuple(modules),
+        merged=merged,
+        projections=projections,
+        adapter_configs=meta["adapter_configs"],
+        storage=meta["storage"],
+        extra={**meta.get("extra", {}), "dtype": meta.get("dtype")},
+    )
+
+
+def vera_state_dict(bundle: VeraBundle, task: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The PEFT-format tensors of one task's VeRA adapter (projections in float32)."""
+    if task not in bundle.tasks:
+        raise HydraoptError(f"task {task!r} is not in the bundle (tasks: {list(bundle.tasks)})")
+    vera_a, vera_b = bundle.projections
+    # PEFT copies saved projections into float32 buffers: rounding them would change every ΔW.
+    out = {
+        PROJECTION_KEYS["A"]: vera_a.to(torch.float32).contiguous(),
+        PROJECTION_KEYS["B"]: vera_b.to(torch.float32).contiguous(),
+    }
+    for name, (lam_b, lam_d) in bundle.task_vectors(task).items():
+        out[lambda_key(name, "b")] = lam_b.to(dtype).contiguous()
+        out[lambda_key(name, "d")] = lam_d.to(dtype).contiguous()
+    return out
+
+
+def export_vera_adapters(
+    bundle: VeraBundle,
+    out: str | Path,
+    *,
+    tasks: list[str] | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+) -> dict[str, Path]:
+    """Write ``out/<task>/`` PEFT VeRA adapter dirs (atomically, all or nothing).
+
+    Each holds the task's original ``adapter_config.json`` with ``save_projection: true`` (the
+    projections are in the file, so the dir loads anywhere, as PEFT recommends) and
+    ``inference_mode: true``, plus ``hydraopt_export.json`` (provenance).
+
+    Args:
+        bundle: a loaded or in-memory VeRA bundle.
+        out: parent directory to create; refused if it exists unless ``force``.
+        tasks: subset of tasks to export (default all).
+        force: replace an existing ``out``.
+        dtype: dtype of the λ vectors; default the bundle's storage dtype when loaded from disk,
+            float32 for an in-memory bundle.
+    """
+    name = dtype or bundle.extra.get("dtype") or "float32"
+    if name not in DTYPES:
+        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    selected = list(tasks) if tasks else list(bundle.tasks)
+    out = Path(out)
+    with atomic_dir(out, force=force) as tmp:
+        for task in selected:
+            d = tmp / task
+            d.mkdir()
+            save_file(
+                vera_state_dict(bundle, task, DTYPES[name]),
+                str(d / SAFETENSORS_NAME),
+                metadata={"format": "pt"},
+            )
+            config = dict(bundle.adapter_configs[task])
+            config["inference_mode"] = True
+            config["save_projection"] = True
+            (d / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            i = bundle.tasks.index(task)
+            provenance = {
+                "exported_by": f"hydraopt {bundle.extra.get('library_version')}",
+                "method": bundle.method,
+                "config": bundle.config,
+                "task": task,
+                "heads": {n: int(r[i]) for n, (_, _, r) in bundle.merged.items()},
+            }
+            (d / "hydraopt_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return {task: out / task for task in selected}

@@ -1,0 +1,158 @@
+"""HydraOpt on VeRA vectors: the registered ``hydraopt`` method's VeRA entry point (pure tensors).
+
+Steps, as for LoRA (docs/methods.md): the exact squared-Frobenius solution with hard routing
+(:mod:`hydraopt.vera.solve`), then AdamW on the *hard-routed* chosen distance over the dense
+ΔW of the chunk's modules, keeping the best iterate per module (never worse than its start).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hydraopt.errors import HydraoptError
+from hydraopt.merge.refine import hard_routed_error
+from hydraopt.types import MergedVeraStack, VeraStack
+from hydraopt.vera.config import Shared, VeraHydraOptConfig
+from hydraopt.vera.solve import solve_vera
+
+
+def assemble(shared: Shared, s: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor):
+    """(shared (G, n_s), heads (G, M, n_h)) -> :class:`MergedVeraStack` with the right sides."""
+    if shared == "lambda_d":
+        return MergedVeraStack(lambda_b=heads, lambda_d=s[:, None, :], routing=routing)
+    return MergedVeraStack(lambda_b=s[:, None, :], lambda_d=heads, routing=routing)
+
+
+def merge_vera_hydraopt(
+    stack: VeraStack, config: VeraHydraOptConfig, *, generator: torch.Generator
+) -> MergedVeraStack:
+    """One shared vector and M heads of the other per module, hard routing (see module doc).
+
+    Args:
+        stack: G same-shaped modules of K VeRA adapters.
+        config: heads, distance, shared side, routing restarts, refinement.
+        generator: the chunk's generator (k-means++ starts).
+
+    Returns:
+        A :class:`MergedVeraStack` (float32).
+    """
+    K = stack.lambda_b.shape[1]
+    if config.heads > K:
+        raise HydraoptError(f"--heads {config.heads} exceeds the number of adapters K = {K}")
+    s, heads, routing, _ = solve_vera(
+        stack.lambda_b,
+        stack.lambda_d,
+        stack.A,
+        stack.B,
+        config.heads,
+        shared=config.shared,
+        generator=generator,
+        restarts=config.restarts,
+    )
+    s, heads = s.float(), heads.float()
+    # The closed form is exact for squared Frobenius (mse up to a constant): nothing to refine.
+    if config.refine_steps > 0 and config.distance != "mse":
+        delta = stack.delta()
+        s, heads = refine_vera(
+            delta,
+            stack,
+            config.shared,
+            s,
+            heads,
+            routing,
+            distance=config.distance,
+            steps=config.refine_steps,
+            lr=config.refine_lr,
+        )
+        if config.distance == "cos":
+            heads = fit_head_magnitudes(delta, stack, config.shared, s, heads, routing)
+    return assemble(config.shared, s, heads, routing)
+
+
+def routed_error(
+    delta: torch.Tensor,
+    stack: VeraStack,
+    shared: Shared,
+    s: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+    distance: str,
+) -> torch.Tensor:
+    """f(ΔW_i, ΔW'_route(i)) per module and task (G, K), through the LoRA-form of the merge."""
+    a, lora_heads = assemble(shared, s, heads, routing).as_lora(stack.A, stack.B)
+    return hard_routed_error(delta, a, lora_heads, routing, distance)
+
+
+def refine_vera(
+    delta: torch.Tensor,
+    stack: VeraStack,
+    shared: Shared,
+    s: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+    *,
+    distance: str,
+    steps: int,
+    lr: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdamW (cosine schedule) on the hard-routed distance; the best (shared, heads) per module.
+
+    Both vectors are optimised as unit-RMS copies (one scale per module and vector), so one
+    relative learning rate suits modules and vectors of any magnitude.
+    """
+    with torch.no_grad():
+        best_err = routed_error(delta, stack, shared, s, heads, routing, distance).mean(1)
+    best_s, best_h = s.clone(), heads.clone()
+    sc_s = s.square().mean(1).sqrt().clamp_min(1e-30)[:, None]  # (G, 1)
+    sc_h = heads.square().mean((1, 2)).sqrt().clamp_min(1e-30)[:, None, None]  # (G, 1, 1)
+    p_s = (s / sc_s).requires_grad_(True)
+    p_h = (heads / sc_h).requires_grad_(True)
+    opt = torch.optim.AdamW([p_s, p_h], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+    def keep_better(err: torch.Tensor) -> None:
+        nonlocal best_err
+        better = err < best_err
+        if bool(better.any()):
+            best_err = torch.where(better, err, best_err)
+            best_s[better] = (p_s.detach() * sc_s)[better]
+            best_h[better] = (p_h.detach() * sc_h)[better]
+
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        per_module = routed_error(delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance)
+        per_module = per_module.mean(1)  # (G,)
+        with torch.no_grad():  # the loss is at the current point: record it before stepping
+            keep_better(per_module.detach())
+        per_module.sum().backward()  # modules are independent: each keeps its own gradient
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        keep_better(
+            routed_error(delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance).mean(1)
+        )
+    return best_s, best_h
+
+
+def fit_head_magnitudes(
+    delta: torch.Tensor,
+    stack: VeraStack,
+    shared: Shared,
+    s: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+) -> torch.Tensor:
+    """Rescale each head by its least-squares magnitude (cosine ignores it; the deployed ΔW' not).
+
+    ΔW' is linear in the head vector, so alpha_c = Σ_{i->c} <ΔW_i, ΔW'_c> / (n_c ||ΔW'_c||²)
+    scales the head itself and leaves every cosine unchanged.
+    """
+    M = heads.shape[1]
+    a, lora_heads = assemble(shared, s, heads, routing).as_lora(stack.A, stack.B)
+    approx = lora_heads @ a[:, None]  # (G, M, d, k)
+    onehot = torch.nn.functional.one_hot(routing, M).to(delta.dtype)  # (G, K, M)
+    inner = torch.einsum("gkdx,gmdx->gkm", delta, approx)
+    num = (inner * onehot).sum(1)  # (G, M)
+    den = onehot.sum(1) * approx.square().sum((2, 3))  # (G, M)
+    alpha = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
+    return heads * alpha[:, :, None]
