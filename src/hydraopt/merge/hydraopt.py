@@ -23,7 +23,14 @@ from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.distances import DISTANCES, Distance
 from hydraopt.merge.median_start import median_start
 from hydraopt.merge.paper import paper_solve
-from hydraopt.merge.refine import fit_head_scales, refine, resolve_precision
+from hydraopt.merge.refine import (
+    FactorTargets,
+    Targets,
+    fit_head_scales,
+    refine,
+    resolve_precision,
+    take_targets,
+)
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
 from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
@@ -134,10 +141,13 @@ class HydraOpt:
         # The closed form is exact for squared Frobenius (= mse up to a constant): refining could
         # only move it by rounding, so skip it there.
         if config.refine_steps > 0 and config.distance != "mse":
-            delta = stack.delta()
+            every_task = config.refine_tasks >= K
+            # Many adapters: keep the targets as factors (memory flat in K); cos needs them dense.
+            dense = stack.delta() if every_task or config.distance == "cos" else None
+            delta: Targets = dense if dense is not None else FactorTargets(stack.A, scaled_b)
             # Medians cost a sort over the tasks: only where the refinement sees every task.
-            if config.distance == "mae" and config.start == "auto" and config.refine_tasks >= K:
-                a, heads = median_start(delta, stack.A, a, heads, routing)
+            if config.distance == "mae" and config.start == "auto" and dense is not None:
+                a, heads = median_start(dense, stack.A, a, heads, routing)
             a, heads, _ = refine(
                 delta,
                 a,
@@ -146,12 +156,12 @@ class HydraOpt:
                 distance=config.distance,
                 steps=config.refine_steps,
                 lr=config.refine_lr,
-                precision=resolve_precision(config.refine_precision, delta.device),
+                precision=resolve_precision(config.refine_precision, a.device),
                 tasks_per_step=config.refine_tasks,
                 generator=generator,
             )
             if config.distance == "cos":
-                heads = fit_head_scales(delta, a, heads, routing)
+                heads = fit_head_scales(take_targets(delta, slice(None)), a, heads, routing)
         return MergedStack(a, heads, routing)
 
     def merge_vera(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -54,8 +55,44 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     return precision  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class FactorTargets:
+    """The updates ΔW_i = (s B)_i A_i kept as factors, formed a few tasks at a time.
+
+    Stands in for the dense (G, K, d, k) targets when K is large, so that memory stays
+    O(tasks per block x d x k) however many adapters there are.
+
+    Attributes:
+        A: (G, K, r, k); scaled_B: (G, K, d, r), LoRA scale folded in.
+    """
+
+    A: torch.Tensor
+    scaled_B: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        G, K, _, k = self.A.shape
+        return torch.Size((G, K, self.scaled_B.shape[2], k))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def take(self, tasks: slice | torch.Tensor) -> torch.Tensor:
+        """Dense ΔW of the selected tasks, (G, n, d, k)."""
+        return self.scaled_B[:, tasks] @ self.A[:, tasks]
+
+
+Targets = torch.Tensor | FactorTargets
+
+
+def take_targets(targets: Targets, tasks: slice | torch.Tensor) -> torch.Tensor:
+    """Dense (G, n, d, k) targets of the selected tasks, from either form."""
+    return targets[:, tasks] if isinstance(targets, torch.Tensor) else targets.take(tasks)
+
+
 def hard_routed_error(
-    delta: torch.Tensor, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, distance: str
+    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, distance: str
 ) -> torch.Tensor:
     """f(ΔW_i, B'_{route(i)} A') per module and task (G, K).
 
@@ -63,20 +100,20 @@ def hard_routed_error(
     time in one reused buffer: the same numbers with a memory peak that does not grow with K.
 
     Args:
-        delta: (G, K, d, k) the original updates.
+        delta: (G, K, d, k) the original updates, dense or as :class:`FactorTargets`.
         a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
     """
     g_idx = torch.arange(heads.shape[0], device=heads.device)[:, None]
     needs_graph = torch.is_grad_enabled() and (a.requires_grad or heads.requires_grad)
     if needs_graph or distance not in _SEPARABLE:
         approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
-        return get_distance(distance)(delta, approx)
+        return get_distance(distance)(take_targets(delta, slice(None)), approx)
     K, (d, k) = routing.shape[1], delta.shape[-2:]
     out = []
     for lo in range(0, K, ERROR_BLOCK):
         block = slice(lo, lo + ERROR_BLOCK)
         err = heads[g_idx, routing[:, block]] @ a[:, None]  # (G, b, d, k)
-        err.sub_(delta[:, block])
+        err.sub_(take_targets(delta, block))
         out.append(_SEPARABLE[distance](err, d * k))
     return torch.cat(out, dim=1)
 
@@ -164,7 +201,7 @@ def balance(a: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def refine(
-    delta: torch.Tensor,
+    delta: Targets,
     a: torch.Tensor,
     heads: torch.Tensor,
     routing: torch.Tensor,
@@ -179,7 +216,8 @@ def refine(
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its error.
 
     Args:
-        delta: (G, K, d, k) targets.
+        delta: (G, K, d, k) targets, dense or as :class:`FactorTargets` (then each step forms
+            only its sampled tasks' ΔW).
         a, heads, routing: the starting point (see :func:`hard_routed_error`).
         distance: registry name of f.
         steps: optimisation steps (0 returns the start, evaluated).
@@ -229,21 +267,25 @@ def refine(
             best_a[better] = (a_p.detach() * s_a)[better]
             best_h[better] = (h_p.detach() * s_h)[better]
 
-    def current_error(target: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def current_error(target: Targets, route: torch.Tensor) -> torch.Tensor:
         return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance).mean(1)  # (G,)
 
-    delta_w = delta.to(low)
+    # Dense low-precision targets only when every step uses every task; sampled steps form
+    # their few tasks' ΔW on the fly.
+    delta_w = None if sampled else take_targets(delta, slice(None)).to(low)
     batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
     mae_work = (
-        delta_w.new_empty(delta.shape[0], batch, *delta.shape[2:]) if distance == "mae" else None
+        torch.empty(delta.shape[0], batch, *delta.shape[2:], dtype=low, device=a.device)
+        if distance == "mae"
+        else None
     )
     for step in range(steps):
         check = track and step % check_every == 0
         if sampled and generator is not None:
             idx = torch.randperm(K, generator=generator, device=generator.device)[:batch]
-            idx = idx.to(delta.device)
-            target, route = delta_w[:, idx], routing[:, idx]
-        else:
+            idx = idx.to(a.device)
+            target, route = take_targets(delta, idx).to(low), routing[:, idx]
+        elif delta_w is not None:
             target, route = delta_w, routing
         if mae_work is not None:
             # Hand-written MAE gradient: 2x faster than autograd here (one reused buffer,

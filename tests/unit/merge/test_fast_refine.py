@@ -188,3 +188,28 @@ def test_float32_routing_search_of_many_adapters_matches_float64(monkeypatch):
     assert torch.allclose(e32, exact_e) and torch.allclose(a32, exact_a)
     # ... and the float32 search finds as good a routing as the float64 one.
     assert bool((e32 <= e64 * (1 + 1e-4)).all())
+
+
+def test_factor_targets_stand_in_for_the_dense_updates():
+    from hydraopt.merge.refine import FactorTargets
+
+    stack = random_stack(G=2, K=11, d=9, k=8, r=2, seed=19)
+    dense = stack.delta()
+    lazy = FactorTargets(stack.A, stack.scaled_B)
+    assert lazy.shape == dense.shape
+    idx = torch.tensor([3, 0, 7])
+    assert torch.allclose(lazy.take(idx), dense[:, idx], atol=1e-6)
+    routing = torch.randint(0, 3, (2, 11), generator=torch.Generator().manual_seed(1))
+    a, heads = closed_form_start(stack, routing, 3)
+    for distance in ("mae", "cos"):
+        assert torch.allclose(
+            hard_routed_error(lazy, a, heads, routing, distance),
+            hard_routed_error(dense, a, heads, routing, distance),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    kw = dict(distance="mae", steps=20, lr=0.3, tasks_per_step=4)
+    got = refine(lazy, a, heads, routing, **kw, generator=torch.Generator().manual_seed(5))
+    want = refine(dense, a, heads, routing, **kw, generator=torch.Generator().manual_seed(5))
+    for x, y in zip(got, want, strict=True):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
