@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from hydraopt.io.peft import AdapterSet
-from hydraopt.types import Bundle, ModuleSpec
+from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 
 
 def factor_similarity(
@@ -46,8 +46,8 @@ def factor_similarity(
     return {k: v / max(1, len(specs)) for k, v in sums.items()}
 
 
-def error_by_task(bundle: Bundle, key: str = "errors") -> dict[str, float]:
-    """Mean hard-routed error per task over modules (as stored at merge time).
+def error_by_task(bundle: Bundle | VeraBundle, key: str = "errors") -> dict[str, float]:
+    """Mean hard-routed error per task over modules (as stored at merge time), either kind.
 
     ``key="zero_errors"`` gives the error of storing nothing (ΔW' = 0) instead.
     """
@@ -60,13 +60,13 @@ def error_by_task(bundle: Bundle, key: str = "errors") -> dict[str, float]:
     return out
 
 
-def mean_error(bundle: Bundle, key: str = "errors") -> float:
+def mean_error(bundle: Bundle | VeraBundle, key: str = "errors") -> float:
     """Mean hard-routed error over tasks and modules."""
     per_task = error_by_task(bundle, key)
     return sum(per_task.values()) / max(1, len(per_task))
 
 
-def relative_error(bundle: Bundle) -> float:
+def relative_error(bundle: Bundle | VeraBundle) -> float:
     """Mean error divided by the error of storing nothing: 0 = exact, 1 = as bad as ΔW' = 0."""
     zero = mean_error(bundle, "zero_errors")
     return mean_error(bundle) / zero if zero > 0 else 0.0

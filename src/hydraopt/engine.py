@@ -23,8 +23,7 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import AdapterSet
 from hydraopt.merge.base import MergeContext, build_config, config_class_for, config_to_dict
-from hydraopt.merge.distances import get_distance
-from hydraopt.merge.refine import hard_routed_error
+from hydraopt.merge.refine import FactorTargets, Targets, hard_routed_error
 from hydraopt.merge.registry import get_method
 from hydraopt.storage import storage_report, vera_storage_report
 from hydraopt.types import Bundle, ModuleSpec, VeraBundle
@@ -80,13 +79,16 @@ def chunk_generator(seed: int, first_module: str, device: str) -> torch.Generato
     return torch.Generator(device=device).manual_seed(derived)
 
 
+ChunkResult = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float]]]
+
+
 def merge_chunk(
     aset: AdapterSet | VeraAdapterSet,
     chunk: Sequence[ModuleSpec],
     method_name: str,
     config: Any,
     options: EngineOptions,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float]]]:
+) -> ChunkResult:
     """Merge one chunk; returns module -> (A', heads, routing, error per task, zero error per task).
 
     For a VeRA set the first two are the λb rows (Mb, d) and the λd rows (Md, r).
@@ -95,48 +97,42 @@ def merge_chunk(
     context = MergeContext(num_tasks=len(aset.tasks), num_factor_tensors=2 * len(aset.modules))
     gen = chunk_generator(options.seed, chunk[0].name, options.device)
     if isinstance(aset, VeraAdapterSet):
-        return _merge_vera_chunk(aset, chunk, method, config, options, gen, context)
-    stack = aset.load_stack(chunk).to(options.device)
-    out = method.merge(stack, config, generator=gen, context=context)
+        vera = aset.load_stack(chunk).to(options.device)
+        merged = method.merge_vera(vera, config, generator=gen, context=context)
+        stored = (merged.lambda_b, merged.lambda_d, merged.routing)
+        with torch.no_grad():
+            delta: Targets = vera.delta()
+            # Errors in LoRA form (ΔW'_i = heads[route] @ A'), the same measure as for LoRA bundles.
+            a, heads = merged.as_lora(vera.A, vera.B)
+    else:
+        stack = aset.load_stack(chunk).to(options.device)
+        out = method.merge(stack, config, generator=gen, context=context)
+        stored = (out.A, out.heads, out.routing)
+        # The updates stay factored: errors are formed a few tasks at a time (memory flat in K).
+        delta, a, heads = FactorTargets(stack.A, stack.scaled_B), out.A, out.heads
     with torch.no_grad():
-        delta = stack.delta()
-        err = hard_routed_error(delta, out.A, out.heads, out.routing, options.error_distance)
+        err = hard_routed_error(delta, a, heads, stored[2], options.error_distance)
         # f(ΔW, 0): the error of storing nothing, the yardstick for "relative error".
-        zero = get_distance(options.error_distance)(delta, torch.zeros_like(delta))
-    result = {}
-    for g, spec in enumerate(chunk):
-        result[spec.name] = (
-            out.A[g].detach().float().cpu().contiguous(),
-            out.heads[g].detach().float().cpu().contiguous(),
-            out.routing[g].cpu().contiguous(),
-            [float(e) for e in err[g].cpu()],
-            [float(z) for z in zero[g].cpu()],
+        nothing = torch.zeros_like(heads[:, :1])  # one all-zero head for every task
+        zero = hard_routed_error(
+            delta, a, nothing, torch.zeros_like(stored[2]), options.error_distance
         )
-    return result
+    return _chunk_result(chunk, stored, err, zero)
 
 
-def _merge_vera_chunk(
-    aset: VeraAdapterSet,
+def _chunk_result(
     chunk: Sequence[ModuleSpec],
-    method: Any,
-    config: Any,
-    options: EngineOptions,
-    gen: torch.Generator,
-    context: MergeContext,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float]]]:
-    stack = aset.load_stack(chunk).to(options.device)
-    out = method.merge_vera(stack, config, generator=gen, context=context)
-    with torch.no_grad():
-        delta = stack.delta()
-        # Errors in LoRA form (ΔW'_i = heads[route] @ A'), the same measure as for LoRA bundles.
-        a, heads = out.as_lora(stack.A, stack.B)
-        err = hard_routed_error(delta, a, heads, out.routing, options.error_distance)
-        zero = get_distance(options.error_distance)(delta, torch.zeros_like(delta))
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    err: torch.Tensor,
+    zero: torch.Tensor,
+) -> ChunkResult:
+    """Per module: the stored tensors (G-batched, split here) on the CPU and the errors as floats."""
+    first, second, routing = stored
     return {
         spec.name: (
-            out.lambda_b[g].detach().float().cpu().contiguous(),
-            out.lambda_d[g].detach().float().cpu().contiguous(),
-            out.routing[g].cpu().contiguous(),
+            first[g].detach().float().cpu().contiguous(),
+            second[g].detach().float().cpu().contiguous(),
+            routing[g].cpu().contiguous(),
             [float(e) for e in err[g].cpu()],
             [float(z) for z in zero[g].cpu()],
         )

@@ -21,19 +21,22 @@ from conftest import TARGETS
 from peft import PeftModel
 from safetensors.torch import load_file
 
+import hydraopt
 from hydraopt.cli import evaluate as evaluate_cli
 from hydraopt.cli import finetune as finetune_cli
 from hydraopt.cli.main import main
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.finetune import FinetuneConfig, finetune, init_vera_model
 from hydraopt.eval.generate import applied_adapter, generate, lora_layers, remove_adapters
-from hydraopt.eval.systems import PerTaskLora, PerTaskVera
+from hydraopt.eval.systems import BundleSystem, PerTaskLora, PerTaskVera
 from hydraopt.eval.vera_adapter import (
     VeraWeights,
     apply_vera_weights,
     vera_layers,
     vera_projections,
 )
+from hydraopt.types import VeraBundle
+from hydraopt.vera.load import VeraAdapterSet
 
 WORDS = ["fix", "this", "text", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "big", "red"]
 PEFT_PREFIX = "base_model.model."
@@ -284,9 +287,91 @@ def test_evaluate_cli_scores_vera_dirs_and_reruns_from_cache(tiny_base, trained,
     assert [s["average"] for s in second["systems"]] == [s["average"] for s in first["systems"]]
 
 
-def test_evaluate_merge_from_a_vera_root_says_what_to_do(trained, tmp_path, capsys) -> None:
-    root = trained["t-cat"].parent
-    argv = ["evaluate", "--tasks", "t-cat", "--merge-from", str(root), "--out", str(tmp_path)]
+def test_vera_bundle_generates_what_its_peft_export_does(tiny, trained, tmp_path) -> None:
+    # A VeRA bundle is evaluated in memory (routed vectors + shared projections); its PEFT export
+    # loaded by PEFT from disk must be the same model, bit for bit, in the default float16.
+    model, tokenizer = tiny
+    aset = hydraopt.load_adapter_set(list(trained.values()), list(trained))
+    assert isinstance(aset, VeraAdapterSet)
+    # M = 2 with λb shared: the tasks share λb and each gets its own λd row.
+    options = {"heads": 2, "shared": "lambda_b", "refine_steps": 0}
+    hydraopt.save_bundle(hydraopt.merge_adapter_set(aset, "hydraopt", options), tmp_path / "b")
+    bundle = evaluate_cli.parse_system(f"bundle={tmp_path / 'b'}:vera-merge")
+    assert isinstance(bundle, BundleSystem) and isinstance(bundle.bundle, VeraBundle)
+    assert (bundle.label, bundle.method) == ("vera-merge", "hydraopt")
+    hydraopt.export_peft_adapters(hydraopt.load_any_bundle(tmp_path / "b"), tmp_path / "peft")
+    exported = PerTaskVera(root=tmp_path / "peft")
+    exported.check_tasks(list(trained))
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"fix this text {text}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for text in ("the cat sat", "big red dog ran")
+    ]
+    batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        base_logits = model(**batch).logits  # (2, T, V)
+    logits = {}
+    for task in trained:
+        outputs = {}
+        for name, adapter in (("bundle", bundle.adapter(task)), ("peft", exported.adapter(task))):
+            with applied_adapter(model, adapter) as adapted:
+                with torch.inference_mode():
+                    logits[task, name] = adapted(**batch).logits
+                outputs[name] = generate(adapted, tokenizer, prompts, 4, progress=False)
+        assert torch.equal(logits[task, "bundle"], logits[task, "peft"]), task
+        assert outputs["bundle"] == outputs["peft"], task
+        assert (logits[task, "bundle"] - base_logits).abs().max() > 1e-4  # it did adapt
+    # Routed to different λd rows, the two tasks get different models.
+    assert not torch.equal(logits["t-cat", "bundle"], logits["t-dog", "bundle"])
+    assert bundle.cache_id("t-cat") != bundle.cache_id("t-dog")
+
+
+def test_evaluate_merge_from_a_vera_root(tiny_base, trained, tmp_path) -> None:
+    model_dir = Path(shutil.copytree(tiny_base, tmp_path / "tiny-model"))
+    tiny_tokenizer().save_pretrained(model_dir)
+    work = trained["t-cat"].parent.parent
+    argv = [
+        "evaluate", "--tasks", "t-cat", "t-dog", "--tasks-root", str(work / "tasks"),
+        "--model", str(model_dir), "--merge-from", str(work / "adapters"),
+        "--methods", "ties", "--out", str(tmp_path / "eval"), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rows = [(s["label"], s["method"], s["storage_percent"]) for s in first["systems"]]
+    assert [r[:2] for r in rows] == [
+        ("zero-shot", "zero-shot"),
+        ("VeRA", "vera"),
+        ("ties", "ties"),
+        ("hydraopt M=1", "hydraopt"),
+        ("hydraopt M=2", "hydraopt"),
+    ]
+    assert rows[1][2] == 100.0 and rows[2][2] == rows[3][2] == 50.0 > 0  # K = 2: M = 1 is 1/K
+    for name in ("ties", "hydraopt_M1", "hydraopt_M2"):
+        meta = json.loads((tmp_path / "eval" / "bundles" / name / "bundle.json").read_text())
+        assert meta["adapter_kind"] == "vera"
+    assert first["generated_examples"] == 5 * 4
+    assert main(argv) == 0  # bundles and generations are reused
+    second = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert second["generated_examples"] == 0
+    assert [s["average"] for s in second["systems"]] == [s["average"] for s in first["systems"]]
+
+
+def test_evaluate_refuses_a_cached_bundle_of_the_other_kind(tiny, trained, tmp_path, capsys):
+    # A VeRA bundle cached under OUT/bundles/ must not stand in for a merge of LoRA adapters
+    # of the same tasks (and seed).
+    work = trained["t-cat"].parent.parent
+    out = tmp_path / "eval"
+    vera = hydraopt.load_adapter_set(list(trained.values()), list(trained))
+    bundle = hydraopt.merge_adapter_set(vera, "task_arithmetic")
+    hydraopt.save_bundle(bundle, out / "bundles" / "task_arithmetic")
+    lora = FinetuneConfig(adapter="lora", r=4, steps=1, batch_size=2, warmup_steps=0)
+    for task in trained:
+        finetune(work / "tasks" / task, tmp_path / "lora" / task, lora, base=tiny, progress=False)
+    argv = ["evaluate", "--tasks", *trained, "--merge-from", str(tmp_path / "lora")]
+    argv += ["--methods", "task_arithmetic", "--heads", "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "VeRA adapters cannot be merged by evaluate yet" in err and err.count("\n") == 1
+    assert "merged from VERA adapters, but --merge-from holds LORA adapters" in err

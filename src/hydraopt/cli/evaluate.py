@@ -4,9 +4,10 @@ Systems are given as ``--system zero-shot``, ``--system lora=ROOT`` (``ROOT/<tas
 dirs, e.g. the output of ``hydraopt export``), ``--system vera=ROOT`` (the same with PEFT VeRA
 dirs, e.g. ``hydraopt finetune --adapter vera`` or an exported VeRA merge) and ``--system
 bundle=DIR`` (a bundle, heads applied in memory), each optionally ``:LABEL``-suffixed.
-``--merge-from ADAPTER_ROOT`` first merges the per-task adapters with every ``--methods`` and
-HydraOpt ``--heads`` (bundles cached under ``OUT/bundles/``) and evaluates zero-shot, the LoRAs
-and every bundle: the paper's Table 1 in one command. Generations are cached (``OUT/cache`` by
+``--merge-from ADAPTER_ROOT`` first merges the per-task adapters (LoRA or VeRA) with every
+``--methods`` and HydraOpt ``--heads`` (bundles cached under ``OUT/bundles/``) and evaluates
+zero-shot, the separate adapters and every bundle: the paper's Table 1 (LoRA) or Table 3 (VeRA)
+in one command. Generations are cached (``OUT/cache`` by
 default), so a rerun only decodes what is new.
 
 Model and generation code (transformers, PEFT) is imported inside :func:`run`, so building the
@@ -25,6 +26,7 @@ from hydraopt.eval.tasks import TASKS_ENV_VAR
 
 if TYPE_CHECKING:
     from hydraopt.eval.systems import System
+    from hydraopt.types import Bundle, VeraBundle
 
 # The baselines of the paper's Table 1: TA, TIES, DARE, DARE-TIES.
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -70,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--merge-from",
         type=Path,
         metavar="ADAPTER_ROOT",
-        help="merge ADAPTER_ROOT/<task> for --tasks; evaluate zero-shot, LoRA and every bundle",
+        help="merge ADAPTER_ROOT/<task> (LoRA or VeRA) for --tasks; evaluate zero-shot, the "
+        "separate adapters and every bundle",
     )
     g.add_argument(
         "--methods",
@@ -175,59 +178,65 @@ def _split_label(value: str) -> tuple[Path, str | None]:
 
 
 def merged_systems(args: argparse.Namespace, given: list[System]) -> list[System]:
-    """Rows in the paper's order: zero-shot, LoRA, the other ``given`` systems, the bundles.
+    """Rows in the paper's order: zero-shot, the separate adapters (LoRA or VeRA, as
+    ``--merge-from`` holds), the other ``given`` systems, the bundles.
 
-    Zero-shot and the LoRAs of ``--merge-from`` are added unless ``given`` already has them.
+    Zero-shot and the separate adapters of ``--merge-from`` are added unless ``given`` already
+    has them.
     """
-    from hydraopt.eval.systems import PerTaskLora, ZeroShot, adapter_kind, bundle_system
+    from hydraopt.eval.systems import PerTaskLora, PerTaskVera, ZeroShot, bundle_system
 
     root = args.merge_from
-    first = root / args.tasks[0]
-    if (first / "adapter_config.json").is_file() and adapter_kind(first) == "vera":
-        # TODO(vera-merge): wire once the VeRA merge is committed (in progress beside this:
-        # load_adapter_set returns a VeraAdapterSet for VERA dirs, merge_adapter_set merges it,
-        # export_peft_adapters(VeraBundle) -> hydraopt.vera.bundle.export_vera_adapters writes
-        # PEFT VeRA dirs). Then: PerTaskVera(root=root) is the reference row; build_bundles
-        # also exports each bundle to OUT/bundles/<name>/peft; each export is evaluated through
-        # PerTaskVera's from-disk path, with the bundle's label, method and storage_percent
-        # (a small PerTaskAdapters subclass carrying them). No in-memory bundle path is needed.
-        raise HydraoptError(
-            f"--merge-from {root}: VeRA adapters cannot be merged by evaluate yet; merge and "
-            f"export them, then pass the exported root as --system vera=DIR "
-            f"(and --system vera={root} for the separate VeRAs)"
-        )
+    separate = {"lora": PerTaskLora, "vera": PerTaskVera}[merge_kind(args)]
     zero_shot: list[System] = [s for s in given if isinstance(s, ZeroShot)] or [ZeroShot()]
     systems: list[System] = [*zero_shot]
-    if not any(isinstance(s, PerTaskLora) and s.root == root for s in given):
-        systems.append(PerTaskLora(root=root, label="LoRA"))
+    if not any(isinstance(s, separate) and s.root == root for s in given):
+        systems.append(separate(root=root))
     systems += [s for s in given if not isinstance(s, ZeroShot)]
     systems += [bundle_system(path) for path in build_bundles(args)]
     return systems
 
 
+def merge_kind(args: argparse.Namespace) -> str:
+    """``"lora"`` or ``"vera"``: the kind of ``--merge-from``'s adapters (its first task's dir;
+    ``load_adapter_set`` refuses a mix when it merges).
+
+    Raises:
+        HydraoptError: For a task without an adapter dir (naming the path it expected).
+    """
+    from hydraopt.eval.systems import adapter_kind
+
+    root: Path = args.merge_from
+    missing = [t for t in args.tasks if not (root / t / "adapter_config.json").is_file()]
+    if missing:
+        raise HydraoptError(
+            f"--merge-from {root}: no PEFT adapter for task(s) {missing} "
+            f"(expected {root}/<task>/adapter_config.json)"
+        )
+    return adapter_kind(root / args.tasks[0])
+
+
 def build_bundles(args: argparse.Namespace) -> list[Path]:
     """Merge ``--merge-from``'s adapters with every method, reusing ``OUT/bundles/<name>``.
+
+    LoRA and VeRA adapters take the same path: ``load_adapter_set`` reads either kind, each
+    method is resolved with that kind's config, and the bundles are saved as that kind.
 
     Returns:
         The bundle dirs, baselines first (in ``--methods`` order), then HydraOpt by M.
 
     Raises:
         HydraoptError: For a missing adapter, a bad method or M, or a cached bundle made from
-            other tasks or another seed.
+            other tasks, another seed or another adapter kind.
     """
     from hydraopt.engine import EngineOptions, merge_adapter_set, resolve_config
-    from hydraopt.io.bundle import load_bundle, save_bundle
+    from hydraopt.io.bundle import load_any_bundle, save_bundle
     from hydraopt.io.peft import load_adapter_set
     from hydraopt.merge.registry import list_methods
 
     root: Path = args.merge_from
     tasks = list(args.tasks)
-    missing = [t for t in tasks if not (root / t / "adapter_config.json").is_file()]
-    if missing:
-        raise HydraoptError(
-            f"--merge-from {root}: no PEFT adapter for task(s) {missing} "
-            f"(expected {root}/<task>/adapter_config.json)"
-        )
+    kind = merge_kind(args)
     known = list_methods()
     unknown = [m for m in args.methods if m not in known]
     if unknown:
@@ -236,7 +245,7 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
     heads = args.heads if args.heads is not None else range(1, len(tasks) + 1)
     runs += [("hydraopt", {"heads": m}) for m in heads]
     for method, options in runs:  # refuse a bad M before spending time on any merge
-        resolve_config(method, dict(options), len(tasks))
+        resolve_config(method, dict(options), len(tasks), kind)
     if args.threads:
         import torch
 
@@ -247,7 +256,7 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
         name = f"hydraopt_M{options['heads']}" if method == "hydraopt" else method
         path = args.out / "bundles" / name
         if (path / "bundle.json").is_file():
-            _check_cached_bundle(load_bundle(path), path, tasks, args.seed)
+            _check_cached_bundle(load_any_bundle(path), path, tasks, args.seed, kind)
         else:
             if aset is None:
                 aset = load_adapter_set([root / t for t in tasks], tasks)
@@ -260,9 +269,19 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def _check_cached_bundle(bundle, path: Path, tasks: list[str], seed: int) -> None:
+def _check_cached_bundle(
+    bundle: Bundle | VeraBundle, path: Path, tasks: list[str], seed: int, kind: str
+) -> None:
     if list(bundle.tasks) != tasks or bundle.extra.get("seed", seed) != seed:
         raise HydraoptError(
             f"{path} was merged from tasks {list(bundle.tasks)} with seed "
             f"{bundle.extra.get('seed')}, not {tasks} with seed {seed}; delete it or use another --out"
+        )
+    from hydraopt.types import VeraBundle
+
+    found = "vera" if isinstance(bundle, VeraBundle) else "lora"
+    if found != kind:
+        raise HydraoptError(
+            f"{path} was merged from {found.upper()} adapters, but --merge-from holds "
+            f"{kind.upper()} adapters; delete it or use another --out"
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import cast
 
 import torch
 
@@ -87,8 +86,7 @@ def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
         "method": bundle.method,
         "config": bundle.config,
         "storage": bundle.storage,
-        # reads only ``tasks`` and ``extra``, which both bundle kinds have
-        "error_by_task": error_by_task(cast(Bundle, bundle)),
+        "error_by_task": error_by_task(bundle),
         "errors": errors,
         "routing": {n: r.tolist() for n, (_, _, r) in bundle.merged.items()},
     }
@@ -114,12 +112,7 @@ def show_similarity(aset: AdapterSet, module_filter: str | None, plot: Path | No
     mods = [m for m in aset.modules if module_filter is None or module_filter in m.name]
     sim = factor_similarity(aset, mods)
     tasks = list(aset.tasks)
-    for key in ("A", "B"):
-        print_table(
-            f"mean |{key}_i - {key}_j| / mean |{key}| over {len(mods)} modules (0 = identical)",
-            ["", *tasks],
-            [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
-        )
+    print_similarity_tables(sim, ("A", "B"), tasks, len(mods))
     off = ~torch.eye(len(tasks), dtype=torch.bool)
     a_rel, b_rel = float(sim["A_relative"][off].mean()), float(sim["B_relative"][off].mean())
     print(
@@ -165,15 +158,22 @@ def show_vera_similarity(aset: VeraAdapterSet, module_filter: str | None) -> dic
     mods = [m for m in aset.modules if module_filter is None or module_filter in m.name]
     sim = vector_similarity(aset, mods)
     tasks = list(aset.tasks)
-    for key in ("lambda_d", "lambda_b"):
-        print_table(
-            f"mean |{key}_i - {key}_j| / mean |{key}| over {len(mods)} modules (0 = identical)",
-            ["", *tasks],
-            [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
-        )
+    print_similarity_tables(sim, ("lambda_d", "lambda_b"), tasks, len(mods))
     if len(tasks) > 1:
         off = ~torch.eye(len(tasks), dtype=torch.bool)
         d_rel = float(sim["lambda_d_relative"][off].mean())
         b_rel = float(sim["lambda_b_relative"][off].mean())
         print(f"mean relative difference between tasks: lambda_d {d_rel:.3f}, lambda_b {b_rel:.3f}")
     return {"tasks": tasks, **{k: v.tolist() for k, v in sim.items()}}
+
+
+def print_similarity_tables(
+    sim: dict[str, torch.Tensor], keys: tuple[str, ...], tasks: list[str], num_modules: int
+) -> None:
+    """One task x task table per factor: its relative mean absolute difference (0 = identical)."""
+    for key in keys:
+        print_table(
+            f"mean |{key}_i - {key}_j| / mean |{key}| over {num_modules} modules (0 = identical)",
+            ["", *tasks],
+            [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import cast
 
 from hydraopt.analysis import error_by_task
 from hydraopt.cli.display import human_bytes, print_table, progress_bar
@@ -71,8 +70,7 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
             ["bundle", s["bundle_params"], human_bytes(s["bundle_bytes"]), s["storage_percent"]],
         ],
     )
-    # error_by_task reads only ``tasks`` and ``extra``, which both bundle kinds have.
-    per_task = error_by_task(cast(Bundle, bundle))
+    per_task = error_by_task(bundle)
     heads_used = {
         t: len({int(r[i]) for _, _, r in bundle.merged.values()})
         for i, t in enumerate(bundle.tasks)

@@ -58,6 +58,23 @@ def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> 
         "--refine-lr", type=float, help="fast solver refinement learning rate (default 1.0)"
     )
     g.add_argument(
+        "--refine-precision",
+        choices=("auto", "float32", "bfloat16"),
+        help="fast solver: dtype of the MAE refinement's dense products (default auto: "
+        "bfloat16 on CUDA and CPUs with fast bf16, else float32)",
+    )
+    g.add_argument(
+        "--refine-tasks",
+        type=int,
+        help="fast solver: tasks per refinement step; more adapters are sampled (default 8)",
+    )
+    g.add_argument(
+        "--start",
+        choices=("auto", "closed_form"),
+        help="fast solver, MAE: refine from the better of closed form and per-head medians "
+        "(auto, default) or from the closed form only",
+    )
+    g.add_argument(
         "--shared",
         choices=("lambda_d", "lambda_b"),
         help="hydraopt on VeRA adapters: the vector all tasks share (default lambda_d)",
@@ -100,6 +117,9 @@ HYDRAOPT_ONLY = (
     "restarts",
     "refine_steps",
     "refine_lr",
+    "refine_precision",
+    "refine_tasks",
+    "start",
     "shared",
 )
 CLASSIC_ONLY = ("density", "weights", "majority_sign_method")

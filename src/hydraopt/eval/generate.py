@@ -298,14 +298,24 @@ def module_name(name: str) -> str:
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
-def _check_factors(base: torch.nn.Module, name: str, a: torch.Tensor, b: torch.Tensor) -> int:
-    """Validate one module's factors against the model; return the rank."""
+def linear_module(base: torch.nn.Module, name: str) -> torch.nn.Linear:
+    """The linear layer ``name`` of ``base``: what an adapter (LoRA or VeRA) may target.
+
+    Raises:
+        ValueError: If there is no such module or it is not an ``nn.Linear``.
+    """
     try:
         module = base.get_submodule(name)
     except AttributeError as error:
         raise ValueError(f"the model has no module {name!r}") from error
     if not isinstance(module, torch.nn.Linear):
         raise ValueError(f"module {name!r} is a {type(module).__name__}, not nn.Linear")
+    return module
+
+
+def _check_factors(base: torch.nn.Module, name: str, a: torch.Tensor, b: torch.Tensor) -> int:
+    """Validate one module's factors against the model; return the rank."""
+    module = linear_module(base, name)
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
         raise ValueError(
             f"{name}: need A (r, k) and B (d, r) with r >= 1, got A {tuple(a.shape)}, "

@@ -10,8 +10,9 @@ paths: renaming a directory keeps its cache, retraining or re-merging invalidate
   ``hydraopt export`` are ordinary PEFT dirs and are evaluated through this class.
 - :class:`PerTaskVera`: the same for PEFT VeRA dirs (S = 100: the paper's Table 3 measures VeRA
   merges against separate VeRAs). Merged VeRA adapters exported as PEFT VeRA dirs go here too.
-- :class:`BundleSystem`: a bundle dir; each task's routed head is applied in memory, writing no
-  files (S from the bundle's storage accounting).
+- :class:`BundleSystem`: a bundle dir, LoRA or VeRA; each task's routed head (LoRA) or routed
+  vectors with the shared projections (VeRA) are applied in memory, writing no files (S from the
+  bundle's storage accounting). Generations equal those of the bundle's PEFT export.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.bundle import TENSORS_NAME, load_bundle
-from hydraopt.types import Bundle
+from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
+from hydraopt.types import Bundle, VeraBundle
 
 if TYPE_CHECKING:
     from hydraopt.eval.generate import LoraFactorMap
+    from hydraopt.eval.vera_adapter import VeraWeights
 
 # Fields of adapter_config.json that do not change what the adapter computes at inference.
 # `hydraopt export` sets inference_mode=True on a copy of the original config; leaving it out of
@@ -87,7 +89,7 @@ class System(Protocol):
         """Hex digest of everything (besides the base model) that decides the task's outputs."""
         ...
 
-    def adapter(self, task: str) -> None | Path | LoraFactorMap:
+    def adapter(self, task: str) -> None | Path | LoraFactorMap | VeraWeights:
         """What :func:`hydraopt.eval.generate.applied_adapter` applies for ``task``."""
         ...
 
@@ -254,19 +256,19 @@ def adapter_kind(directory: str | Path) -> str:
 
 @dataclass(frozen=True)
 class BundleSystem:
-    """A merged bundle; each task's routed head is applied in memory (no files written).
+    """A merged bundle (LoRA or VeRA); each task's routed weights are applied in memory.
 
     Build it with :func:`bundle_system`, which loads the bundle and hashes its tensor file once.
 
     Attributes:
         path: The bundle dir.
-        bundle: The loaded bundle.
+        bundle: The loaded bundle (tensors as float32, from the stored dtype).
         tensors_sha256: SHA-256 of its ``tensors.safetensors``.
         label: Row label.
     """
 
     path: Path
-    bundle: Bundle = field(repr=False, compare=False)
+    bundle: Bundle | VeraBundle = field(repr=False, compare=False)
     tensors_sha256: str
     label: str
 
@@ -301,8 +303,19 @@ class BundleSystem:
         route = {name: int(routing[i]) for name, (_, _, routing) in self.bundle.merged.items()}
         return text_sha256("bundle", task, self.tensors_sha256, json.dumps(route, sort_keys=True))
 
-    def adapter(self, task: str) -> LoraFactorMap:
-        """``{module: (A', B', 1.0)}``: the bundle's heads already carry the LoRA scale."""
+    def adapter(self, task: str) -> LoraFactorMap | VeraWeights:
+        """The task's weights as :func:`~hydraopt.eval.generate.applied_adapter` takes them.
+
+        LoRA: ``{module: (A', B', 1.0)}`` (the bundle's heads already carry the LoRA scale).
+        VeRA: the shared projections and the task's routed (λb, λd) per module, the very numbers
+        the bundle's PEFT export holds (its projections are float32 in both).
+        """
+        if isinstance(self.bundle, VeraBundle):
+            # Imported here: vera_adapter needs peft, which building systems does not.
+            from hydraopt.eval.vera_adapter import VeraWeights
+
+            vera_a, vera_b = self.bundle.projections
+            return VeraWeights(vera_a, vera_b, self.bundle.task_vectors(task))
         return {name: (a, b, 1.0) for name, (a, b) in self.bundle.task_factors(task).items()}
 
     def describe(self) -> dict[str, Any]:
@@ -319,7 +332,7 @@ class BundleSystem:
         }
 
 
-def bundle_label(bundle: Bundle) -> str:
+def bundle_label(bundle: Bundle | VeraBundle) -> str:
     """Default row label: ``"hydraopt M=2"`` for HydraOpt, else the method's registry name."""
     return f"hydraopt M={bundle.num_heads}" if bundle.method == "hydraopt" else bundle.method
 
@@ -328,14 +341,14 @@ def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:
     """Load a bundle dir as a system.
 
     Args:
-        path: A dir written by :func:`hydraopt.save_bundle`.
+        path: A dir written by :func:`hydraopt.save_bundle` (a LoRA or a VeRA bundle).
         label: Row label; default :func:`bundle_label`.
 
     Raises:
         HydraoptError: If ``path`` is not a readable bundle.
     """
     path = Path(path)
-    bundle = load_bundle(path)
+    bundle = load_any_bundle(path)
     return BundleSystem(
         path=path,
         bundle=bundle,

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel, VeraConfig, get_peft_model
 from peft.tuners.vera import VeraLayer, VeraModel
 
-from hydraopt.eval.generate import module_name
+from hydraopt.eval.generate import linear_module, module_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -137,12 +137,7 @@ def _check_vera_vectors(
     vera_b: torch.Tensor,
 ) -> None:
     """Validate one module's VeRA vectors against the model and the projections."""
-    try:
-        module = base.get_submodule(name)
-    except AttributeError as error:
-        raise ValueError(f"the model has no module {name!r}") from error
-    if not isinstance(module, torch.nn.Linear):
-        raise ValueError(f"module {name!r} is a {type(module).__name__}, not nn.Linear")
+    module = linear_module(base, name)
     rank = vera_a.shape[0]
     if lambda_b.shape != (module.out_features,) or lambda_d.shape != (rank,):
         raise ValueError(

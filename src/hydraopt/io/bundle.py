@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,10 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir
-from hydraopt.types import Bundle, ModuleSpec
-
-if TYPE_CHECKING:
-    from hydraopt.types import VeraBundle
+from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 
 FORMAT_NAME = "hydraopt-bundle"
 FORMAT_VERSION = 1  # what LoRA bundles are written as (unchanged since version 1)
@@ -60,12 +57,7 @@ def save_bundle(
     meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "library_version": bundle.extra.get("library_version"),
-        "method": bundle.method,
-        "config": bundle.config,
-        "tasks": list(bundle.tasks),
-        "base_model": bundle.base_model,
-        "dtype": dtype,
+        **provenance_meta(bundle, dtype),
         "modules": [
             {
                 "name": m.name,
@@ -82,10 +74,55 @@ def save_bundle(
         "adapter_configs": bundle.adapter_configs,
         "extra": bundle.extra,
     }
+    return write_bundle_dir(out, tensors, meta, force=force)
+
+
+def provenance_meta(bundle: Bundle | VeraBundle, dtype: str) -> dict[str, Any]:
+    """The ``bundle.json`` fields every bundle kind writes alike, in the format's key order."""
+    return {
+        "library_version": bundle.extra.get("library_version"),
+        "method": bundle.method,
+        "config": bundle.config,
+        "tasks": list(bundle.tasks),
+        "base_model": bundle.base_model,
+        "dtype": dtype,
+    }
+
+
+def write_bundle_dir(
+    out: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, force: bool
+) -> Path:
+    """Write ``tensors.safetensors`` and ``bundle.json`` into the directory ``out`` atomically."""
     with atomic_dir(Path(out), force=force) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
+
+
+def read_bundle_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the bundle dir ``path`` (as stored)."""
+    tensor_path = path / TENSORS_NAME
+    try:
+        return load_file(str(tensor_path))
+    except (SafetensorError, OSError) as e:
+        raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
+
+
+def bundle_fields(
+    meta: dict[str, Any], modules: list[ModuleSpec], merged: dict[str, Any]
+) -> dict[str, Any]:
+    """The constructor arguments every bundle kind reads alike from its ``bundle.json``."""
+    return {
+        "method": meta["method"],
+        "config": meta["config"],
+        "tasks": tuple(meta["tasks"]),
+        "base_model": meta["base_model"],
+        "modules": tuple(modules),
+        "merged": merged,
+        "adapter_configs": meta["adapter_configs"],
+        "storage": meta["storage"],
+        "extra": {**meta.get("extra", {}), "dtype": meta.get("dtype")},
+    }
 
 
 def read_bundle_meta(path: str | Path) -> dict[str, Any]:
@@ -135,10 +172,7 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{path}: a {kind.upper()} bundle has no LoRA factors; read it with "
             "hydraopt.load_any_bundle or export it (hydraopt export) to PEFT adapter dirs"
         )
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError) as e:
-        raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
+    tensors = read_bundle_tensors(path)
     modules, merged = [], {}
     for m in meta["modules"]:
         spec = ModuleSpec(name=m["name"], d=m["d"], k=m["k"], r=m["r"])
@@ -150,15 +184,4 @@ def load_bundle(path: str | Path) -> Bundle:
             raise HydraoptError(f"{tensor_path}: missing tensor {e}") from e
         routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
         merged[spec.name] = (a, heads, routing)
-    return Bundle(
-        method=meta["method"],
-        config=meta["config"],
-        tasks=tuple(meta["tasks"]),
-        base_model=meta["base_model"],
-        modules=tuple(modules),
-        merged=merged,
-        adapter_configs=meta["adapter_configs"],
-        scales=meta["scales"],
-        storage=meta["storage"],
-        extra={**meta.get("extra", {}), "dtype": meta.get("dtype")},
-    )
+    return Bundle(**bundle_fields(meta, modules, merged), scales=meta["scales"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,11 +60,7 @@ class AdapterSet:
 
     def select(self, names: Sequence[str]) -> AdapterSet:
         """The same adapters restricted to the named modules (for slices in tests and benchmarks)."""
-        wanted = set(names)
-        missing = wanted - {m.name for m in self.modules}
-        if missing:
-            raise HydraoptError(f"unknown modules: {sorted(missing)[:3]}")
-        return dataclasses.replace(self, modules=tuple(m for m in self.modules if m.name in wanted))
+        return dataclasses.replace(self, modules=select_modules(self.modules, names))
 
     def load_stack(self, modules: Sequence[ModuleSpec]) -> LoraStack:
         """Read the factors of ``modules`` (all the same shape) for every task.
@@ -93,21 +89,39 @@ class AdapterSet:
         )
 
     def _read_pair(self, info: AdapterInfo, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
-        for factor in ("A", "B"):
-            key = lora_key(module, factor)
-            if info.task in self._pickled:
-                t = self._pickled[info.task][key]
-            else:
-                try:
-                    with safe_open(str(info.weights_file), framework="pt") as f:
-                        t = f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
-                    raise HydraoptError(f"{info.weights_file}: cannot read {key}: {e}") from e
-            t = t.to(torch.float32)
-            check_finite(t, f"{info.weights_file} [{key}]")
-            out.append(t)
-        return out[0], out[1]
+        pickled = self._pickled.get(info.task)
+        a = read_adapter_tensor(info, lora_key(module, "A"), pickled)
+        b = read_adapter_tensor(info, lora_key(module, "B"), pickled)
+        return a, b
+
+
+def select_modules(modules: Sequence[ModuleSpec], names: Sequence[str]) -> tuple[ModuleSpec, ...]:
+    """The named ``modules``, in their order; refuses a name that is not among them."""
+    wanted = set(names)
+    missing = wanted - {m.name for m in modules}
+    if missing:
+        raise HydraoptError(f"unknown modules: {sorted(missing)[:3]}")
+    return tuple(m for m in modules if m.name in wanted)
+
+
+def read_adapter_tensor(
+    info: AdapterInfo, key: str, pickled: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """One tensor of an adapter's weights file (or of its already-read pickle), float32, finite.
+
+    fp16/bf16 inputs are upcast here so every merge accumulates in float32.
+    """
+    if pickled is not None:
+        t = pickled[key]
+    else:
+        try:
+            with safe_open(str(info.weights_file), framework="pt") as f:
+                t = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise HydraoptError(f"{info.weights_file}: cannot read {key}: {e}") from e
+    t = t.to(torch.float32)
+    check_finite(t, f"{info.weights_file} [{key}]")
+    return t
 
 
 def expand_adapter_dirs(paths: Sequence[str | Path]) -> list[Path]:
@@ -158,11 +172,7 @@ def load_adapter_set(
     if len(paths) == 0:
         raise HydraoptError("no adapters given")
     dirs = expand_adapter_dirs(paths)
-    tasks = list(names) if names is not None else [d.name for d in dirs]
-    if len(tasks) != len(dirs):
-        raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
-    if len(set(tasks)) != len(tasks):
-        raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
+    tasks = task_names(dirs, names)
     vera = [d for d in dirs if peft_type_of(d) == "VERA"]
     if vera and len(vera) != len(dirs):
         lora = next(d for d in dirs if d not in vera)
@@ -194,11 +204,7 @@ def load_adapter_set(
                 f"{info.path}: base model {other!r} differs from {first.path}'s {base!r}; "
                 "adapters must be trained on the same base model"
             )
-        if set(shape) != set(shapes[0]):
-            raise HydraoptError(
-                f"{info.path}: target modules differ from {first.path} "
-                f"({first_difference(set(shapes[0]), set(shape))})"
-            )
+        check_same_modules(first, info, set(shapes[0]), set(shape))
         for mod, s in shape.items():
             if s != shapes[0][mod]:
                 raise HydraoptError(
@@ -223,6 +229,27 @@ def load_adapter_set(
     return aset
 
 
+def task_names(dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
+    """One unique task name per adapter dir: ``names``, or by default the dirs' names."""
+    tasks = list(names) if names is not None else [d.name for d in dirs]
+    if len(tasks) != len(dirs):
+        raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
+    if len(set(tasks)) != len(tasks):
+        raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
+    return tasks
+
+
+def check_same_modules(
+    first: AdapterInfo, info: AdapterInfo, ours: set[str], theirs: set[str]
+) -> None:
+    """Refuse two adapters whose target modules differ, naming the first difference."""
+    if theirs != ours:
+        raise HydraoptError(
+            f"{info.path}: target modules differ from {first.path} "
+            f"({first_difference(ours, theirs)})"
+        )
+
+
 def peft_type_of(d: Path) -> str:
     """The upper-cased ``peft_type`` of an adapter dir, or "" if its config cannot be read.
 
@@ -238,41 +265,9 @@ def _read_adapter_header(
     task: str, d: Path, *, allow_pickle: bool
 ) -> tuple[AdapterInfo, dict[str, tuple[tuple[int, int], tuple[int, int]]], dict | None]:
     """Config + per-module (A shape, B shape) of one adapter dir, validated on its own."""
-    if not d.is_dir():
-        raise HydraoptError(f"{d}: adapter directory not found")
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise HydraoptError(f"{d}: missing {CONFIG_NAME} (is this a PEFT adapter dir?)")
-    try:
-        config: dict[str, Any] = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HydraoptError(f"{cfg_path}: not valid JSON ({e})") from e
-    check_lora_config(config, d)
-
-    tensors: dict[str, torch.Tensor] | None = None
-    st_path, bin_path = d / SAFETENSORS_NAME, d / PICKLE_NAME
-    if st_path.is_file():
-        weights_file = st_path
-        try:
-            with safe_open(str(st_path), framework="pt") as f:
-                raw = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-        except (SafetensorError, OSError, ValueError) as e:
-            raise HydraoptError(f"{st_path}: corrupt safetensors file ({e})") from e
-    elif bin_path.is_file():
-        if not allow_pickle:
-            raise HydraoptError(
-                f"{d}: only {PICKLE_NAME} (a pickle) found; convert it to safetensors or pass "
-                "--allow-pickle to read it with torch.load(weights_only=True)"
-            )
-        weights_file = bin_path
-        try:
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt pickles
-            raise HydraoptError(f"{bin_path}: cannot be read safely ({e})") from e
-        raw = {k: tuple(v.shape) for k, v in tensors.items()}
-    else:
-        raise HydraoptError(f"{d}: missing {SAFETENSORS_NAME}")
-
+    config, weights_file, raw, tensors = read_adapter_files(
+        d, check_config=check_lora_config, allow_pickle=allow_pickle
+    )
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in raw.items():
         parsed = parse_lora_key(key)
@@ -300,3 +295,53 @@ def _read_adapter_header(
         shapes[module] = ((r, k), (d_out, r_b))
     info = AdapterInfo(task=task, path=d, config=config, weights_file=weights_file)
     return info, shapes, tensors
+
+
+def read_adapter_files(
+    d: Path, *, check_config: Callable[[dict[str, Any], Path], None], allow_pickle: bool
+) -> tuple[dict[str, Any], Path, dict[str, tuple[int, ...]], dict[str, torch.Tensor] | None]:
+    """The raw parts of one PEFT adapter dir, LoRA or VeRA alike (key checks are the caller's).
+
+    Args:
+        d: the adapter dir.
+        check_config: the kind's config check (``check_lora_config``, ``check_vera_config``),
+            run before the weights are opened so an unsupported adapter is named as such.
+        allow_pickle: accept ``adapter_model.bin`` (read with ``weights_only=True``).
+
+    Returns:
+        (``adapter_config.json`` as a dict, the weights file, key -> tensor shape from its
+        header, the tensors themselves for a pickle (safetensors are read lazily: ``None``)).
+    """
+    if not d.is_dir():
+        raise HydraoptError(f"{d}: adapter directory not found")
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise HydraoptError(f"{d}: missing {CONFIG_NAME} (is this a PEFT adapter dir?)")
+    try:
+        config: dict[str, Any] = json.loads(cfg_path.read_text())
+    except OSError as e:
+        raise HydraoptError(f"{cfg_path}: cannot read the adapter config ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HydraoptError(f"{cfg_path}: not valid JSON ({e})") from e
+    check_config(config, d)
+
+    st_path, bin_path = d / SAFETENSORS_NAME, d / PICKLE_NAME
+    if st_path.is_file():
+        try:
+            with safe_open(str(st_path), framework="pt") as f:
+                raw = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HydraoptError(f"{st_path}: corrupt safetensors file ({e})") from e
+        return config, st_path, raw, None
+    if not bin_path.is_file():
+        raise HydraoptError(f"{d}: missing {SAFETENSORS_NAME}")
+    if not allow_pickle:
+        raise HydraoptError(
+            f"{d}: only {PICKLE_NAME} (a pickle) found; convert it to safetensors or pass "
+            "--allow-pickle to read it with torch.load(weights_only=True)"
+        )
+    try:
+        tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt pickles
+        raise HydraoptError(f"{bin_path}: cannot be read safely ({e})") from e
+    return config, bin_path, {k: tuple(v.shape) for k, v in tensors.items()}, tensors

@@ -10,18 +10,21 @@ routed vectors and the projections (``save_projection: true``), so each dir is s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.atomic import atomic_dir
-from hydraopt.io.bundle import DTYPES, FORMAT_NAME, META_NAME, TENSORS_NAME
-from hydraopt.io.peft import CONFIG_NAME, SAFETENSORS_NAME
+from hydraopt.io.bundle import (
+    DTYPES,
+    FORMAT_NAME,
+    bundle_fields,
+    provenance_meta,
+    read_bundle_tensors,
+    write_bundle_dir,
+)
+from hydraopt.io.export import write_task_adapters
 from hydraopt.types import ModuleSpec, VeraBundle
 from hydraopt.vera.load import PROJECTION_KEYS, lambda_key
 
@@ -62,12 +65,7 @@ def save_vera_bundle(
         "format": FORMAT_NAME,
         "format_version": VERA_FORMAT_VERSION,
         "adapter_kind": "vera",
-        "library_version": bundle.extra.get("library_version"),
-        "method": bundle.method,
-        "config": bundle.config,
-        "tasks": list(bundle.tasks),
-        "base_model": bundle.base_model,
-        "dtype": dtype,
+        **provenance_meta(bundle, dtype),
         "projections": {
             "vera_A": list(vera_a.shape),
             "vera_B": list(vera_b.shape),
@@ -79,19 +77,12 @@ def save_vera_bundle(
         "adapter_configs": bundle.adapter_configs,
         "extra": bundle.extra,
     }
-    with atomic_dir(Path(out), force=force) as tmp:
-        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+    return write_bundle_dir(out, tensors, meta, force=force)
 
 
 def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
     """The VeRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
-    tensor_path = path / TENSORS_NAME
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError) as e:
-        raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
+    tensors = read_bundle_tensors(path)
     try:
         projections = (tensors["vera_A"].float(), tensors["vera_B"].float())
         modules, merged = [], {}
@@ -106,18 +97,7 @@ def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
             )
     except KeyError as e:
         raise HydraoptError(f"{path}: incomplete VeRA bundle (missing {e})") from e
-    return VeraBundle(
-        method=meta["method"],
-        config=meta["config"],
-        tasks=tuple(meta["tasks"]),
-        base_model=meta["base_model"],
-        modules=tuple(modules),
-        merged=merged,
-        projections=projections,
-        adapter_configs=meta["adapter_configs"],
-        storage=meta["storage"],
-        extra={**meta.get("extra", {}), "dtype": meta.get("dtype")},
-    )
+    return VeraBundle(**bundle_fields(meta, modules, merged), projections=projections)
 
 
 def vera_state_dict(bundle: VeraBundle, task: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -158,31 +138,12 @@ def export_vera_adapters(
         dtype: dtype of the λ vectors; default the bundle's storage dtype when loaded from disk,
             float32 for an in-memory bundle.
     """
-    name = dtype or bundle.extra.get("dtype") or "float32"
-    if name not in DTYPES:
-        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    selected = list(tasks) if tasks else list(bundle.tasks)
-    out = Path(out)
-    with atomic_dir(out, force=force) as tmp:
-        for task in selected:
-            d = tmp / task
-            d.mkdir()
-            save_file(
-                vera_state_dict(bundle, task, DTYPES[name]),
-                str(d / SAFETENSORS_NAME),
-                metadata={"format": "pt"},
-            )
-            config = dict(bundle.adapter_configs[task])
-            config["inference_mode"] = True
-            config["save_projection"] = True
-            (d / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            i = bundle.tasks.index(task)
-            provenance = {
-                "exported_by": f"hydraopt {bundle.extra.get('library_version')}",
-                "method": bundle.method,
-                "config": bundle.config,
-                "task": task,
-                "heads": {n: int(r[i]) for n, (_, _, r) in bundle.merged.items()},
-            }
-            (d / "hydraopt_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    return {task: out / task for task in selected}
+    return write_task_adapters(
+        bundle,
+        out,
+        lambda task, dt: vera_state_dict(bundle, task, dt),
+        {"save_projection": True},
+        tasks,
+        force,
+        dtype,
+    )

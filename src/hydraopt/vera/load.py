@@ -16,7 +16,6 @@ hidden_size), false for MLP down projections, which are refused unless base shap
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.keys import PEFT_PREFIX, module_sort_key
-from hydraopt.io.peft import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from hydraopt.io.validate import check_finite, first_difference
+from hydraopt.io.peft import (
+    check_same_modules,
+    read_adapter_files,
+    read_adapter_tensor,
+    select_modules,
+    task_names,
+)
+from hydraopt.io.validate import check_finite
 from hydraopt.types import AdapterInfo, ModuleSpec, VeraStack
 from hydraopt.vera.projections import vera_projections
 from hydraopt.vera.shapes import module_shapes
@@ -71,11 +75,7 @@ class VeraAdapterSet:
 
     def select(self, names: Sequence[str]) -> VeraAdapterSet:
         """The same adapters restricted to the named modules."""
-        wanted = set(names)
-        missing = wanted - {m.name for m in self.modules}
-        if missing:
-            raise HydraoptError(f"unknown modules: {sorted(missing)[:3]}")
-        return dataclasses.replace(self, modules=tuple(m for m in self.modules if m.name in wanted))
+        return dataclasses.replace(self, modules=select_modules(self.modules, names))
 
     def load_stack(self, modules: Sequence[ModuleSpec]) -> VeraStack:
         """Read λb, λd of ``modules`` (all the same shape) for every task, as float32."""
@@ -97,23 +97,9 @@ class VeraAdapterSet:
         )
 
     def _read_vectors(self, info: AdapterInfo, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        b = _read_tensor(info, lambda_key(module, "b"), self._pickled.get(info.task))
-        v = _read_tensor(info, lambda_key(module, "d"), self._pickled.get(info.task))
+        b = read_adapter_tensor(info, lambda_key(module, "b"), self._pickled.get(info.task))
+        v = read_adapter_tensor(info, lambda_key(module, "d"), self._pickled.get(info.task))
         return b, v
-
-
-def _read_tensor(info: AdapterInfo, key: str, pickled: dict[str, torch.Tensor] | None):
-    if pickled is not None:
-        t = pickled[key]
-    else:
-        try:
-            with safe_open(str(info.weights_file), framework="pt") as f:
-                t = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise HydraoptError(f"{info.weights_file}: cannot read {key}: {e}") from e
-    t = t.to(torch.float32)
-    check_finite(t, f"{info.weights_file} [{key}]")
-    return t
 
 
 def check_vera_config(config: dict[str, Any], path: Path) -> None:
@@ -157,11 +143,7 @@ def load_vera_adapter_set(
             missing/corrupt file or a non-finite value.
     """
     dirs = [Path(p) for p in paths]
-    tasks = list(names) if names is not None else [d.name for d in dirs]
-    if len(tasks) != len(dirs):
-        raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
-    if len(set(tasks)) != len(tasks):
-        raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
+    tasks = task_names(dirs, names)
     headers = [
         _read_header(t, d, allow_pickle=allow_pickle) for t, d in zip(tasks, dirs, strict=True)
     ]
@@ -169,11 +151,7 @@ def load_vera_adapter_set(
     first, lengths0 = infos[0], headers[0][1]
     for info, lengths, _ in headers[1:]:
         _check_same_setup(first, info)
-        if set(lengths) != set(lengths0):
-            raise HydraoptError(
-                f"{info.path}: target modules differ from {first.path} "
-                f"({first_difference(set(lengths0), set(lengths))})"
-            )
+        check_same_modules(first, info, set(lengths0), set(lengths))
         for mod, shape in lengths.items():
             if shape != lengths0[mod]:
                 raise HydraoptError(
@@ -254,7 +232,8 @@ def _saved_projections(
     ref: tuple[torch.Tensor, torch.Tensor] | None = None
     for info in infos:
         pair = tuple(
-            _read_tensor(info, PROJECTION_KEYS[x], pickled.get(info.task)) for x in ("A", "B")
+            read_adapter_tensor(info, PROJECTION_KEYS[x], pickled.get(info.task))
+            for x in ("A", "B")
         )
         if ref is None:
             ref = (pair[0], pair[1])
@@ -273,38 +252,9 @@ def _read_header(
     task: str, d: Path, *, allow_pickle: bool
 ) -> tuple[AdapterInfo, dict[str, tuple[int, int]], dict[str, torch.Tensor] | None]:
     """Config + per-module (len λb, len λd) of one VeRA dir, validated on its own."""
-    if not d.is_dir():
-        raise HydraoptError(f"{d}: adapter directory not found")
-    cfg_path = d / CONFIG_NAME
-    try:
-        config: dict[str, Any] = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HydraoptError(f"{cfg_path}: cannot read the adapter config ({e})") from e
-    check_vera_config(config, d)
-    tensors: dict[str, torch.Tensor] | None = None
-    st_path, bin_path = d / SAFETENSORS_NAME, d / PICKLE_NAME
-    if st_path.is_file():
-        weights_file = st_path
-        try:
-            with safe_open(str(st_path), framework="pt") as f:
-                raw = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as e:
-            raise HydraoptError(f"{st_path}: corrupt safetensors file ({e})") from e
-    elif bin_path.is_file():
-        if not allow_pickle:
-            raise HydraoptError(
-                f"{d}: only {PICKLE_NAME} (a pickle) found; convert it to safetensors or pass "
-                "--allow-pickle to read it with torch.load(weights_only=True)"
-            )
-        weights_file = bin_path
-        try:
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt pickles
-            raise HydraoptError(f"{bin_path}: cannot be read safely ({e})") from e
-        raw = {k: tuple(v.shape) for k, v in tensors.items()}
-    else:
-        raise HydraoptError(f"{d}: missing {SAFETENSORS_NAME}")
-
+    config, weights_file, raw, tensors = read_adapter_files(
+        d, check_config=check_vera_config, allow_pickle=allow_pickle
+    )
     r = int(config["r"])
     save_projection = bool(config.get("save_projection", True))
     vectors: dict[str, dict[str, tuple[int, ...]]] = {}

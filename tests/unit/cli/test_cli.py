@@ -42,6 +42,36 @@ def test_merge_export_inspect(adapters, tmp_path, capsys):
     assert set(report["bundle"]["error_by_task"]) == set(bundle.tasks)
 
 
+def test_merge_passes_the_fast_solver_options(adapters, tmp_path):
+    out = tmp_path / "bundle"
+    argv = ["merge", *adapters, "--heads", "1", "--out", str(out), "--refine-steps", "3"]
+    argv += ["--refine-precision", "float32", "--refine-tasks", "2", "--start", "closed_form"]
+    assert main(argv) == 0
+    config = load_bundle(out).config
+    assert (config["refine_precision"], config["refine_tasks"], config["start"]) == (
+        "float32",
+        2,
+        "closed_form",
+    )
+    # Left out, they keep the config's defaults.
+    assert main(["merge", *adapters, "--heads", "1", "--out", str(tmp_path / "d")]) == 0
+    default = load_bundle(tmp_path / "d").config
+    assert (default["refine_precision"], default["refine_tasks"], default["start"]) == (
+        "auto",
+        8,
+        "auto",
+    )
+
+
+def test_fast_solver_options_are_checked(adapters, tmp_path, capsys):
+    out = tmp_path / "never"
+    merge = ["merge", *adapters, "--heads", "1", "--out", str(out)]
+    assert "refine_tasks must be >= 1" in bad_exit([*merge, "--refine-tasks", "0"], capsys)
+    with pytest.raises(SystemExit):  # argparse refuses a choice it does not know
+        main([*merge, "--refine-precision", "float64"])
+    assert not out.exists()
+
+
 def test_inspect_adapter_dirs_lists_storage_for_every_m(adapters, capsys):
     assert main(["inspect", *adapters]) == 0
     text = capsys.readouterr().out
