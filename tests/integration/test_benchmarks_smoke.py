@@ -150,3 +150,25 @@ def test_named_shapes_have_the_published_attention_sizes(name):
         "llama-3.2-1b": (2048, 512, 16),
         "llama-3.2-3b": (3072, 1024, 28),
     }[name]
+
+
+def test_peers_vlora_storage_and_error_are_exact_on_tiny_adapters(tmp_path):
+    """benchmarks/peers.py: vlora-dev's storage count, its error, and the PEFT export."""
+    import peers
+
+    spec = synthetic.SyntheticSpec(TINY, rank=4, alpha=8)
+    dirs = synthetic.ensure_adapters(spec, 3, tmp_path / "adapters")
+    # fp16 on disk, as PEFT saves: vlora-dev itself cannot SVD these; the script upcasts.
+    aset = load_adapter_set(dirs)
+    points = peers.vlora_points(aset, tmp_path / "export")
+    assert [p["label"] for p in points] == ["vlora n=1", "vlora n=2"]
+    # Per module: mean + n components for A and B, 2 n loadings per task (K = 3).
+    full = sum(3 * m.r * (m.d + m.k) for m in aset.modules)
+    for n, p in enumerate(points, start=1):
+        kept = sum((1 + n) * m.r * (m.d + m.k) + 3 * 2 * n for m in aset.modules)
+        assert p["storage_percent"] == pytest.approx(100 * kept / full)
+    assert points[-1]["mae"] < 1e-6  # n = K - 1 reproduces every adapter
+    assert points[0]["mae"] > 10 * points[-1]["mae"]
+    exported = load_adapter_set(sorted((tmp_path / "export" / "n2").iterdir()))
+    stack, original = exported.load_stack(exported.modules[:1]), aset.load_stack(aset.modules[:1])
+    assert torch.allclose(stack.delta(), original.delta(), atol=1e-3)
