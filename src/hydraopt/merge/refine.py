@@ -305,7 +305,7 @@ def refine(
                 keep_better(per_module.detach())
         # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps
         # settle into the L1 optimum instead of rattling around it.
-        adam.step(grads, 0.5 * lr * (1.0 + math.cos(math.pi * step / steps)))
+        adam.step(grads, cosine_lr(lr, step, steps))
     del mae_work, delta_w
     with torch.no_grad():
         if track and low != delta.dtype:
@@ -315,6 +315,11 @@ def refine(
         best_a[worse], best_h[worse] = a[worse], heads[worse]
         best_err = torch.where(worse, start_err, best_err)
     return best_a, best_h, best_err
+
+
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """Cosine decay from ``lr`` at step 0 towards 0 at ``steps`` (torch's CosineAnnealingLR)."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
 
 
 class Adam:

@@ -27,7 +27,7 @@ class VeraHydraOptConfig:
             ``lambda_d`` (the paper's choice: λd starts from the same constant in every task, as
             LoRA's A is shared) or ``lambda_b``. See docs/methods.md for the measurement.
         restarts: k-means++ starts of the routing (1 < M < K).
-        refine_steps: AdamW steps on the hard-routed distance (0 = closed form only).
+        refine_steps: Adam steps on the hard-routed distance (0 = closed form only).
         refine_lr: learning rate relative to the vectors' RMS.
     """
 

@@ -1,7 +1,7 @@
 """HydraOpt on VeRA vectors: the registered ``hydraopt`` method's VeRA entry point (pure tensors).
 
 Steps, as for LoRA (docs/methods.md): the exact squared-Frobenius solution with hard routing
-(:mod:`hydraopt.vera.solve`), then AdamW on the *hard-routed* chosen distance over the dense
+(:mod:`hydraopt.vera.solve`), then Adam on the *hard-routed* chosen distance over the dense
 ΔW of the chunk's modules, keeping the best iterate per module (never worse than its start).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.refine import hard_routed_error
+from hydraopt.merge.refine import Adam, cosine_lr, hard_routed_error
 from hydraopt.types import MergedVeraStack, VeraStack
 from hydraopt.vera.config import Shared, VeraHydraOptConfig
 from hydraopt.vera.solve import solve_vera
@@ -95,7 +95,7 @@ def refine_vera(
     steps: int,
     lr: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """AdamW (cosine schedule) on the hard-routed distance; the best (shared, heads) per module.
+    """Adam (cosine schedule, no weight decay) on the hard-routed distance; the best (shared, heads) per module.
 
     Both vectors are optimised as unit-RMS copies (one scale per module and vector), so one
     relative learning rate suits modules and vectors of any magnitude.
@@ -107,8 +107,7 @@ def refine_vera(
     sc_h = heads.square().mean((1, 2)).sqrt().clamp_min(1e-30)[:, None, None]  # (G, 1, 1)
     p_s = (s / sc_s).requires_grad_(True)
     p_h = (heads / sc_h).requires_grad_(True)
-    opt = torch.optim.AdamW([p_s, p_h], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    adam = Adam([p_s, p_h])  # the LoRA refinement's optimiser (no torch.optim start-up cost)
 
     def keep_better(err: torch.Tensor) -> None:
         nonlocal best_err
@@ -118,15 +117,14 @@ def refine_vera(
             best_s[better] = (p_s.detach() * sc_s)[better]
             best_h[better] = (p_h.detach() * sc_h)[better]
 
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
+    for step in range(steps):
         per_module = routed_error(delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance)
         per_module = per_module.mean(1)  # (G,)
         with torch.no_grad():  # the loss is at the current point: record it before stepping
             keep_better(per_module.detach())
-        per_module.sum().backward()  # modules are independent: each keeps its own gradient
-        opt.step()
-        sched.step()
+        # Modules are independent: summing keeps each module's gradient its own.
+        grads = list(torch.autograd.grad(per_module.sum(), [p_s, p_h]))
+        adam.step(grads, cosine_lr(lr, step, steps))
     with torch.no_grad():
         keep_better(
             routed_error(delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance).mean(1)
