@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_stack
-from peft.utils import merge_utils
+from helpers import peft_merge, random_stack
 
 from hydraopt.merge.base import MergeContext
 from hydraopt.merge.classic import A_ONLY_METHODS, CLASSIC_METHODS, ClassicConfig
@@ -16,21 +15,6 @@ from hydraopt.merge.registry import get_method
 from hydraopt.merge.sparsify import magnitude_prune, random_prune
 
 CTX = MergeContext(num_tasks=3, num_factor_tensors=2)
-
-
-def peft_merge(
-    name: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float, sign: str
-):
-    """PEFT's function for ``name`` (the same dispatch as add_weighted_adapter's)."""
-    if name == "task_arithmetic":
-        return merge_utils.task_arithmetic(tensors, weights)
-    if name == "magnitude_prune":
-        return merge_utils.magnitude_prune(tensors, weights, density)
-    if name == "ties":
-        return merge_utils.ties(tensors, weights, density, sign)
-    if name == "dare_linear":
-        return merge_utils.dare_linear(tensors, weights, density)
-    return merge_utils.dare_ties(tensors, weights, density, sign)
 
 
 @pytest.mark.parametrize("name", CLASSIC_METHODS)

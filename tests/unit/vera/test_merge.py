@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from peft.utils import merge_utils
+from helpers import peft_merge
 
 from hydraopt.engine import resolve_config
 from hydraopt.errors import HydraoptError
@@ -176,18 +176,6 @@ def test_as_lora_matches_the_vera_product():
         assert torch.allclose(
             lora_heads[g_idx, routing] @ a[:, None], dense(stack, merged), atol=1e-5
         )
-
-
-def peft_merge(name, tensors, weights, density, sign):
-    if name == "task_arithmetic":
-        return merge_utils.task_arithmetic(tensors, weights)
-    if name == "magnitude_prune":
-        return merge_utils.magnitude_prune(tensors, weights, density)
-    if name == "ties":
-        return merge_utils.ties(tensors, weights, density, sign)
-    if name == "dare_linear":
-        return merge_utils.dare_linear(tensors, weights, density)
-    return merge_utils.dare_ties(tensors, weights, density, sign)
 
 
 @pytest.mark.parametrize("name", CLASSIC_METHODS)
