@@ -137,6 +137,7 @@ def mae_value_and_grads(
     work: torch.Tensor,
     *,
     with_loss: bool = True,
+    per_head: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Mean-over-tasks MAE per module and its gradients w.r.t. A' and the heads.
 
@@ -152,11 +153,15 @@ def mae_value_and_grads(
         a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
         work: a (G, K, d, k) buffer, overwritten.
         with_loss: compute the loss (a full extra pass over E; the loop skips it on most steps).
+        per_head: sum the tasks' sign(E) per head before the gradient products (None: when
+            heads serve two tasks or more on average; see :func:`_mae_per_head`).
 
     Returns:
         loss (G,) or None, grad A' (G, r, k), grad heads (G, M, d, r).
     """
     G, K, d, k = delta.shape
+    if per_head if per_head is not None else 2 * heads.shape[1] <= K:
+        return _mae_per_head(delta, a, heads, routing, work, with_loss=with_loss)
     M, r = heads.shape[1], a.shape[1]
     g_idx = torch.arange(G, device=heads.device)[:, None]
     routed = heads[g_idx, routing].to(work.dtype)  # (G, K, d, r)
@@ -185,6 +190,52 @@ def mae_value_and_grads(
     g_heads.index_add_(0, flat, g_routed.reshape(G * K, d, r))
     g_heads = g_heads.reshape(G, M, d, r) * norm
     g_a = (routed.transpose(-1, -2) @ work).to(a.dtype).sum(1) * norm  # (G, r, k)
+    return loss, g_a, g_heads
+
+
+def _mae_per_head(
+    delta: torch.Tensor,
+    a: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+    work: torch.Tensor,
+    *,
+    with_loss: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`mae_value_and_grads` with the products done once per head instead of per task.
+
+    Every task routed to head c shares H_c A', and the gradients are linear in sign(E_i), so
+    dloss/dH_c = S_c A'^T and dloss/dA' = sum_c H_c^T S_c with S_c = sum_{i -> c} sign(E_i):
+    3 M rank-r products per step instead of 3 K, for a few cheap elementwise passes. At M = 1,
+    K = 5 that halves the step (measured in benchmarks/RESULTS.md).
+    """
+    G, K, d, k = delta.shape
+    M = heads.shape[1]
+    g_idx = torch.arange(G, device=heads.device)[:, None]
+    heads_w = heads.to(work.dtype)
+    a_w = a.to(work.dtype)[:, None]  # (G, 1, r, k)
+    approx = heads_w @ a_w  # (G, M, d, k)
+    flat = (g_idx * M + routing).flatten()  # (G K,) slot of each task's head
+    if M == 1:
+        torch.sub(approx, delta, out=work)  # broadcast over the tasks
+    else:
+        torch.index_select(approx.view(G * M, d, k), 0, flat, out=work.view(G * K, d, k))
+        work.sub_(delta)
+    del approx
+    loss = None
+    if with_loss:
+        acc = torch.promote_types(work.dtype, torch.float32)
+        l1 = torch.linalg.vector_norm(work, ord=1, dim=(2, 3), dtype=acc)  # (G, K)
+        loss = (l1 / (d * k)).mean(1).to(a.dtype)
+    torch.sign(work, out=work)
+    if M == 1:
+        signs = work.sum(1, keepdim=True)  # (G, 1, d, k)
+    else:
+        signs = work.new_zeros(G * M, d, k).index_add_(0, flat, work.view(G * K, d, k))
+        signs = signs.view(G, M, d, k)
+    norm = 1.0 / (K * d * k)
+    g_heads = (signs @ a_w.transpose(-1, -2)).to(a.dtype) * norm  # (G, M, d, r)
+    g_a = (heads_w.transpose(-1, -2) @ signs).to(a.dtype).sum(1) * norm  # (G, r, k)
     return loss, g_a, g_heads
 
 

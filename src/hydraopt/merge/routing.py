@@ -60,6 +60,7 @@ def lloyd(gram: torch.Tensor, routing: torch.Tensor, m: int, max_iter: int = 50)
 
 
 FLOAT32_SEARCH_FROM = 16  # K above which the routing search runs in float32
+SCREEN_STARTS_FROM = 16  # K above which only the best k-means++ start is alternated
 
 
 def kmeans_pp(gram: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
@@ -81,6 +82,19 @@ def kmeans_pp(gram: torch.Tensor, m: int, generator: torch.Generator) -> torch.T
     # each center routes to itself even if another center is at distance 0
     routing.scatter_(1, centers, torch.arange(m, device=gram.device).expand(G, m))
     return routing
+
+
+def _kmeans_objective(gram: torch.Tensor, routing: torch.Tensor, m: int) -> torch.Tensor:
+    """Sum over tasks of the squared distance to their head's mean (G,)."""
+    dist = _distances_to_clusters(gram, routing, m)
+    return dist.gather(2, routing[:, :, None]).squeeze(2).sum(1)
+
+
+def _best_start(gram: torch.Tensor, starts: list[torch.Tensor], m: int) -> torch.Tensor:
+    """Per module, the routing among ``starts`` with the lowest k-means objective on ``gram``."""
+    objectives = torch.stack([_kmeans_objective(gram, r, m) for r in starts])  # (S, G)
+    pick = objectives.argmin(0)  # (G,)
+    return torch.stack(starts)[pick, torch.arange(gram.shape[0], device=gram.device)]
 
 
 def best_routing(
@@ -116,8 +130,12 @@ def best_routing(
     best_err = torch.full((G,), torch.inf, dtype=torch.float64, device=A.device)
     best_routing = identity.clone()
     best_a = a_full.clone()
-    for _ in range(max(1, restarts)):
-        routing = lloyd(gram0, kmeans_pp(gram0, m, generator), m)
+    starts = [lloyd(gram0, kmeans_pp(gram0, m, generator), m) for _ in range(max(1, restarts))]
+    if K > SCREEN_STARTS_FROM:
+        # Many adapters: each alternation solves a k x k problem per cluster, so alternate only
+        # from the start that is best on the M = K subspace (the k-means objective on gram0).
+        starts = [_best_start(gram0, starts, m)]
+    for routing in starts:
         a_prime, err = shared_a(A, scaled_B, routing, m, dtype=search)
         for _ in range(max_alternations):
             new = lloyd(_gram(projected_heads(A, scaled_B, a_prime)), routing, m)

@@ -178,6 +178,7 @@ def test_float32_routing_search_of_many_adapters_matches_float64(monkeypatch):
 
     stack = random_stack(G=2, K=18, d=12, k=10, r=2, seed=17)  # K > FLOAT32_SEARCH_FROM
     runs = {}
+    monkeypatch.setattr(routing_mod, "SCREEN_STARTS_FROM", 10**9)  # every start alternated
     for label, threshold in (("float32", 16), ("float64", 10**9)):
         monkeypatch.setattr(routing_mod, "FLOAT32_SEARCH_FROM", threshold)
         gen = torch.Generator().manual_seed(0)
@@ -213,3 +214,34 @@ def test_factor_targets_stand_in_for_the_dense_updates():
     want = refine(dense, a, heads, routing, **kw, generator=torch.Generator().manual_seed(5))
     for x, y in zip(got, want, strict=True):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_screened_starts_of_many_adapters_find_planted_groups():
+    """K > SCREEN_STARTS_FROM: one alternation from the best start still finds clear groups."""
+    from hydraopt.merge.routing import best_routing
+    from hydraopt.types import LoraStack
+
+    base = random_stack(G=2, K=3, d=10, k=12, r=2, seed=23)
+    groups = torch.arange(21) % 3  # 21 tasks in 3 planted groups
+    noise = torch.Generator().manual_seed(2)
+    B = base.B[:, groups] * (1 + 0.01 * torch.randn(2, 21, 10, 2, generator=noise))
+    A = base.A[:, groups]
+    stack = LoraStack(A, B, torch.ones(2, 21))
+    routing, _, err = best_routing(A, stack.scaled_B, 3, generator=torch.Generator().manual_seed(0))
+    for g in range(2):
+        found = routing[g]
+        # same partition as the planted one, whatever the head labels
+        assert all(int(found[i]) == int(found[groups == groups[i]][0]) for i in range(21))
+        assert len(set(found.tolist())) == 3
+
+
+def test_best_start_is_the_lowest_kmeans_objective():
+    from hydraopt.merge.routing import _best_start, _gram, _kmeans_objective
+
+    points = torch.tensor([[0.0], [0.1], [5.0], [5.2]]).expand(2, 4, 1)[:, :, :, None]
+    gram = _gram(points)  # (2, 4, 4)
+    good = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0]])
+    bad = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 1]])
+    picked = _best_start(gram, [bad, good], 2)
+    assert torch.equal(picked, good)
+    assert bool((_kmeans_objective(gram, good, 2) < _kmeans_objective(gram, bad, 2)).all())

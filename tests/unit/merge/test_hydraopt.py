@@ -148,19 +148,22 @@ def test_fast_solver_beats_paper_soft_routing_on_hard_routed_error():
     assert float(e_fast) <= float(e_paper)
 
 
-def test_hand_written_mae_gradient_equals_autograd():
+@pytest.mark.parametrize("num_heads", [1, 2, 3])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_hand_written_mae_gradient_equals_autograd(num_heads, per_head):
     from hydraopt.merge.refine import mae_value_and_grads
 
     stack = random_stack(G=2, K=4, d=6, k=5, r=2, seed=12)
     delta = stack.delta().double()
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(2, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    heads = torch.randn(2, 3, 6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    routing = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]])
+    heads = torch.randn(2, num_heads, 6, 2, generator=gen, dtype=torch.float64)
+    heads.requires_grad_(True)
+    routing = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]]) % num_heads
     loss = hard_routed_error(delta, a, heads, routing, "mae").mean(1)
     loss.sum().backward()
     value, g_a, g_h = mae_value_and_grads(
-        delta, a.detach(), heads.detach(), routing, torch.empty_like(delta)
+        delta, a.detach(), heads.detach(), routing, torch.empty_like(delta), per_head=per_head
     )
     assert torch.allclose(value, loss.detach())
     assert torch.allclose(g_a, a.grad) and torch.allclose(g_h, heads.grad)
