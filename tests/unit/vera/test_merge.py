@@ -238,3 +238,26 @@ def test_every_registered_method_merges_vera_with_its_own_config():
         resolve_config("hydraopt", {"heads": 4}, 3, "vera")
     with pytest.raises(HydraoptError, match="shared must be"):
         VeraHydraOptConfig(heads=1, shared="A")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shared", SIDES)
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_hand_written_vera_mae_gradient_equals_autograd(shared, num_heads):
+    from hydraopt.vera.merge import routed_error, vera_mae_value_and_grads
+
+    stack = random_vera(G=2, K=4, seed=31)
+    stack = VeraStack(*(t.double() for t in (stack.lambda_b, stack.lambda_d, stack.A, stack.B)))
+    gen = torch.Generator().manual_seed(3)
+    n_s, n_h = (3, 7) if shared == "lambda_d" else (7, 3)  # r = 3, d = 7
+    s = torch.randn(2, n_s, generator=gen, dtype=torch.float64, requires_grad=True)
+    heads = torch.randn(2, num_heads, n_h, generator=gen, dtype=torch.float64)
+    heads.requires_grad_(True)
+    routing = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]]) % num_heads
+    delta = stack.delta()
+    loss = routed_error(delta, stack, shared, s, heads, routing, "mae").mean(1)
+    loss.sum().backward()
+    value, g_s, g_h = vera_mae_value_and_grads(
+        delta, stack, shared, s.detach(), heads.detach(), routing, torch.empty_like(delta)
+    )
+    assert torch.allclose(value, loss.detach())
+    assert torch.allclose(g_s, s.grad) and torch.allclose(g_h, heads.grad)
