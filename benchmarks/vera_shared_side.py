@@ -153,6 +153,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", help="base model dir (when the adapters' is not local)")
     p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "--layers", help="comma-separated decoder layers to measure (default: every module)"
+    )
     args = p.parse_args()
     paths = list(args.adapters)
     if args.synthetic is not None:
@@ -167,6 +170,9 @@ def main() -> None:
     aset = load_adapter_set(paths, base_model=args.base_model)
     if not isinstance(aset, VeraAdapterSet):
         p.error("these are not VeRA adapters")
+    if args.layers:
+        wanted = {f".layers.{int(x)}." for x in args.layers.split(",")}
+        aset = aset.select([m.name for m in aset.modules if any(w in m.name for w in wanted)])
     rows = measure(aset, distance=args.distance, refine_steps=args.refine_steps, seed=args.seed)
     result = {
         "tasks": list(aset.tasks),
@@ -174,6 +180,7 @@ def main() -> None:
         "distance": args.distance,
         "refine_steps": args.refine_steps,
         "seed": args.seed,
+        "layers": args.layers or "all",
         "rows": rows,
     }
     with atomic_dir(args.out, force=args.force) as tmp:
