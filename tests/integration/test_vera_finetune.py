@@ -180,9 +180,8 @@ def _weights_of(adapter_dir: Path) -> VeraWeights:
     return VeraWeights(state["base_model.vera_A"], state["base_model.vera_B"], lambdas)
 
 
-def test_in_memory_vera_equals_peft_from_pretrained(tiny, trained) -> None:
-    model, tokenizer = tiny
-    out = trained["t-cat"]
+def prompt_batch(tokenizer):
+    """Two chat-formatted prompts and their padded batch (the logit/generation comparisons' input)."""
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": f"fix this text {text}"}],
@@ -191,7 +190,13 @@ def test_in_memory_vera_equals_peft_from_pretrained(tiny, trained) -> None:
         )
         for text in ("the cat sat", "big red dog ran")
     ]
-    batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
+    return prompts, tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
+
+
+def test_in_memory_vera_equals_peft_from_pretrained(tiny, trained) -> None:
+    model, tokenizer = tiny
+    out = trained["t-cat"]
+    prompts, batch = prompt_batch(tokenizer)
     with torch.inference_mode():
         base_logits = model(**batch).logits  # (2, T, V)
 
@@ -302,15 +307,7 @@ def test_vera_bundle_generates_what_its_peft_export_does(tiny, trained, tmp_path
     hydraopt.export_peft_adapters(hydraopt.load_any_bundle(tmp_path / "b"), tmp_path / "peft")
     exported = PerTaskVera(root=tmp_path / "peft")
     exported.check_tasks(list(trained))
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"fix this text {text}"}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for text in ("the cat sat", "big red dog ran")
-    ]
-    batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
+    prompts, batch = prompt_batch(tokenizer)
     with torch.inference_mode():
         base_logits = model(**batch).logits  # (2, T, V)
     logits = {}
