@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from hydraopt.merge.distances import get_distance
+from hydraopt.merge.kernels import fused_available, head_sign_sums
 
 CHECK_EVERY = 10  # low-precision refinement: steps between looks at the loss
 
@@ -105,6 +106,8 @@ def hard_routed_error(
     """
     g_idx = torch.arange(heads.shape[0], device=heads.device)[:, None]
     needs_graph = torch.is_grad_enabled() and (a.requires_grad or heads.requires_grad)
+    if not needs_graph and distance == "mae" and _fused_applies(delta, a, heads):
+        return _fused_mae_error(delta, a, heads, routing)
     if needs_graph or distance not in _SEPARABLE:
         approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
         return get_distance(distance)(take_targets(delta, slice(None)), approx)
@@ -119,6 +122,40 @@ def hard_routed_error(
 
 
 ERROR_BLOCK = 8  # tasks per block of the error evaluation
+
+
+def _fused_applies(delta: Targets, *tensors: torch.Tensor) -> bool:
+    """The fused kernels apply: numba, CPU tensors, one dtype they take (float32 or bfloat16)."""
+    dense = delta if isinstance(delta, torch.Tensor) else delta.A
+    dtypes = {dense.dtype, *(t.dtype for t in tensors)}
+    one_dtype = dtypes <= {torch.float32} or dtypes <= {torch.bfloat16}
+    return one_dtype and fused_available(dense, *tensors)
+
+
+def _fused_mae_error(
+    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor
+) -> torch.Tensor:
+    """:func:`hard_routed_error` for MAE with the fused kernel: M products instead of K, one pass.
+
+    Dense targets: every head's H_c A' once. Targets kept as factors: ERROR_BLOCK tasks at a
+    time, each block against its own tasks' heads, so memory stays flat in K.
+    """
+    G, K = routing.shape
+    g_idx = torch.arange(G, device=heads.device)[:, None]
+    if isinstance(delta, torch.Tensor):
+        _, l1 = head_sign_sums(heads @ a[:, None], delta, routing, with_signs=False)
+        assert l1 is not None
+        return l1.to(a.dtype)
+    out = []
+    for lo in range(0, K, ERROR_BLOCK):
+        block = slice(lo, lo + ERROR_BLOCK)
+        approx = heads[g_idx, routing[:, block]] @ a[:, None]  # (G, b, d, k)
+        own = torch.arange(approx.shape[1], device=routing.device).expand(G, -1)
+        _, l1 = head_sign_sums(approx, take_targets(delta, block), own, with_signs=False)
+        assert l1 is not None
+        out.append(l1.to(a.dtype))
+    return torch.cat(out, dim=1)
+
 
 # Distances of the difference alone, applied in place to a (G, b, d, k) error buffer; the same
 # formulas as hydraopt.merge.distances (tests compare the two).
@@ -151,15 +188,19 @@ def mae_value_and_grads(
     Args:
         delta: (G, K, d, k) targets, contiguous, in ``work``'s dtype.
         a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
-        work: a (G, K, d, k) buffer, overwritten.
-        with_loss: compute the loss (a full extra pass over E; the loop skips it on most steps).
-        per_head: sum the tasks' sign(E) per head before the gradient products (None: when
-            heads serve two tasks or more on average; see :func:`_mae_per_head`).
+        work: scratch from :func:`mae_workspace`, overwritten. Its shape picks the path: the
+            fused CPU pass (:func:`_mae_fused`) or torch's (a (G, K, d, k) buffer for E).
+        with_loss: compute the loss (an extra pass over E in torch; the loop skips it on most
+            steps).
+        per_head: torch paths: sum the tasks' sign(E) per head before the gradient products
+            (None: when heads serve two tasks or more on average; see :func:`_mae_per_head`).
 
     Returns:
         loss (G,) or None, grad A' (G, r, k), grad heads (G, M, d, r).
     """
     G, K, d, k = delta.shape
+    if work.dim() == 5:
+        return _mae_fused(delta, a, heads, routing, work, with_loss=with_loss)
     if per_head if per_head is not None else 2 * heads.shape[1] <= K:
         return _mae_per_head(delta, a, heads, routing, work, with_loss=with_loss)
     M, r = heads.shape[1], a.shape[1]
@@ -233,10 +274,78 @@ def _mae_per_head(
     else:
         signs = work.new_zeros(G * M, d, k).index_add_(0, flat, work.view(G * K, d, k))
         signs = signs.view(G, M, d, k)
-    norm = 1.0 / (K * d * k)
-    g_heads = (signs @ a_w.transpose(-1, -2)).to(a.dtype) * norm  # (G, M, d, r)
-    g_a = (heads_w.transpose(-1, -2) @ signs).to(a.dtype).sum(1) * norm  # (G, r, k)
+    g_a, g_heads = _head_grads(signs, heads_w, a_w[:, 0], 1.0 / (K * d * k), a.dtype)
     return loss, g_a, g_heads
+
+
+def _mae_fused(
+    delta: torch.Tensor,
+    a: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+    work: torch.Tensor,
+    *,
+    with_loss: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`_mae_per_head` with E, sign(E), its per-head sums and the loss in one CPU pass.
+
+    M products for X_c = H_c A', the fused kernel for S_c (never materialising the K d k error),
+    2M products for the gradients: the step costs what its products and one read of the targets
+    cost, whatever M is.
+    """
+    G, K, d, k = delta.shape
+    heads_w = heads.to(delta.dtype)
+    a_w = a.to(delta.dtype)
+    approx, signs = work[0], work[1]  # (G, M, d, k) each, reused: no page faults per step
+    torch.matmul(heads_w, a_w[:, None], out=approx)
+    _, l1 = head_sign_sums(approx, delta, routing, with_loss=with_loss, out=signs)
+    loss = None if l1 is None else l1.mean(1).to(a.dtype)
+    g_a, g_heads = _head_grads(signs, heads_w, a_w, 1.0 / (K * d * k), a.dtype)
+    return loss, g_a, g_heads
+
+
+def _head_grads(
+    signs: torch.Tensor, heads_w: torch.Tensor, a_w: torch.Tensor, norm: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dloss/dA' = norm sum_c H_c^T S_c and dloss/dH_c = norm S_c A'^T, each one GEMM per module.
+
+    Stacking the heads (M d rows) makes the sum over heads part of the GEMM, accumulated in
+    float32 inside it, instead of M products and a sum.
+
+    Args:
+        signs: (G, M, d, k) S_c; heads_w: (G, M, d, r); a_w: (G, r, k), all in the work dtype.
+
+    Returns:
+        grad A' (G, r, k), grad heads (G, M, d, r), in ``dtype``.
+    """
+    G, M, d, k = signs.shape
+    stacked = signs.reshape(G, M * d, k)
+    g_a = torch.bmm(heads_w.reshape(G, M * d, -1).transpose(1, 2), stacked)  # (G, r, k)
+    g_heads = torch.bmm(stacked, a_w.transpose(1, 2)).reshape(G, M, d, -1)  # (G, M, d, r)
+    return g_a.to(dtype) * norm, g_heads.to(dtype) * norm
+
+
+def mae_workspace(
+    shape: torch.Size | tuple[int, ...],
+    num_heads: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    *,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """Scratch for :func:`mae_value_and_grads` on targets of ``shape`` (G, K, d, k).
+
+    The torch paths write E for every task, (G, K, d, k); the fused path (``fused``; None: where
+    it applies, see :mod:`~hydraopt.merge.kernels`) only X and the sums per head, (2, G, M, d, k).
+    """
+    G, K, d, k = shape
+    if fused is None:
+        fused = dtype in (torch.float32, torch.bfloat16) and fused_available(
+            torch.empty(0, device=device)
+        )
+    if fused:
+        return torch.empty(2, G, num_heads, d, k, dtype=dtype, device=device)
+    return torch.empty(G, K, d, k, dtype=dtype, device=device)
 
 
 def balance(a: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +435,7 @@ def refine(
     delta_w = None if sampled else take_targets(delta, slice(None)).to(low)
     batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
     mae_work = (
-        torch.empty(delta.shape[0], batch, *delta.shape[2:], dtype=low, device=a.device)
+        mae_workspace((delta.shape[0], batch, *delta.shape[2:]), heads.shape[1], low, a.device)
         if distance == "mae"
         else None
     )

@@ -1,0 +1,214 @@
+"""Fused elementwise passes of the MAE refinement on the CPU (numba), with torch fallbacks.
+
+A MAE step is three rank-r products and an elementwise pass over every task's dense d x k error:
+E_i = X_{route(i)} - T_i, sign(E_i) summed per head, and now and then sum |E_i|. In torch that
+pass is four to six full sweeps over K d k elements (subtract, sign, sum, cast, abs, sum), and on
+a 2-core CPU it cost ~80 % of a step (bfloat16 reductions are particularly slow there). Here it is
+one sweep that reads X and T once and writes the M d k sums: 3x less time per step at M = 1
+(benchmarks/RESULTS.md). The per-element median of the median start is a second such pass.
+
+Floats are compared through their bit patterns, mapped to integers of the same order (negative
+values: minus the magnitude bits, so -0 and +0 are one key). That works for bfloat16, which numpy
+cannot hold, and needs no conversion of T before the loop. Every function here is pure and
+returns what torch's plain formulas return (tests compare both on random inputs); the sums of
+absolute errors run in float64, per block, in a fixed order, so results do not depend on threads.
+
+Used only for CPU tensors and when numba imports; everything else takes the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import numpy as np
+import torch
+
+BLOCK = 8192  # elements per parallel work item (its buffers stay small: see the kernel)
+MEDIAN_BLOCK = 2048  # the median holds one row per task of its head
+
+_BITS = {torch.bfloat16: (torch.int16, 16, 0x7FFF), torch.float32: (torch.int32, 0, 0x7FFFFFFF)}
+
+
+@functools.cache
+def _numba() -> ModuleType | None:
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; exotic platforms may lack it
+        return None
+    return numba
+
+
+def fused_available(*tensors: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels apply: numba imports and every tensor is on the CPU."""
+    return _numba() is not None and all(t.device.type == "cpu" for t in tensors)
+
+
+def _as_bits(x: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a contiguous bfloat16/float32 tensor's bit patterns."""
+    return x.contiguous().view(_BITS[x.dtype][0]).numpy()
+
+
+def _set_threads() -> None:
+    numba = _numba()
+    assert numba is not None
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def head_sign_sums(
+    approx: torch.Tensor,
+    targets: torch.Tensor,
+    routing: torch.Tensor,
+    *,
+    with_signs: bool = True,
+    with_loss: bool = True,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """S_c = sum_{i -> c} sign(X_c - T_i) and mean_jk |X_{route(i)} - T_i| in one pass.
+
+    Args:
+        approx: (G, M, d, k) X_c = H_c A', bfloat16 or float32.
+        targets: (G, K, d, k) T_i, same dtype.
+        routing: (G, K) head of each task.
+        with_signs, with_loss: which of the two outputs to compute.
+        out: where to write the signs (like ``approx``; a loop reuses it: a fresh 10-100 MB
+            buffer per call costs its page faults, measured at up to half of the pass).
+
+    Returns:
+        signs (G, M, d, k) in approx's dtype (small integers, exact) or None;
+        mean absolute error per task (G, K) float64 or None.
+    """
+    G, M, d, k = approx.shape
+    K = targets.shape[1]
+    if targets.shape != (G, K, d, k) or targets.dtype != approx.dtype:
+        raise ValueError("approx and targets must share G, d, k and dtype")
+    _, shift, mask = _BITS[approx.dtype]
+    x = _as_bits(approx).reshape(G, M, d * k)
+    t = _as_bits(targets).reshape(G, K, d * k)
+    route = routing.to(torch.int64).contiguous().numpy()
+    if not with_signs:
+        signs = approx.new_empty(G, M, 0, 0)
+    elif out is None:
+        signs = torch.empty_like(approx)
+    elif out.shape != approx.shape or out.dtype != approx.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor like approx")
+    else:
+        signs = out
+    bits = _as_bits(signs).reshape(G, M, -1)
+    blocks = -(-(d * k) // BLOCK)
+    partial = np.zeros((G, blocks, K if with_loss else 0))
+    _set_threads()
+    _sign_sum_kernel()(x, t, route, np.int32(shift), np.int32(mask), bits, partial, with_signs)
+    loss = torch.from_numpy(partial.sum(1) / (d * k)) if with_loss else None
+    return (signs if with_signs else None), loss
+
+
+def medians(delta: torch.Tensor, routing: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Per-element median over the tasks routed to each head (mean of the middle two if even).
+
+    Same contract as :func:`hydraopt.merge.median_start.median_targets` (float32 in and out; a
+    head with no task gets zeros), one pass instead of a sort per head.
+    """
+    G, K, d, k = delta.shape
+    values = delta.float().contiguous().reshape(G, K, d * k).numpy()
+    out = np.zeros((G, num_heads, d * k), np.float32)
+    _set_threads()
+    _median_kernel()(values, routing.to(torch.int64).contiguous().numpy(), out)
+    return torch.from_numpy(out).reshape(G, num_heads, d, k)
+
+
+@functools.cache
+def _sign_sum_kernel():  # type: ignore[no-untyped-def]
+    numba = _numba()
+    assert numba is not None
+
+    # fastmath reassoc only lets the float64 loss sums vectorise; their order is still fixed per
+    # work item, so the loss does not depend on the thread count.
+    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+    def kernel(x, t, route, shift, mask, out, partial, with_signs):  # type: ignore[no-untyped-def]
+        G, M, n = x.shape
+        K = t.shape[1]
+        blocks = partial.shape[1]
+        with_loss = partial.shape[2] > 0
+        for job in numba.prange(G * blocks):
+            g, b = job // blocks, job % blocks
+            lo = b * BLOCK
+            w = min(n, lo + BLOCK) - lo
+            # One head at a time: four BLOCK-sized buffers per work item whatever M is (small
+            # enough for the allocator's fast path and for L1/L2).
+            kx = np.empty(BLOCK, np.int32)  # order keys of X_c
+            fx = np.empty(BLOCK, np.float32)  # its values, for the loss
+            ix = fx.view(np.int32)
+            acc = np.empty(BLOCK, np.int32)
+            ft = np.empty(BLOCK, np.float32)
+            it = ft.view(np.int32)
+            for c in range(M):
+                xr = x[g, c, lo : lo + w]
+                for j in range(w):
+                    v = np.int32(xr[j])
+                    kx[j] = v if v >= 0 else -(v & mask)
+                if with_loss:
+                    for j in range(w):
+                        ix[j] = np.int32(xr[j]) << shift
+                acc[:w] = 0
+                for i in range(K):
+                    if route[g, i] != c:
+                        continue
+                    tr = t[g, i, lo : lo + w]
+                    if with_signs:
+                        for j in range(w):
+                            v = np.int32(tr[j])
+                            kt = v if v >= 0 else -(v & mask)
+                            acc[j] += np.int32(kx[j] > kt) - np.int32(kx[j] < kt)
+                    if with_loss:
+                        for j in range(w):
+                            it[j] = np.int32(tr[j]) << shift
+                        s = 0.0
+                        for j in range(w):
+                            s += abs(np.float64(fx[j]) - np.float64(ft[j]))
+                        partial[g, b, i] = s
+                if with_signs:
+                    orow = out[g, c, lo : lo + w]
+                    for j in range(w):  # small integers: the low 16 bits are zero, exact in bf16
+                        orow[j] = np.float32(acc[j]).view(np.int32) >> shift
+
+    return kernel
+
+
+@functools.cache
+def _median_kernel():  # type: ignore[no-untyped-def]
+    numba = _numba()
+    assert numba is not None
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def kernel(values, route, out):  # type: ignore[no-untyped-def]
+        G, K, n = values.shape
+        M = out.shape[1]
+        blocks = -(-n // MEDIAN_BLOCK)
+        for job in numba.prange(G * M * blocks):
+            g, rest = job // (M * blocks), job % (M * blocks)
+            c, b = rest // blocks, rest % blocks
+            members = np.nonzero(route[g] == c)[0]
+            m = members.size
+            if m == 0:
+                continue
+            lo = b * MEDIAN_BLOCK
+            w = min(n, lo + MEDIAN_BLOCK) - lo
+            # Insertion sort of the member rows, a compare-exchange of whole rows at a time
+            # (vectorised min/max; m(m-1)/2 of them for m tasks).
+            buf = np.empty((m, MEDIAN_BLOCK), np.float32)
+            for p in range(m):
+                src, dst = values[g, members[p], lo : lo + w], buf[p]
+                for j in range(w):
+                    dst[j] = src[j]
+                for q in range(p, 0, -1):
+                    below, above = buf[q - 1], buf[q]
+                    for j in range(w):
+                        u, v = below[j], above[j]
+                        below[j] = min(u, v)
+                        above[j] = max(u, v)
+            low, high, orow = buf[(m - 1) // 2], buf[m // 2], out[g, c, lo : lo + w]
+            for j in range(w):
+                orow[j] = np.float32(0.5) * (low[j] + high[j])
+
+    return kernel
