@@ -23,7 +23,7 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import AdapterSet
 from hydraopt.merge.base import MergeContext, build_config, config_class_for, config_to_dict
-from hydraopt.merge.refine import FactorTargets, Targets, hard_routed_error
+from hydraopt.merge.refine import FactorTargets, Targets, distance_to_zero, hard_routed_error
 from hydraopt.merge.registry import get_method
 from hydraopt.storage import storage_report, vera_storage_report
 from hydraopt.types import Bundle, ModuleSpec, VeraBundle
@@ -113,10 +113,7 @@ def merge_chunk(
     with torch.no_grad():
         err = hard_routed_error(delta, a, heads, stored[2], options.error_distance)
         # f(ΔW, 0): the error of storing nothing, the yardstick for "relative error".
-        nothing = torch.zeros_like(heads[:, :1])  # one all-zero head for every task
-        zero = hard_routed_error(
-            delta, a, nothing, torch.zeros_like(stored[2]), options.error_distance
-        )
+        zero = distance_to_zero(delta, options.error_distance)
     return _chunk_result(chunk, stored, err, zero)
 
 

@@ -124,6 +124,27 @@ def hard_routed_error(
 ERROR_BLOCK = 8  # tasks per block of the error evaluation
 
 
+def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
+    """f(ΔW_i, 0) per module and task (G, K): the error of storing nothing.
+
+    The yardstick of "relative error". The separable distances need no product with the (zero)
+    heads, only the targets, ERROR_BLOCK tasks at a time.
+    """
+    G, K, d, k = delta.shape
+    dense = delta if isinstance(delta, torch.Tensor) else delta.A  # for dtype and device
+    if distance not in _SEPARABLE:
+        nothing = dense.new_zeros(G, 1, d, 1)  # one all-zero head (r = 1) for every task
+        routing = torch.zeros(G, K, dtype=torch.long, device=dense.device)
+        return hard_routed_error(delta, dense.new_zeros(G, 1, k), nothing, routing, distance)
+    out = []
+    for lo in range(0, K, ERROR_BLOCK):
+        block = take_targets(delta, slice(lo, lo + ERROR_BLOCK))
+        if isinstance(delta, torch.Tensor):
+            block = block.clone()  # a view of the caller's tensor: the formulas work in place
+        out.append(_SEPARABLE[distance](block, d * k))
+    return torch.cat(out, dim=1)
+
+
 def _fused_applies(delta: Targets, *tensors: torch.Tensor) -> bool:
     """The fused kernels apply: numba, CPU tensors, one dtype they take (float32 or bfloat16)."""
     dense = delta if isinstance(delta, torch.Tensor) else delta.A
@@ -466,11 +487,19 @@ def refine(
         # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps
         # settle into the L1 optimum instead of rattling around it.
         adam.step(grads, cosine_lr(lr, step, steps))
-    del mae_work, delta_w
     with torch.no_grad():
-        if track and low != delta.dtype:
+        if track and low != delta.dtype and delta_w is not None:
+            # The last iterate, on the loop's own low-precision loss; then only the winner gets
+            # a float32 evaluation (each costs M float32 products and a pass over the targets).
+            last = hard_routed_error(
+                delta_w, (a_p * s_a).to(low), (h_p * s_h).to(low), routing, distance
+            )
+            keep_better(last.mean(1).to(best_err.dtype))
+            del mae_work, delta_w
             best_err = hard_routed_error(delta, best_a, best_h, routing, distance).mean(1)
-        keep_better(current_error(delta, routing))
+        else:
+            del mae_work, delta_w
+            keep_better(current_error(delta, routing))
         worse = start_err <= best_err  # float32 comparison with the start; ties keep the start
         best_a[worse], best_h[worse] = a[worse], heads[worse]
         best_err = torch.where(worse, start_err, best_err)

@@ -245,3 +245,19 @@ def test_best_start_is_the_lowest_kmeans_objective():
     picked = _best_start(gram, [bad, good], 2)
     assert torch.equal(picked, good)
     assert bool((_kmeans_objective(gram, good, 2) < _kmeans_objective(gram, bad, 2)).all())
+
+
+@pytest.mark.parametrize("distance", ["mae", "mse", "fro", "cos"])
+def test_distance_to_zero_is_the_error_of_storing_nothing(distance):
+    from hydraopt.merge.distances import get_distance
+    from hydraopt.merge.refine import FactorTargets, distance_to_zero
+
+    stack = random_stack(G=2, K=11, d=7, k=6, r=2, seed=23)  # K > ERROR_BLOCK: several blocks
+    dense = stack.delta()
+    kept = dense.clone()
+    want = get_distance(distance)(dense, torch.zeros_like(dense))
+    for targets in (dense, FactorTargets(stack.A, stack.scaled_B)):
+        got = distance_to_zero(targets, distance)
+        assert got.shape == (2, 11)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(dense, kept)  # the in-place formulas worked on a copy
