@@ -106,8 +106,11 @@ def hard_routed_error(
     """
     g_idx = torch.arange(heads.shape[0], device=heads.device)[:, None]
     needs_graph = torch.is_grad_enabled() and (a.requires_grad or heads.requires_grad)
-    if not needs_graph and distance == "mae" and _fused_applies(delta, a, heads):
-        return _fused_mae_error(delta, a, heads, routing)
+    # Dense targets only: with targets kept as factors (many adapters) forming them dominates,
+    # and the kernels' runtime memory would count against the flat-memory promise.
+    dense = isinstance(delta, torch.Tensor)
+    if dense and not needs_graph and distance == "mae" and _fused_applies(delta, a, heads):
+        return _fused_mae_error(delta, a, heads, routing)  # type: ignore[arg-type]
     if needs_graph or distance not in _SEPARABLE:
         approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
         return get_distance(distance)(take_targets(delta, slice(None)), approx)
@@ -154,28 +157,12 @@ def _fused_applies(delta: Targets, *tensors: torch.Tensor) -> bool:
 
 
 def _fused_mae_error(
-    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor
+    delta: torch.Tensor, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`hard_routed_error` for MAE with the fused kernel: M products instead of K, one pass.
-
-    Dense targets: every head's H_c A' once. Targets kept as factors: ERROR_BLOCK tasks at a
-    time, each block against its own tasks' heads, so memory stays flat in K.
-    """
-    G, K = routing.shape
-    g_idx = torch.arange(G, device=heads.device)[:, None]
-    if isinstance(delta, torch.Tensor):
-        _, l1 = head_sign_sums(heads @ a[:, None], delta, routing, with_signs=False)
-        assert l1 is not None
-        return l1.to(a.dtype)
-    out = []
-    for lo in range(0, K, ERROR_BLOCK):
-        block = slice(lo, lo + ERROR_BLOCK)
-        approx = heads[g_idx, routing[:, block]] @ a[:, None]  # (G, b, d, k)
-        own = torch.arange(approx.shape[1], device=routing.device).expand(G, -1)
-        _, l1 = head_sign_sums(approx, take_targets(delta, block), own, with_signs=False)
-        assert l1 is not None
-        out.append(l1.to(a.dtype))
-    return torch.cat(out, dim=1)
+    """:func:`hard_routed_error` for MAE with the fused kernel: M products instead of K, one pass."""
+    _, l1 = head_sign_sums(heads @ a[:, None], delta, routing, with_signs=False)
+    assert l1 is not None
+    return l1.to(a.dtype)
 
 
 # Distances of the difference alone, applied in place to a (G, b, d, k) error buffer; the same
@@ -456,7 +443,15 @@ def refine(
     delta_w = None if sampled else take_targets(delta, slice(None)).to(low)
     batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
     mae_work = (
-        mae_workspace((delta.shape[0], batch, *delta.shape[2:]), heads.shape[1], low, a.device)
+        # Sampled steps (many adapters): forming the sampled targets dominates, so the torch
+        # path, which needs no kernel runtime (memory flat in K), costs the same.
+        mae_workspace(
+            (delta.shape[0], batch, *delta.shape[2:]),
+            heads.shape[1],
+            low,
+            a.device,
+            fused=False if sampled else None,
+        )
         if distance == "mae"
         else None
     )
