@@ -40,13 +40,15 @@ def _numba() -> ModuleType | None:
     return numba
 
 
-def fused_available(*tensors: torch.Tensor) -> bool:
-    """Whether the fused CPU kernels apply: numba is installed and every tensor is on the CPU.
+def fused_available(device: torch.device | str, *dtypes: torch.dtype) -> bool:
+    """Whether the fused CPU kernels apply: numba is installed, ``device`` is the CPU, and the
+    given dtypes are one dtype the kernels take (float32 or bfloat16).
 
     Looks numba up without importing it: its runtime costs ~250 MB of resident memory, paid
     only by the merges that run a kernel.
     """
-    return _numba_installed() and all(t.device.type == "cpu" for t in tensors)
+    one_dtype = len(set(dtypes)) <= 1 and set(dtypes) <= set(_BITS)
+    return one_dtype and torch.device(device).type == "cpu" and _numba_installed()
 
 
 @functools.cache
@@ -120,7 +122,7 @@ def medians(delta: torch.Tensor, routing: torch.Tensor, num_heads: int) -> torch
     head with no task gets zeros), one pass instead of a sort per head.
     """
     G, K, d, k = delta.shape
-    values = delta.float().contiguous().reshape(G, K, d * k).numpy()
+    values = delta.contiguous().reshape(G, K, d * k).numpy()
     out = np.zeros((G, num_heads, d * k), np.float32)
     _set_threads()
     _median_kernel()(values, routing.to(torch.int64).contiguous().numpy(), out)

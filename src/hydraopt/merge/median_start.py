@@ -30,7 +30,7 @@ def median_targets(delta: torch.Tensor, routing: torch.Tensor, num_heads: int) -
     Returns:
         (G, M, d, k); a head with no task gets zeros.
     """
-    if delta.dtype == torch.float32 and fused_available(delta):
+    if delta.dtype == torch.float32 and fused_available(delta.device):
         return medians(delta, routing, num_heads)  # the same numbers, one pass (tests compare)
     G, K, d, k = delta.shape
     out = delta.new_zeros(G, num_heads, d, k)

@@ -108,9 +108,13 @@ def hard_routed_error(
     needs_graph = torch.is_grad_enabled() and (a.requires_grad or heads.requires_grad)
     # Dense targets only: with targets kept as factors (many adapters) forming them dominates,
     # and the kernels' runtime memory would count against the flat-memory promise.
-    dense = isinstance(delta, torch.Tensor)
-    if dense and not needs_graph and distance == "mae" and _fused_applies(delta, a, heads):
-        return _fused_mae_error(delta, a, heads, routing)  # type: ignore[arg-type]
+    if (
+        isinstance(delta, torch.Tensor)
+        and not needs_graph
+        and distance == "mae"
+        and fused_available(delta.device, delta.dtype, a.dtype, heads.dtype)
+    ):
+        return _fused_mae_error(delta, a, heads, routing)
     if needs_graph or distance not in _SEPARABLE:
         approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
         return get_distance(distance)(take_targets(delta, slice(None)), approx)
@@ -134,11 +138,9 @@ def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
     heads, only the targets, ERROR_BLOCK tasks at a time.
     """
     G, K, d, k = delta.shape
-    dense = delta if isinstance(delta, torch.Tensor) else delta.A  # for dtype and device
     if distance not in _SEPARABLE:
-        nothing = dense.new_zeros(G, 1, d, 1)  # one all-zero head (r = 1) for every task
-        routing = torch.zeros(G, K, dtype=torch.long, device=dense.device)
-        return hard_routed_error(delta, dense.new_zeros(G, 1, k), nothing, routing, distance)
+        targets = take_targets(delta, slice(None))
+        return get_distance(distance)(targets, torch.zeros_like(targets))
     out = []
     for lo in range(0, K, ERROR_BLOCK):
         block = take_targets(delta, slice(lo, lo + ERROR_BLOCK))
@@ -146,14 +148,6 @@ def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
             block = block.clone()  # a view of the caller's tensor: the formulas work in place
         out.append(_SEPARABLE[distance](block, d * k))
     return torch.cat(out, dim=1)
-
-
-def _fused_applies(delta: Targets, *tensors: torch.Tensor) -> bool:
-    """The fused kernels apply: numba, CPU tensors, one dtype they take (float32 or bfloat16)."""
-    dense = delta if isinstance(delta, torch.Tensor) else delta.A
-    dtypes = {dense.dtype, *(t.dtype for t in tensors)}
-    one_dtype = dtypes <= {torch.float32} or dtypes <= {torch.bfloat16}
-    return one_dtype and fused_available(dense, *tensors)
 
 
 def _fused_mae_error(
@@ -347,11 +341,7 @@ def mae_workspace(
     it applies, see :mod:`~hydraopt.merge.kernels`) only X and the sums per head, (2, G, M, d, k).
     """
     G, K, d, k = shape
-    if fused is None:
-        fused = dtype in (torch.float32, torch.bfloat16) and fused_available(
-            torch.empty(0, device=device)
-        )
-    if fused:
+    if fused if fused is not None else fused_available(device, dtype):
         return torch.empty(2, G, num_heads, d, k, dtype=dtype, device=device)
     return torch.empty(G, K, d, k, dtype=dtype, device=device)
 
@@ -483,17 +473,20 @@ def refine(
         # settle into the L1 optimum instead of rattling around it.
         adam.step(grads, cosine_lr(lr, step, steps))
     with torch.no_grad():
-        if track and low != delta.dtype and delta_w is not None:
-            # The last iterate, on the loop's own low-precision loss; then only the winner gets
-            # a float32 evaluation (each costs M float32 products and a pass over the targets).
+        # Low-precision loop: the last iterate is judged on the loop's own loss, and only the
+        # winner gets a float32 evaluation (each costs M float32 products and a pass over the
+        # targets). Otherwise the last iterate is evaluated like the others.
+        judged_low = track and low != delta.dtype
+        if judged_low:
+            assert delta_w is not None  # tracked: every step saw every task, densely
             last = hard_routed_error(
                 delta_w, (a_p * s_a).to(low), (h_p * s_h).to(low), routing, distance
             )
             keep_better(last.mean(1).to(best_err.dtype))
-            del mae_work, delta_w
+        del mae_work, delta_w
+        if judged_low:
             best_err = hard_routed_error(delta, best_a, best_h, routing, distance).mean(1)
         else:
-            del mae_work, delta_w
             keep_better(current_error(delta, routing))
         worse = start_err <= best_err  # float32 comparison with the start; ties keep the start
         best_a[worse], best_h[worse] = a[worse], heads[worse]
