@@ -108,6 +108,8 @@ def merge_chunk(
         stack = aset.load_stack(chunk).to(options.device)
         out = method.merge(stack, config, generator=gen, context=context)
         stored = (out.A, out.heads, out.routing)
+        if out.measured is not None and out.measured.distance == options.error_distance:
+            return _chunk_result(chunk, stored, out.measured.error, out.measured.zero)
         # The updates stay factored: errors are formed a few tasks at a time (memory flat in K).
         delta, a, heads = FactorTargets(stack.A, stack.scaled_B), out.A, out.heads
     with torch.no_grad():

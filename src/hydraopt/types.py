@@ -75,11 +75,14 @@ class MergedStack:
         A: (G, r, k) shared A'.
         heads: (G, M, d, r) the B' heads, LoRA scale folded in (ΔW'_gi = heads[g, routing[g, i]] @ A[g]).
         routing: (G, K) int64 head index per module and task.
+        measured: errors the method already measured on the way (its final evaluation), so the
+            engine need not form the K updates again to report them; None if it measured none.
     """
 
     A: torch.Tensor
     heads: torch.Tensor
     routing: torch.Tensor
+    measured: Measured | None = None
 
     def delta(self) -> torch.Tensor:
         """Dense routed updates, (G, K, d, k)."""
@@ -88,7 +91,29 @@ class MergedStack:
         return routed @ self.A[:, None]
 
     def to(self, device: torch.device | str) -> MergedStack:
-        return MergedStack(self.A.to(device), self.heads.to(device), self.routing.to(device))
+        measured = self.measured
+        if measured is not None:
+            measured = Measured(
+                measured.distance, measured.error.to(device), measured.zero.to(device)
+            )
+        return MergedStack(
+            self.A.to(device), self.heads.to(device), self.routing.to(device), measured
+        )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Per-task errors of a merge result, measured by the method with one distance.
+
+    Attributes:
+        distance: registry name of f.
+        error: (G, K) f(ΔW_i, ΔW'_i), the hard-routed error of the returned result.
+        zero: (G, K) f(ΔW_i, 0), the error of storing nothing.
+    """
+
+    distance: str
+    error: torch.Tensor
+    zero: torch.Tensor
 
 
 @dataclass(frozen=True)

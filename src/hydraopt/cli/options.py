@@ -52,10 +52,12 @@ def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> 
     g.add_argument(
         "--refine-steps",
         type=int,
-        help="fast solver refinement steps (default 100; 0 = closed form)",
+        help="fast solver refinement steps (default 100, 20 at M = K; 0 = closed form)",
     )
     g.add_argument(
-        "--refine-lr", type=float, help="fast solver refinement learning rate (default 1.0)"
+        "--refine-lr",
+        type=float,
+        help="fast solver refinement learning rate (default 1.0, 0.05 at M = K)",
     )
     g.add_argument(
         "--refine-precision",

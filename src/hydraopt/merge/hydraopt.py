@@ -26,6 +26,7 @@ from hydraopt.merge.paper import paper_solve
 from hydraopt.merge.refine import (
     FactorTargets,
     Targets,
+    distance_to_zero,
     fit_head_scales,
     refine,
     resolve_precision,
@@ -33,8 +34,12 @@ from hydraopt.merge.refine import (
 )
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
-from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
+from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, VeraStack
 from hydraopt.vera.config import VeraHydraOptConfig
+
+# Default refinement schedules (see HydraOptConfig.refine_schedule).
+SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
+OWN_HEAD_STEPS, OWN_HEAD_LR = 20, 0.05  # M = K
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,10 @@ class HydraOptConfig:
         weight_decay: paper solver: AdamW weight decay (torch's default, as the paper's code).
         temperature: paper solver: T in softmax(C'/T); 0.2 here = the appendix code's T = 5.
         restarts: fast solver: k-means++ starts for the routing (M < K).
-        refine_steps: fast solver: AdamW steps on the hard-routed distance (0 = closed form only).
-        refine_lr: fast solver: learning rate relative to the factors' RMS.
+        refine_steps: fast solver: AdamW steps on the hard-routed distance (0 = closed form only;
+            None: 100 for M < K, 20 for M = K, see :meth:`refine_schedule`).
+        refine_lr: fast solver: learning rate relative to the factors' RMS (None: 1.0 for M < K,
+            0.05 for M = K).
         refine_precision: fast solver: dtype of the refinement's dense products; ``auto`` =
             bfloat16 where it is fast (AVX-512 BF16 / AMX CPUs, CUDA), else float32.
         refine_tasks: fast solver: tasks per refinement step; with more adapters than this each
@@ -69,8 +76,8 @@ class HydraOptConfig:
     weight_decay: float = 0.01
     temperature: float = 0.2
     restarts: int = 8
-    refine_steps: int = 100
-    refine_lr: float = 1.0
+    refine_steps: int | None = None
+    refine_lr: float | None = None
     refine_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     refine_tasks: int = 8
     start: Literal["auto", "closed_form"] = "auto"
@@ -84,14 +91,35 @@ class HydraOptConfig:
             raise HydraoptError(f"solver must be 'fast' or 'paper', got {self.solver!r}")
         if self.temperature <= 0:
             raise HydraoptError("temperature must be > 0")
-        if self.epochs < 0 or self.refine_steps < 0 or self.restarts < 1:
+        if self.epochs < 0 or (self.refine_steps or 0) < 0 or self.restarts < 1:
             raise HydraoptError("epochs and refine_steps must be >= 0 and restarts >= 1")
+        if self.refine_lr is not None and not self.refine_lr > 0:
+            raise HydraoptError(f"refine_lr must be > 0, got {self.refine_lr}")
         if self.refine_precision not in ("auto", "float32", "bfloat16"):
             raise HydraoptError("refine_precision must be auto, float32 or bfloat16")
         if self.refine_tasks < 1:
             raise HydraoptError("refine_tasks must be >= 1")
         if self.start not in ("auto", "closed_form"):
             raise HydraoptError("start must be 'auto' or 'closed_form'")
+
+    def refine_schedule(self, num_tasks: int) -> tuple[int, float]:
+        """(steps, lr) of the refinement for K = ``num_tasks``: the set fields, else the defaults.
+
+        M < K: heads are compromises between the tasks routed to them and the closed form is
+        the squared-error optimum, so 100 steps at lr 1.0 are worth their cost (1-2 % MAE).
+        M = K: every task keeps its own head and the start is within ~3 % of the refined MAE;
+        large steps only throw that start away (real adapters: no gain in 20 steps at
+        lr >= 0.2), while 20 steps at 0.05 keep 75-90 % of 100 steps' gain at a fifth of the
+        cost (benchmarks/RESULTS.md, section 2).
+        """
+        own_heads = self.heads >= num_tasks
+        steps = self.refine_steps
+        if steps is None:
+            steps = OWN_HEAD_STEPS if own_heads else SHARED_HEAD_STEPS
+        lr = self.refine_lr
+        if lr is None:
+            lr = OWN_HEAD_LR if own_heads else SHARED_HEAD_LR
+        return steps, lr
 
 
 @registered("hydraopt")
@@ -140,7 +168,8 @@ class HydraOpt:
         heads = routed_heads(projected_heads(stack.A, scaled_b, a), routing, M)
         # The closed form is exact for squared Frobenius (= mse up to a constant): refining could
         # only move it by rounding, so skip it there.
-        if config.refine_steps > 0 and config.distance != "mse":
+        steps, lr = config.refine_schedule(K)
+        if steps > 0 and config.distance != "mse":
             every_task = config.refine_tasks >= K
             # Many adapters: keep the targets as factors (memory flat in K); cos needs them dense.
             dense = stack.delta() if every_task or config.distance == "cos" else None
@@ -148,20 +177,25 @@ class HydraOpt:
             # Medians cost a sort over the tasks: only where the refinement sees every task.
             if config.distance == "mae" and config.start == "auto" and dense is not None:
                 a, heads = median_start(dense, stack.A, a, heads, routing)
-            a, heads, _ = refine(
+            a, heads, err = refine(
                 delta,
                 a,
                 heads,
                 routing,
                 distance=config.distance,
-                steps=config.refine_steps,
-                lr=config.refine_lr,
+                steps=steps,
+                lr=lr,
                 precision=resolve_precision(config.refine_precision, a.device),
                 tasks_per_step=config.refine_tasks,
                 generator=generator,
             )
             if config.distance == "cos":
                 heads = fit_head_scales(take_targets(delta, slice(None)), a, heads, routing)
+            else:
+                # The refinement's final float32 evaluation is the result's error: hand it on
+                # instead of having the engine form the K updates again.
+                zero = distance_to_zero(delta, config.distance)
+                return MergedStack(a, heads, routing, Measured(config.distance, err, zero))
         return MergedStack(a, heads, routing)
 
     def merge_vera(

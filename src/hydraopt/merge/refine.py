@@ -371,7 +371,7 @@ def refine(
     tasks_per_step: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AdamW on the hard-routed distance; returns the best (A', heads) per module and its error.
+    """AdamW on the hard-routed distance; returns the best (A', heads) per module and its errors.
 
     Args:
         delta: (G, K, d, k) targets, dense or as :class:`FactorTargets` (then each step forms
@@ -390,13 +390,14 @@ def refine(
         generator: draws the tasks (required when sampling).
 
     Returns:
-        A' (G, r, k), heads (G, M, d, r), mean error over tasks (G,).
+        A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
     """
     a, heads = balance(a, heads)
     with torch.no_grad():
-        start_err = hard_routed_error(delta, a, heads, routing, distance).mean(1)
+        start_tasks = hard_routed_error(delta, a, heads, routing, distance)
     if steps <= 0:
-        return a, heads, start_err
+        return a, heads, start_tasks
+    start_err = start_tasks.mean(1)
     K = delta.shape[1]
     sampled = tasks_per_step is not None and tasks_per_step < K
     if sampled and generator is None:
@@ -409,6 +410,8 @@ def refine(
     check_every = 1 if low == delta.dtype else CHECK_EVERY
     best_a, best_h = a.clone(), heads.clone()
     best_err = torch.full_like(start_err, float("inf"))
+    # Per-task errors of the best iterate where known (NaN: only its mean was seen in the loop).
+    best_tasks = torch.full_like(start_tasks, float("nan"))
 
     # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
     scale = a.square().mean(dim=(1, 2)).sqrt().clamp_min(1e-30)  # (G,)
@@ -417,16 +420,17 @@ def refine(
     h_p = (heads / s_h).requires_grad_(distance != "mae")
     adam = Adam([a_p, h_p])
 
-    def keep_better(err: torch.Tensor) -> None:
+    def keep_better(err: torch.Tensor, per_task: torch.Tensor | None = None) -> None:
         nonlocal best_err
         better = err < best_err
         if bool(better.any()):
             best_err = torch.where(better, err, best_err)
             best_a[better] = (a_p.detach() * s_a)[better]
             best_h[better] = (h_p.detach() * s_h)[better]
+            best_tasks[better] = float("nan") if per_task is None else per_task[better]
 
     def current_error(target: Targets, route: torch.Tensor) -> torch.Tensor:
-        return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance).mean(1)  # (G,)
+        return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance)  # (G, n)
 
     # Dense low-precision targets only when every step uses every task; sampled steps form
     # their few tasks' ΔW on the fly.
@@ -462,7 +466,7 @@ def refine(
                 )
                 grads = [g_a * s_a, g_h * s_h]
         else:
-            per_module = current_error(target, route)
+            per_module = current_error(target, route).mean(1)
             # Modules are independent; summing keeps each module's gradient its own.
             grads = list(torch.autograd.grad(per_module.sum(), [a_p, h_p]))
         if check and per_module is not None:
@@ -485,13 +489,17 @@ def refine(
             keep_better(last.mean(1).to(best_err.dtype))
         del mae_work, delta_w
         if judged_low:
-            best_err = hard_routed_error(delta, best_a, best_h, routing, distance).mean(1)
+            best_tasks = hard_routed_error(delta, best_a, best_h, routing, distance)
         else:
-            keep_better(current_error(delta, routing))
+            last = current_error(delta, routing)
+            keep_better(last.mean(1), last)
+            if bool(best_tasks.isnan().any()):  # an earlier iterate won: only its mean is known
+                best_tasks = hard_routed_error(delta, best_a, best_h, routing, distance)
+        best_err = best_tasks.mean(1)
         worse = start_err <= best_err  # float32 comparison with the start; ties keep the start
         best_a[worse], best_h[worse] = a[worse], heads[worse]
-        best_err = torch.where(worse, start_err, best_err)
-    return best_a, best_h, best_err
+        best_tasks[worse] = start_tasks[worse]
+    return best_a, best_h, best_tasks
 
 
 def cosine_lr(lr: float, step: int, steps: int) -> float:

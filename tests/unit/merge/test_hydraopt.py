@@ -75,8 +75,9 @@ def test_refine_returns_best_iterate_even_with_a_bad_learning_rate():
     heads = torch.zeros(2, 1, 6, 2)
     routing = torch.zeros(2, 3, dtype=torch.long)
     start = hard_routed_error(delta, a, heads, routing, "mae").mean(1)
-    _, _, err = refine(delta, a, heads, routing, distance="mae", steps=5, lr=1e6)
-    assert bool((err <= start).all())
+    a2, h2, err = refine(delta, a, heads, routing, distance="mae", steps=5, lr=1e6)
+    assert bool((err.mean(1) <= start).all())
+    assert torch.allclose(err, hard_routed_error(delta, a2, h2, routing, "mae"))
 
 
 def test_paper_init_matches_nn_linear_and_zero_heads():
@@ -182,3 +183,46 @@ def test_hand_written_mae_gradient_equals_autograd(num_heads, path):
     )
     assert torch.allclose(value, loss.detach())
     assert torch.allclose(g_a, a.grad) and torch.allclose(g_h, heads.grad)
+
+
+@pytest.mark.parametrize("error_distance", ["mae", "fro"])
+def test_bundle_errors_equal_a_plain_recomputation(make_adapter, monkeypatch, error_distance):
+    """The errors a bundle reports, whether the refinement measured them (mae: the engine must
+    not form the updates again) or the engine did (fro), are f(ΔW_i, heads[route] A') and
+    f(ΔW_i, 0) computed the plain way."""
+    from hydraopt import engine, load_adapter_set, merge_adapter_set
+    from hydraopt.merge.distances import get_distance
+
+    aset = load_adapter_set(
+        [make_adapter(f"t{i}", seed=i + 1, alpha=4 * (i + 1)) for i in range(3)]
+    )
+    if error_distance == "mae":
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the engine recomputed errors the refinement had measured")
+
+        monkeypatch.setattr(engine, "hard_routed_error", refuse)
+        monkeypatch.setattr(engine, "distance_to_zero", refuse)
+    options = engine.EngineOptions(error_distance=error_distance)
+    bundle = merge_adapter_set(aset, "hydraopt", {"heads": 2, "refine_steps": 5}, engine=options)
+    f = get_distance(error_distance)
+    for spec in aset.modules:
+        delta = aset.load_stack([spec]).delta()[0]  # (K, d, k)
+        a, heads, routing = bundle.merged[spec.name]
+        got = torch.tensor(bundle.extra["errors"][spec.name])
+        assert torch.allclose(got, f(delta, heads[routing] @ a), rtol=1e-5, atol=1e-9)
+        zero = torch.tensor(bundle.extra["zero_errors"][spec.name])
+        assert torch.allclose(zero, f(delta, torch.zeros_like(delta)), rtol=1e-5)
+
+
+def test_refine_schedule_defaults_depend_on_whether_heads_are_shared():
+    assert HydraOptConfig(heads=2).refine_schedule(5) == (100, 1.0)
+    assert HydraOptConfig(heads=5).refine_schedule(5) == (20, 0.05)
+    # Set fields win, each on its own.
+    assert HydraOptConfig(heads=5, refine_steps=100).refine_schedule(5) == (100, 0.05)
+    assert HydraOptConfig(heads=2, refine_lr=0.3).refine_schedule(5) == (100, 0.3)
+    assert HydraOptConfig(heads=5, refine_steps=0).refine_schedule(5) == (0, 0.05)
+    with pytest.raises(HydraoptError, match="refine_lr"):
+        HydraOptConfig(heads=1, refine_lr=0.0)
+    with pytest.raises(HydraoptError, match="refine_steps"):
+        HydraOptConfig(heads=1, refine_steps=-1)
