@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from hydraopt.merge.distances import get_distance
-from hydraopt.merge.kernels import fused_available, head_sign_sums
+from hydraopt.merge.kernels import OrderKeys, fused_available, head_sign_sums, order_keys
 
 CHECK_EVERY = 10  # low-precision refinement: steps between looks at the loss
 
@@ -93,7 +93,11 @@ def take_targets(targets: Targets, tasks: slice | torch.Tensor) -> torch.Tensor:
 
 
 def hard_routed_error(
-    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, distance: str
+    delta: Targets | OrderKeys,
+    a: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+    distance: str,
 ) -> torch.Tensor:
     """f(ΔW_i, B'_{route(i)} A') per module and task (G, K).
 
@@ -101,9 +105,14 @@ def hard_routed_error(
     time in one reused buffer: the same numbers with a memory peak that does not grow with K.
 
     Args:
-        delta: (G, K, d, k) the original updates, dense or as :class:`FactorTargets`.
+        delta: (G, K, d, k) the original updates, dense, as :class:`FactorTargets`, or (MAE
+            only) as the fused kernels' :class:`~hydraopt.merge.kernels.OrderKeys`.
         a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
     """
+    if isinstance(delta, OrderKeys):
+        if distance != "mae":
+            raise ValueError("targets given as order keys serve the MAE only")
+        return _fused_mae_error(delta, a.to(delta.dtype), heads.to(delta.dtype), routing)
     g_idx = torch.arange(heads.shape[0], device=heads.device)[:, None]
     needs_graph = torch.is_grad_enabled() and (a.requires_grad or heads.requires_grad)
     # Dense targets only: with targets kept as factors (many adapters) forming them dominates,
@@ -151,7 +160,7 @@ def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
 
 
 def _fused_mae_error(
-    delta: torch.Tensor, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor
+    delta: torch.Tensor | OrderKeys, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor
 ) -> torch.Tensor:
     """:func:`hard_routed_error` for MAE with the fused kernel: M products instead of K, one pass."""
     _, l1 = head_sign_sums(heads @ a[:, None], delta, routing, with_signs=False)
@@ -169,7 +178,7 @@ _SEPARABLE = {
 
 
 def mae_value_and_grads(
-    delta: torch.Tensor,
+    delta: torch.Tensor | OrderKeys,
     a: torch.Tensor,
     heads: torch.Tensor,
     routing: torch.Tensor,
@@ -188,7 +197,8 @@ def mae_value_and_grads(
     because sign(E) is exact in any dtype; loss and gradients come back in ``a``'s dtype.
 
     Args:
-        delta: (G, K, d, k) targets, contiguous, in ``work``'s dtype.
+        delta: (G, K, d, k) targets, contiguous, in ``work``'s dtype; the fused path also takes
+            their :func:`~hydraopt.merge.kernels.order_keys` (what the loop passes it).
         a: (G, r, k); heads: (G, M, d, r); routing: (G, K).
         work: scratch from :func:`mae_workspace`, overwritten. Its shape picks the path: the
             fused CPU pass (:func:`_mae_fused`) or torch's (a (G, K, d, k) buffer for E).
@@ -203,6 +213,8 @@ def mae_value_and_grads(
     G, K, d, k = delta.shape
     if work.dim() == 5:
         return _mae_fused(delta, a, heads, routing, work, with_loss=with_loss)
+    if isinstance(delta, OrderKeys):
+        raise ValueError("order keys need the fused path's workspace")
     if per_head if per_head is not None else 2 * heads.shape[1] <= K:
         return _mae_per_head(delta, a, heads, routing, work, with_loss=with_loss)
     M, r = heads.shape[1], a.shape[1]
@@ -281,7 +293,7 @@ def _mae_per_head(
 
 
 def _mae_fused(
-    delta: torch.Tensor,
+    delta: torch.Tensor | OrderKeys,
     a: torch.Tensor,
     heads: torch.Tensor,
     routing: torch.Tensor,
@@ -429,12 +441,12 @@ def refine(
             best_h[better] = (h_p.detach() * s_h)[better]
             best_tasks[better] = float("nan") if per_task is None else per_task[better]
 
-    def current_error(target: Targets, route: torch.Tensor) -> torch.Tensor:
+    def current_error(target: Targets | OrderKeys, route: torch.Tensor) -> torch.Tensor:
         return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance)  # (G, n)
 
     # Dense low-precision targets only when every step uses every task; sampled steps form
     # their few tasks' ΔW on the fly.
-    delta_w = None if sampled else take_targets(delta, slice(None)).to(low)
+    dense = None if sampled else take_targets(delta, slice(None)).to(low)
     batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
     mae_work = (
         # Sampled steps (many adapters): forming the sampled targets dominates, so the torch
@@ -449,8 +461,14 @@ def refine(
         if distance == "mae"
         else None
     )
+    delta_w: torch.Tensor | OrderKeys | None = dense
+    if dense is not None and mae_work is not None and mae_work.dim() == 5:
+        # The fused steps compare every X with the same targets: map them to keys once.
+        delta_w = order_keys(dense)
+    del dense
     for step in range(steps):
         check = track and step % check_every == 0
+        target: torch.Tensor | OrderKeys
         if sampled and generator is not None:
             idx = torch.randperm(K, generator=generator, device=generator.device)[:batch]
             idx = idx.to(a.device)

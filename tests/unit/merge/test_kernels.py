@@ -53,6 +53,23 @@ def test_head_sign_sums_equal_the_plain_formula(dtype, G, M, K, d, k):
     assert none is None and only_signs is out and torch.equal(out, signs)
     no_signs, loss2 = kernels.head_sign_sums(approx, targets, routing, with_signs=False)
     assert no_signs is None and torch.equal(loss2, loss)
+    # Targets mapped to keys once (what the refinement loop passes): the same results.
+    keyed = kernels.order_keys(targets)
+    keyed_signs, keyed_loss = kernels.head_sign_sums(approx, keyed, routing)
+    assert torch.equal(keyed_signs, signs) and torch.equal(keyed_loss, loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_order_keys_order_like_the_floats(dtype):
+    values = torch.randn(4000, generator=torch.Generator().manual_seed(1)) * 10.0 ** torch.randint(
+        -30, 30, (4000,), generator=torch.Generator().manual_seed(2)
+    )
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1e-40, -1e-40])]).to(dtype)
+    keys = kernels.order_keys(values[None, None, None]).keys.reshape(-1).long()
+    i, j = torch.randint(0, values.numel(), (2, 20000), generator=torch.Generator().manual_seed(3))
+    v = values.double()
+    assert torch.equal(torch.sign(keys[i] - keys[j]), torch.sign(v[i] - v[j]).long())
+    assert keys[-4] == keys[-3] == 0  # +0 and -0: one key
 
 
 def test_head_sign_sums_reject_mismatched_inputs():
