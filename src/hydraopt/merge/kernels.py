@@ -90,7 +90,7 @@ def order_keys(targets: torch.Tensor) -> OrderKeys:
     keys = torch.empty(targets.shape, dtype=int_dtype)
     _set_threads()
     # torch's integer where/and run at a tenth of this kernel's speed here.
-    _keys_kernel()(bits, bits.dtype.type(mask), keys.view(-1).numpy())
+    _jit().keys_kernel(bits, bits.dtype.type(mask), keys.view(-1).numpy())
     return OrderKeys(keys, targets.dtype)
 
 
@@ -149,7 +149,9 @@ def head_sign_sums(
     partial = np.zeros((G, blocks, K if with_loss else 0))
     _set_threads()
     int_type = np.int16 if approx.dtype == torch.bfloat16 else np.int32
-    _sign_sum_kernel()(x, t, raw, route, np.int32(shift), int_type(mask), bits, partial, with_signs)
+    _jit().sign_sum_kernel(
+        x, t, raw, route, np.int32(shift), int_type(mask), bits, partial, with_signs
+    )
     loss = torch.from_numpy(partial.sum(1) / (d * k)) if with_loss else None
     return (signs if with_signs else None), loss
 
@@ -164,145 +166,13 @@ def medians(delta: torch.Tensor, routing: torch.Tensor, num_heads: int) -> torch
     values = delta.contiguous().reshape(G, K, d * k).numpy()
     out = np.zeros((G, num_heads, d * k), np.float32)
     _set_threads()
-    _median_kernel()(values, routing.to(torch.int64).contiguous().numpy(), out)
+    _jit().median_kernel(values, routing.to(torch.int64).contiguous().numpy(), out)
     return torch.from_numpy(out).reshape(G, num_heads, d, k)
 
 
 @functools.cache
-def _sign_sum_kernel():  # type: ignore[no-untyped-def]
-    numba = _numba()
-    assert numba is not None
+def _jit() -> ModuleType:
+    """The compiled kernels' module (importing it imports numba: only when a kernel runs)."""
+    from hydraopt.merge import _kernels_jit
 
-    @numba.njit(inline="always")
-    def target_keys(row, raw, mask, buf):  # type: ignore[no-untyped-def]
-        """A row of keys: the row itself, or (raw targets) its bits mapped into ``buf``."""
-        if not raw:
-            return row
-        for j in range(row.size):
-            v = row[j]
-            buf[j] = v if v >= 0 else -(v & mask)
-        return buf[: row.size]
-
-    # fastmath reassoc only lets the float64 loss sums vectorise; their order is still fixed per
-    # work item, so the loss does not depend on the thread count.
-    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-    def kernel(x, t, raw, route, shift, mask, out, partial, with_signs):  # type: ignore[no-untyped-def]
-        G, M, n = x.shape
-        K = t.shape[1]
-        blocks = partial.shape[1]
-        with_loss = partial.shape[2] > 0
-        for job in numba.prange(G * blocks):
-            g, b = job // blocks, job % blocks
-            lo = b * BLOCK
-            w = min(n, lo + BLOCK) - lo
-            # One head at a time: BLOCK-sized buffers per work item whatever M is (small enough
-            # for the allocator's fast path and for L1/L2). Keys and sums in the bits' integer
-            # width: 16-bit lanes for bfloat16, twice as many per instruction as 32-bit ones.
-            kx = np.empty(BLOCK, x.dtype)  # order keys of X_c
-            acc = np.empty(BLOCK, x.dtype)
-            fx = np.empty(BLOCK, np.float32)  # values, for the loss
-            ix = fx.view(np.int32)
-            members = np.empty(K, np.int64)
-            kt0 = np.empty(BLOCK, x.dtype)  # raw targets: their keys, two rows at a time
-            kt1 = np.empty(BLOCK, x.dtype)
-
-            for c in range(M):
-                m = 0
-                for i in range(K):
-                    if route[g, i] == c:
-                        members[m] = i
-                        m += 1
-                if m == 0 and with_signs:
-                    out[g, c, lo : lo + w] = 0
-                    continue
-                xr = x[g, c, lo : lo + w]
-                for j in range(w):
-                    v = xr[j]
-                    kx[j] = v if v >= 0 else -(v & mask)
-                if with_signs:
-                    acc[:w] = 0
-                    # Two tasks per sweep: half the loads and stores of the running sums.
-                    p = 0
-                    while p + 1 < m:
-                        t0 = target_keys(t[g, members[p], lo : lo + w], raw, mask, kt0)
-                        t1 = target_keys(t[g, members[p + 1], lo : lo + w], raw, mask, kt1)
-                        for j in range(w):
-                            u = kx[j]
-                            acc[j] += (u > t0[j]) - (u < t0[j]) + (u > t1[j]) - (u < t1[j])
-                        p += 2
-                    if p < m:
-                        t0 = target_keys(t[g, members[p], lo : lo + w], raw, mask, kt0)
-                        for j in range(w):
-                            u = kx[j]
-                            acc[j] += (u > t0[j]) - (u < t0[j])
-                    orow = out[g, c, lo : lo + w]
-                    for j in range(w):  # small integers: the low 16 bits are zero, exact in bf16
-                        orow[j] = np.float32(acc[j]).view(np.int32) >> shift
-                if with_loss:
-                    for j in range(w):
-                        ix[j] = np.int32(xr[j]) << shift
-                    for p in range(m):
-                        tr = target_keys(t[g, members[p], lo : lo + w], raw, mask, kt0)
-                        s = 0.0
-                        for j in range(w):
-                            # Back from the key: its magnitude's bits, then the sign.
-                            key = tr[j]
-                            mag = np.int32(key if key >= 0 else -key) << shift
-                            tv = np.float64(np.int32(mag).view(np.float32))
-                            s += abs(np.float64(fx[j]) - (tv if key >= 0 else -tv))
-                        partial[g, b, members[p]] = s
-
-    return kernel
-
-
-@functools.cache
-def _keys_kernel():  # type: ignore[no-untyped-def]
-    numba = _numba()
-    assert numba is not None
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def kernel(bits, mask, out):  # type: ignore[no-untyped-def]
-        for j in numba.prange(bits.size):
-            v = bits[j]
-            out[j] = v if v >= 0 else -(v & mask)
-
-    return kernel
-
-
-@functools.cache
-def _median_kernel():  # type: ignore[no-untyped-def]
-    numba = _numba()
-    assert numba is not None
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def kernel(values, route, out):  # type: ignore[no-untyped-def]
-        G, K, n = values.shape
-        M = out.shape[1]
-        blocks = -(-n // MEDIAN_BLOCK)
-        for job in numba.prange(G * M * blocks):
-            g, rest = job // (M * blocks), job % (M * blocks)
-            c, b = rest // blocks, rest % blocks
-            members = np.nonzero(route[g] == c)[0]
-            m = members.size
-            if m == 0:
-                continue
-            lo = b * MEDIAN_BLOCK
-            w = min(n, lo + MEDIAN_BLOCK) - lo
-            # Insertion sort of the member rows, a compare-exchange of whole rows at a time
-            # (vectorised min/max; m(m-1)/2 of them for m tasks).
-            buf = np.empty((m, MEDIAN_BLOCK), np.float32)
-            for p in range(m):
-                src, dst = values[g, members[p], lo : lo + w], buf[p]
-                for j in range(w):
-                    dst[j] = src[j]
-                for q in range(p, 0, -1):
-                    below, above = buf[q - 1], buf[q]
-                    for j in range(w):
-                        u, v = below[j], above[j]
-                        below[j] = min(u, v)
-                        above[j] = max(u, v)
-            low, high, orow = buf[(m - 1) // 2], buf[m // 2], out[g, c, lo : lo + w]
-            for j in range(w):
-                orow[j] = np.float32(0.5) * (low[j] + high[j])
-
-    return kernel
+    return _kernels_jit
