@@ -90,6 +90,28 @@ def _kmeans_objective(gram: torch.Tensor, routing: torch.Tensor, m: int) -> torc
     return dist.gather(2, routing[:, :, None]).squeeze(2).sum(1)
 
 
+def canonical_labels(routing: torch.Tensor) -> torch.Tensor:
+    """Relabel heads in order of first use per module, so equal partitions compare equal (G, K)."""
+    G, K = routing.shape
+    first = torch.full((G, K), K, dtype=torch.long, device=routing.device)
+    positions = torch.arange(K, device=routing.device).expand(G, K)
+    first.scatter_reduce_(1, routing, positions, reduce="amin")  # first task of each head
+    rank = first.argsort(dim=1).argsort(dim=1)  # head -> its order of first use
+    return rank.gather(1, routing)
+
+
+def distinct_partitions(starts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``starts`` without those that partition every module's tasks like an earlier one."""
+    kept: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+    for routing in starts:
+        key = canonical_labels(routing)
+        if not any(torch.equal(key, other) for other in seen):
+            kept.append(routing)
+            seen.append(key)
+    return kept
+
+
 def _best_start(gram: torch.Tensor, starts: list[torch.Tensor], m: int) -> torch.Tensor:
     """Per module, the routing among ``starts`` with the lowest k-means objective on ``gram``."""
     objectives = torch.stack([_kmeans_objective(gram, r, m) for r in starts])  # (S, G)
@@ -131,6 +153,8 @@ def best_routing(
     best_routing = identity.clone()
     best_a = a_full.clone()
     starts = [lloyd(gram0, kmeans_pp(gram0, m, generator), m) for _ in range(max(1, restarts))]
+    # With few tasks most starts end in the same partition: alternate from each one only once.
+    starts = distinct_partitions(starts)
     if K > SCREEN_STARTS_FROM:
         # Many adapters: each alternation solves a k x k problem per cluster, so alternate only
         # from the start that is best on the M = K subspace (the k-means objective on gram0).

@@ -134,3 +134,14 @@ def test_many_adapters_take_the_gram_path_and_reproduce_shared_a():
     heads = routed_heads(projected_heads(stack.A, stack.scaled_B, a), routing, 12)
     assert torch.allclose(heads @ a[:, None], stack.delta(), atol=1e-5)
     assert float(err[0]) < 1e-8
+
+
+def test_canonical_labels_and_distinct_partitions():
+    from hydraopt.merge.routing import canonical_labels, distinct_partitions
+
+    routing = torch.tensor([[1, 1, 0, 2], [2, 0, 2, 1]])
+    assert canonical_labels(routing).tolist() == [[0, 0, 1, 2], [0, 1, 0, 2]]
+    relabelled = torch.tensor([[2, 2, 1, 0], [0, 1, 0, 2]])  # the same partitions
+    other = torch.tensor([[1, 1, 0, 2], [2, 2, 0, 1]])  # the second module differs
+    kept = distinct_partitions([routing, relabelled, other, other.clone()])
+    assert len(kept) == 2 and kept[0] is routing and kept[1] is other
