@@ -40,9 +40,11 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def routing_matrix(routing: torch.Tensor, num_heads: int) -> torch.Tensor:
+def routing_matrix(
+    routing: torch.Tensor, num_heads: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """P = W diag(1/n) W^T (G, K, K): 1/n_c between tasks sharing head c, else 0."""
-    onehot = torch.nn.functional.one_hot(routing, num_heads).to(torch.float64)  # (G, K, M)
+    onehot = torch.nn.functional.one_hot(routing, num_heads).to(dtype)  # (G, K, M)
     counts = onehot.sum(dim=1).clamp_min(1.0)  # (G, M)
     return (onehot / counts[:, None, :]) @ onehot.transpose(1, 2)
 
@@ -98,7 +100,7 @@ def _top_eigen_factors(
     """Top-r eigenpairs of G_W through the Kr x Kr problem L^T (Acat Acat^T) L, H = L L^T."""
     G, K, _, k = a64.shape
     cross = torch.einsum("gidr,gjds->girjs", b64, b64)  # (G, K, r, K, r): B_i^T B_j
-    P = routing_matrix(routing, m)  # (G, K, K)
+    P = routing_matrix(routing, m, a64.dtype)  # (G, K, K), in the working precision
     H = (cross * P[:, :, None, :, None]).reshape(G, K * r, K * r)
     acat = a64.reshape(G, K * r, k)
     L = _psd_sqrt_factor(H)  # (G, Kr, Kr)

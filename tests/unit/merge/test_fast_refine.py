@@ -218,18 +218,23 @@ def test_factor_targets_stand_in_for_the_dense_updates():
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
-def test_screened_starts_of_many_adapters_find_planted_groups():
-    """K > SCREEN_STARTS_FROM: one alternation from the best start still finds clear groups."""
+@pytest.mark.parametrize("k", [12, 64])
+def test_screened_starts_of_many_adapters_find_planted_groups(k):
+    """K > SCREEN_STARTS_FROM: one alternation from the best start still finds clear groups,
+    in the float32 search, through the k x k (K r > k) and the Kr x Kr path (K r <= k)."""
     from hydraopt.merge.routing import best_routing
     from hydraopt.types import LoraStack
 
-    base = random_stack(G=2, K=3, d=10, k=12, r=2, seed=23)
+    base = random_stack(G=2, K=3, d=10, k=k, r=2, seed=23)
     groups = torch.arange(21) % 3  # 21 tasks in 3 planted groups
     noise = torch.Generator().manual_seed(2)
     B = base.B[:, groups] * (1 + 0.01 * torch.randn(2, 21, 10, 2, generator=noise))
     A = base.A[:, groups]
     stack = LoraStack(A, B, torch.ones(2, 21))
-    routing, _, err = best_routing(A, stack.scaled_B, 3, generator=torch.Generator().manual_seed(0))
+    routing, a, err = best_routing(A, stack.scaled_B, 3, generator=torch.Generator().manual_seed(0))
+    # The winner is recomputed in float64: its error is the exact closed form's.
+    _, exact = shared_a(A, stack.scaled_B, routing, 3)
+    assert torch.allclose(err, exact) and a.dtype == A.dtype
     for g in range(2):
         found = routing[g]
         # same partition as the planted one, whatever the head labels
