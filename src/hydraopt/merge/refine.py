@@ -79,17 +79,29 @@ class FactorTargets:
     def dtype(self) -> torch.dtype:
         return self.A.dtype
 
-    def take(self, tasks: slice | torch.Tensor) -> torch.Tensor:
-        """Dense ΔW of the selected tasks, (G, n, d, k)."""
-        return self.scaled_B[:, tasks] @ self.A[:, tasks]
+    def take(self, tasks: slice | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense ΔW of the selected tasks, (G, n, d, k), in ``dtype`` (default: the factors').
+
+        A low ``dtype`` runs the product itself in it (bfloat16 GEMMs accumulate in float32 and
+        round once, like casting the float32 product): twice the speed, half the bytes written.
+        """
+        b, a = self.scaled_B[:, tasks], self.A[:, tasks]
+        if dtype is not None:
+            b, a = b.to(dtype), a.to(dtype)
+        return b @ a
 
 
 Targets = torch.Tensor | FactorTargets
 
 
-def take_targets(targets: Targets, tasks: slice | torch.Tensor) -> torch.Tensor:
-    """Dense (G, n, d, k) targets of the selected tasks, from either form."""
-    return targets[:, tasks] if isinstance(targets, torch.Tensor) else targets.take(tasks)
+def take_targets(
+    targets: Targets, tasks: slice | torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Dense (G, n, d, k) targets of the selected tasks, from either form, in ``dtype``."""
+    if isinstance(targets, torch.Tensor):
+        picked = targets[:, tasks]
+        return picked if dtype is None else picked.to(dtype)
+    return targets.take(tasks, dtype)
 
 
 def hard_routed_error(
@@ -472,7 +484,7 @@ def refine(
         if sampled and generator is not None:
             idx = torch.randperm(K, generator=generator, device=generator.device)[:batch]
             idx = idx.to(a.device)
-            target, route = take_targets(delta, idx).to(low), routing[:, idx]
+            target, route = take_targets(delta, idx, low), routing[:, idx]
         elif delta_w is not None:
             target, route = delta_w, routing
         if mae_work is not None:
