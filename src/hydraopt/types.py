@@ -90,16 +90,6 @@ class MergedStack:
         routed = self.heads[g_idx, self.routing]  # (G, K, d, r)
         return routed @ self.A[:, None]
 
-    def to(self, device: torch.device | str) -> MergedStack:
-        measured = self.measured
-        if measured is not None:
-            measured = Measured(
-                measured.distance, measured.error.to(device), measured.zero.to(device)
-            )
-        return MergedStack(
-            self.A.to(device), self.heads.to(device), self.routing.to(device), measured
-        )
-
 
 @dataclass(frozen=True)
 class Measured:

@@ -148,9 +148,8 @@ def head_sign_sums(
     blocks = -(-(d * k) // BLOCK)
     partial = np.zeros((G, blocks, K if with_loss else 0))
     _set_threads()
-    int_type = np.int16 if approx.dtype == torch.bfloat16 else np.int32
     _jit().sign_sum_kernel(
-        x, t, raw, route, np.int32(shift), int_type(mask), bits, partial, with_signs
+        x, t, raw, route, np.int32(shift), x.dtype.type(mask), bits, partial, with_signs
     )
     loss = torch.from_numpy(partial.sum(1) / (d * k)) if with_loss else None
     return (signs if with_signs else None), loss

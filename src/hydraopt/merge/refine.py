@@ -434,8 +434,6 @@ def refine(
     check_every = 1 if low == delta.dtype else CHECK_EVERY
     best_a, best_h = a.clone(), heads.clone()
     best_err = torch.full_like(start_err, float("inf"))
-    # Per-task errors of the best iterate where known (NaN: only its mean was seen in the loop).
-    best_tasks = torch.full_like(start_tasks, float("nan"))
 
     # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
     scale = a.square().mean(dim=(1, 2)).sqrt().clamp_min(1e-30)  # (G,)
@@ -444,21 +442,22 @@ def refine(
     h_p = (heads / s_h).requires_grad_(distance != "mae")
     adam = Adam([a_p, h_p])
 
-    def keep_better(err: torch.Tensor, per_task: torch.Tensor | None = None) -> None:
+    def keep_better(err: torch.Tensor) -> torch.Tensor:
+        """Keep the current point where ``err`` (G,) beats the best so far; returns where."""
         nonlocal best_err
         better = err < best_err
         if bool(better.any()):
             best_err = torch.where(better, err, best_err)
             best_a[better] = (a_p.detach() * s_a)[better]
             best_h[better] = (h_p.detach() * s_h)[better]
-            best_tasks[better] = float("nan") if per_task is None else per_task[better]
+        return better
 
     def current_error(target: Targets | OrderKeys, route: torch.Tensor) -> torch.Tensor:
         return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance)  # (G, n)
 
     # Dense low-precision targets only when every step uses every task; sampled steps form
     # their few tasks' ΔW on the fly.
-    dense = None if sampled else take_targets(delta, slice(None)).to(low)
+    dense = None if sampled else take_targets(delta, slice(None), low)
     batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
     mae_work = (
         # Sampled steps (many adapters): forming the sampled targets dominates, so the torch
@@ -522,8 +521,9 @@ def refine(
             best_tasks = hard_routed_error(delta, best_a, best_h, routing, distance)
         else:
             last = current_error(delta, routing)
-            keep_better(last.mean(1), last)
-            if bool(best_tasks.isnan().any()):  # an earlier iterate won: only its mean is known
+            if bool(keep_better(last.mean(1)).all()):
+                best_tasks = last
+            else:  # an earlier iterate won somewhere: the loop saw only its mean
                 best_tasks = hard_routed_error(delta, best_a, best_h, routing, distance)
         best_err = best_tasks.mean(1)
         worse = start_err <= best_err  # float32 comparison with the start; ties keep the start
