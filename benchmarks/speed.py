@@ -174,11 +174,19 @@ def disk_bytes(dirs: Sequence[Path]) -> int:
 
 
 def estimate_peak_bytes(module_shapes: Sequence[tuple[int, int]], num_tasks: int) -> int:
-    """Dense working set of the largest module group (the engine holds one chunk at a time)."""
-    from hydraopt.engine import DEFAULT_CHUNK_ELEMENTS
+    """Dense working set of the largest module group (the engine holds one chunk at a time).
 
+    With more adapters than a refinement step samples, the solver keeps the targets as factors
+    and forms a block of tasks at a time, so the dense part stops growing with K.
+    """
+    from hydraopt.engine import DEFAULT_CHUNK_ELEMENTS
+    from hydraopt.merge.hydraopt import HydraOptConfig
+    from hydraopt.merge.refine import ERROR_BLOCK
+
+    sampled = num_tasks > HydraOptConfig.refine_tasks
+    dense_tasks = max(HydraOptConfig.refine_tasks, ERROR_BLOCK) if sampled else num_tasks
     largest = max(d * k for d, k in module_shapes)
-    return DENSE_COPIES * 4 * max(DEFAULT_CHUNK_ELEMENTS, num_tasks * largest)
+    return DENSE_COPIES * 4 * max(DEFAULT_CHUNK_ELEMENTS, dense_tasks * largest)
 
 
 def available_memory(device: str) -> int:

@@ -172,3 +172,15 @@ def test_peers_vlora_storage_and_error_are_exact_on_tiny_adapters(tmp_path):
     exported = load_adapter_set(sorted((tmp_path / "export" / "n2").iterdir()))
     stack, original = exported.load_stack(exported.modules[:1]), aset.load_stack(aset.modules[:1])
     assert torch.allclose(stack.delta(), original.delta(), atol=1e-3)
+
+
+def test_memory_estimate_stops_growing_once_the_solver_samples_tasks():
+    """Past refine_tasks adapters the targets stay factors: K = 500 must not be skipped for a
+    (K, d, k) working set the solver never forms."""
+    shapes = [(2048, 2048), (512, 2048)]
+    dense = speed.DENSE_COPIES * 4 * 2048 * 2048
+    assert speed.estimate_peak_bytes(shapes, 5) == 5 * dense
+    assert speed.estimate_peak_bytes(shapes, 8) == 8 * dense
+    assert (
+        speed.estimate_peak_bytes(shapes, 9) == speed.estimate_peak_bytes(shapes, 500) == 8 * dense
+    )
