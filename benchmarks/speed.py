@@ -1,8 +1,8 @@
 """Speed and scale of the default merge, and side by side against the paper's own code.
 
 For each shape x K x M it runs ``merge_adapter_set(aset, "hydraopt", {"heads": M})`` (the default
-fast solver) in a fresh subprocess, so the peak RSS (the child's ``ru_maxrss``) belongs to that
-run alone, and records wall time, hard-routed MAE, peak RSS and its ratio to the adapters' size on
+fast solver, result held in float16 as ``hydraopt merge`` holds it) in a fresh subprocess, so the
+peak RSS (the child's ``ru_maxrss``) belongs to that run alone, and records wall time, hard-routed MAE, peak RSS and its ratio to the adapters' size on
 disk. Shapes are the synthetic ones of ``synthetic.py`` plus ``real`` (the five adapters of
 ../shared/adapters). Configurations whose adapters or dense working set would not fit in the free
 disk or memory are listed as skipped, with the estimate.
@@ -117,7 +117,8 @@ def child_main(config: dict[str, Any]) -> None:
     aset = load_adapter_set(config["adapters"])
     if config["layers"] is not None:
         aset = aset.select([m.name for m in aset.modules if layer_of(m.name) < config["layers"]])
-    engine = EngineOptions(seed=0, device=config["device"])
+    # As `hydraopt merge` runs it: the result held in the bundle's default dtype (float16).
+    engine = EngineOptions(seed=0, device=config["device"], result_dtype="float16")
     start = time.perf_counter()
     bundle = merge_adapter_set(aset, "hydraopt", {"heads": config["heads"]}, engine=engine)
     seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ from typing import Any, Literal, overload
 import torch
 
 from hydraopt.errors import HydraoptError
+from hydraopt.io.bundle import DTYPES
 from hydraopt.io.peft import AdapterSet
 from hydraopt.merge.base import MergeContext, build_config, config_class_for, config_to_dict
 from hydraopt.merge.refine import FactorTargets, Targets, distance_to_zero, hard_routed_error
@@ -47,6 +48,10 @@ class EngineOptions:
         address: Ray cluster address (``None``: start a local Ray instance).
         ray_cpus: CPUs of a local Ray instance.
         ray_threads: torch threads inside each Ray task.
+        result_dtype: dtype the merged factors are kept in as chunks finish (``float16``,
+            ``bfloat16``, ``float32``; ``None``: as computed, float32). The CLI keeps them in
+            the bundle's storage dtype: at M = K the result grows with K and, held in float32,
+            would be the largest thing in memory (twice what gets written).
     """
 
     seed: int = 0
@@ -57,6 +62,13 @@ class EngineOptions:
     address: str | None = None
     ray_cpus: int | None = None
     ray_threads: int = 1
+    result_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.result_dtype is not None and self.result_dtype not in DTYPES:
+            raise HydraoptError(
+                f"result_dtype must be one of {sorted(DTYPES)} or None, got {self.result_dtype!r}"
+            )
 
 
 def plan_chunks(
@@ -238,8 +250,11 @@ def merge_adapter_set(
         results = iter_merged_ray(aset, method, config, engine)
     else:
         results = iter_merged(aset, method, config, engine)
+    keep = DTYPES[engine.result_dtype] if engine.result_dtype else None
     for done, result in results:
         for name, (a, heads, routing, err, zero) in result.items():
+            if keep is not None:
+                a, heads = a.to(keep), heads.to(keep)
             merged[name] = (a, heads, routing)
             errors[name] = err
             zero_errors[name] = zero

@@ -63,6 +63,34 @@ def test_merge_passes_the_fast_solver_options(adapters, tmp_path):
     )
 
 
+def test_merge_holds_the_result_in_the_bundle_dtype(adapters, tmp_path, monkeypatch):
+    """At M = K the result grows with K: the CLI keeps it in --dtype, and writes the same bits
+    as the library's float32 result cast at the save."""
+    import torch
+
+    from hydraopt import load_adapter_set, merge_adapter_set
+    from hydraopt.cli import merge as cli_merge
+
+    held = set()
+    save = cli_merge.save_bundle
+
+    def spy(bundle, out, **kwargs):
+        held.update(t.dtype for a, heads, _ in bundle.merged.values() for t in (a, heads))
+        return save(bundle, out, **kwargs)
+
+    monkeypatch.setattr(cli_merge, "save_bundle", spy)
+    out = tmp_path / "bundle"
+    assert main(["merge", *adapters, "--heads", "3", "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert held == {torch.bfloat16}
+    written = load_bundle(out).merged
+    for name, (a, heads, routing) in merge_adapter_set(
+        load_adapter_set(adapters), "hydraopt", {"heads": 3}
+    ).merged.items():
+        assert torch.equal(written[name][0].to(torch.bfloat16), a.to(torch.bfloat16))
+        assert torch.equal(written[name][1].to(torch.bfloat16), heads.to(torch.bfloat16))
+        assert torch.equal(written[name][2], routing)
+
+
 def test_fast_solver_options_are_checked(adapters, tmp_path, capsys):
     out = tmp_path / "never"
     merge = ["merge", *adapters, "--heads", "1", "--out", str(out)]

@@ -215,6 +215,29 @@ def test_bundle_errors_equal_a_plain_recomputation(make_adapter, monkeypatch, er
         assert torch.allclose(zero, f(delta, torch.zeros_like(delta)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("result_dtype", ["float16", "bfloat16"])
+def test_result_dtype_holds_the_same_bits_as_casting_at_the_save(make_adapter, result_dtype):
+    """The CLI keeps the merged factors in the bundle's dtype as chunks finish: the tensors must
+    be exactly the float32 result cast, with the same routing and errors."""
+    from hydraopt import engine, load_adapter_set, merge_adapter_set
+    from hydraopt.io.bundle import DTYPES
+
+    aset = load_adapter_set([make_adapter(f"t{i}", seed=i + 1) for i in range(3)])
+    config = {"heads": 2, "refine_steps": 5}
+    full = merge_adapter_set(aset, "hydraopt", config)
+    kept = merge_adapter_set(
+        aset, "hydraopt", config, engine=engine.EngineOptions(result_dtype=result_dtype)
+    )
+    assert kept.extra["errors"] == full.extra["errors"]
+    for name, (a, heads, routing) in full.merged.items():
+        k_a, k_heads, k_routing = kept.merged[name]
+        assert a.dtype == torch.float32 and k_a.dtype == k_heads.dtype == DTYPES[result_dtype]
+        assert torch.equal(k_a, a.to(k_a.dtype)) and torch.equal(k_heads, heads.to(k_a.dtype))
+        assert torch.equal(k_routing, routing)
+    with pytest.raises(HydraoptError, match="result_dtype"):
+        engine.EngineOptions(result_dtype="float8")
+
+
 def test_refine_schedule_defaults_depend_on_whether_heads_are_shared():
     assert HydraOptConfig(heads=2).refine_schedule(5) == (100, 1.0)
     assert HydraOptConfig(heads=5).refine_schedule(5) == (20, 0.05)
