@@ -8,7 +8,14 @@ import pytest
 import torch
 from helpers import random_stack
 
-from hydraopt.merge.closed_form import projected_heads, routed_heads, shared_a, total_energy
+from hydraopt.merge import closed_form
+from hydraopt.merge.closed_form import (
+    projected_heads,
+    routed_heads,
+    shared_a,
+    top_eigenpairs,
+    total_energy,
+)
 from hydraopt.merge.routing import best_routing
 
 
@@ -145,3 +152,70 @@ def test_canonical_labels_and_distinct_partitions():
     other = torch.tensor([[1, 1, 0, 2], [2, 2, 0, 1]])  # the second module differs
     kept = distinct_partitions([routing, relabelled, other, other.clone()])
     assert len(kept) == 2 and kept[0] is routing and kept[1] is other
+
+
+def psd_with_spectrum(spectra: list[torch.Tensor], seed: int = 0) -> torch.Tensor:
+    """(G, n, n) U diag(spectrum) U^T with random orthogonal U, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    mats = []
+    for spectrum in spectra:
+        n = len(spectrum)
+        u, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        mats.append(u @ torch.diag(spectrum.double()) @ u.T)
+    return torch.stack(mats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_eigenpairs_equal_eigh_with_a_gap_a_flat_spectrum_and_zero(dtype, monkeypatch):
+    """Subspace iteration must give eigh's top-r pairs: where it converges (a gap after r, as
+    LoRA Grams have), where it cannot in SUBSPACE_MAX_ITER steps (flat: eigh fallback), and for
+    a zero matrix, all in one batch."""
+    n, r = 300, 12
+    gapped = torch.cat([torch.linspace(10, 5, r), 0.03 * torch.rand(n - r)])
+    flat = torch.linspace(1.0, 0.9, n)
+    mat = psd_with_spectrum([gapped, flat, torch.zeros(n)]).to(dtype)
+    iterations = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(
+        closed_form.torch.linalg, "eigh", lambda m: (iterations.append(m.shape), eigh(m))[1]
+    )
+    vals, vecs = top_eigenpairs(mat, r)
+    assert iterations[-1] == (1, n, n)  # only the flat spectrum fell back to a full eigh
+    expected_vals, expected_vecs = eigh(mat.double())
+    expected_vals, expected_vecs = expected_vals[:, -r:].flip(-1), expected_vecs[:, :, -r:]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(vals.double(), expected_vals, rtol=tol, atol=tol)
+    # the same subspace (projectors), and orthonormal vectors
+    for g in range(2):
+        ours = vecs[g].double() @ vecs[g].double().T
+        theirs = expected_vecs[g] @ expected_vecs[g].T
+        assert torch.allclose(ours, theirs, atol=100 * tol)
+    gram = vecs.transpose(1, 2).double() @ vecs.double()
+    assert torch.allclose(gram, torch.eye(r, dtype=torch.float64).expand(3, r, r), atol=100 * tol)
+
+
+def test_gram_path_with_subspace_iteration_matches_dense_optimum(monkeypatch):
+    """k >= SUBSPACE_FROM with A's alike (a gap after r): the gram path's A' comes from subspace
+    iteration, never a full eigh, and its error is the brute-force optimum."""
+    from hydraopt.types import LoraStack
+
+    k = closed_form.SUBSPACE_FROM
+    base = random_stack(G=1, K=12, d=20, k=k, r=3, shared_a=True, seed=4)
+    drift = 0.05 * torch.randn(base.A.shape, generator=torch.Generator().manual_seed(5))
+    stack = LoraStack(A=base.A + drift, B=base.B, scale=base.scale)
+    sizes = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(
+        closed_form.torch.linalg, "eigh", lambda m: (sizes.append(m.shape[-1]), eigh(m))[1]
+    )
+    for routing in ([0] * 12, [0, 1] * 6, list(range(12))):
+        m = max(routing) + 1
+        a, err = shared_a(stack.A, stack.scaled_B, torch.tensor([routing]), m, path="gram")
+        expected = dense_optimum(delta64(stack), routing, r=3)
+        assert float(err[0]) == pytest.approx(expected, rel=1e-9)
+        heads = routed_heads(
+            projected_heads(stack.A, stack.scaled_B, a), torch.tensor([routing]), m
+        )
+        approx = heads[0][torch.tensor(routing)] @ a[0]
+        assert float((delta64(stack) - approx).square().sum()) == pytest.approx(expected, rel=1e-5)
+    assert sizes and k not in sizes
