@@ -134,6 +134,23 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ref_keys)
 
 
+def test_reference_can_be_timed_without_its_long_run(tmp_path):
+    """--ref-epochs 0: the reference's epochs are timed (the time ratios), its 1000-epoch run
+    and MAE are skipped, and the tables say so instead of failing."""
+    torch_threads = torch.get_num_threads()
+    try:
+        result = speed.main(
+            ["--quick", "--shapes", "smollm2-135m", "--heads", "1", "--ref-epochs", "0"]
+            + ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+        )
+    finally:
+        torch.set_num_threads(torch_threads)
+    (row,) = result["reference"]
+    assert row["ref_mae"] is None and row["mae_ratio"] is None and row["ref_run_seconds"] is None
+    assert math.isfinite(row["time_ratio_whole"]) and row["time_ratio_whole"] > 0
+    assert "| - (0) |" in (tmp_path / "out" / "speed.md").read_text()
+
+
 @pytest.mark.parametrize("name", sorted(synthetic.SHAPES))
 def test_named_shapes_have_the_published_attention_sizes(name):
     spec = synthetic.SyntheticSpec(synthetic.SHAPES[name])
