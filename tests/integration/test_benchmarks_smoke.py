@@ -134,6 +134,20 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ref_keys)
 
 
+def test_a_childs_peak_rss_is_its_own_not_its_parents():
+    """ru_maxrss inherits the parent's high-water mark across fork + exec; the suite's children
+    must report their own peak, or every run after a reference run reports the parent's."""
+    import subprocess
+
+    ballast = bytearray(700 * 2**20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # touch every page
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import speed; "
+    code += "print(speed.peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < int(out.stdout) < len(ballast)
+    del ballast
+
+
 def test_reference_can_be_timed_without_its_long_run(tmp_path):
     """--ref-epochs 0: the reference's epochs are timed (the time ratios), its 1000-epoch run
     and MAE are skipped, and the tables say so instead of failing."""
