@@ -2,10 +2,11 @@
 
 For each shape x K x M it runs ``merge_adapter_set(aset, "hydraopt", {"heads": M})`` (the default
 fast solver, result held in float16 as ``hydraopt merge`` holds it) in a fresh subprocess, so the
-peak RSS (the child's ``ru_maxrss``) belongs to that run alone, and records wall time, hard-routed MAE, peak RSS and its ratio to the adapters' size on
-disk. Shapes are the synthetic ones of ``synthetic.py`` plus ``real`` (the five adapters of
-../shared/adapters). Configurations whose adapters or dense working set would not fit in the free
-disk or memory are listed as skipped, with the estimate.
+peak RSS (the child's own, :func:`peak_rss_bytes`) belongs to that run alone, and records wall
+time, hard-routed MAE, peak RSS and its ratio to the adapters' size on disk. Shapes are the
+synthetic ones of ``synthetic.py`` plus ``real`` (the five adapters of ../shared/adapters).
+Configurations whose adapters or dense working set would not fit in the free disk or memory are
+listed as skipped, with the estimate.
 
 For K = 5 it also runs ``reference.py`` (the paper's appendix code, re-implemented faithfully) on
 the first ``--ref-layers`` layers, in this process, with the same torch threads: its seconds per

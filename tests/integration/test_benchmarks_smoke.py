@@ -98,15 +98,20 @@ def test_heads_for_expands_k_and_drops_impossible_values():
     assert speed.heads_for(["1", "2", "K"], 1) == [1]
 
 
-def test_quick_suite_writes_the_expected_json(tmp_path):
+def quick_suite(tmp_path: Path, *argv: str) -> dict:
+    """speed.py --quick at SmolLM2 shape into tmp_path/out; torch's thread count restored."""
     torch_threads = torch.get_num_threads()
     try:
-        result = speed.main(
-            ["--quick", "--shapes", "smollm2-135m", "--heads", "1", "K", "--ref-epochs", "20"]
+        return speed.main(
+            ["--quick", "--shapes", "smollm2-135m", *argv]
             + ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
         )
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def test_quick_suite_writes_the_expected_json(tmp_path):
+    result = quick_suite(tmp_path, "--heads", "1", "K", "--ref-epochs", "20")
     on_disk = json.loads((tmp_path / "out" / "speed.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert "| smollm2-135m | 5 | 5 |" in (tmp_path / "out" / "speed.md").read_text()
@@ -151,14 +156,7 @@ def test_a_childs_peak_rss_is_its_own_not_its_parents():
 def test_reference_can_be_timed_without_its_long_run(tmp_path):
     """--ref-epochs 0: the reference's epochs are timed (the time ratios), its 1000-epoch run
     and MAE are skipped, and the tables say so instead of failing."""
-    torch_threads = torch.get_num_threads()
-    try:
-        result = speed.main(
-            ["--quick", "--shapes", "smollm2-135m", "--heads", "1", "--ref-epochs", "0"]
-            + ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
-        )
-    finally:
-        torch.set_num_threads(torch_threads)
+    result = quick_suite(tmp_path, "--heads", "1", "--ref-epochs", "0")
     (row,) = result["reference"]
     assert row["ref_mae"] is None and row["mae_ratio"] is None and row["ref_run_seconds"] is None
     assert math.isfinite(row["time_ratio_whole"]) and row["time_ratio_whole"] > 0

@@ -177,7 +177,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         ray_threads=args.threads or 1,
         # The bundle is written in --dtype anyway: holding the result in it halves the driver's
         # memory at M = K, and casting now or at the save gives the same bits.
-        result_dtype=getattr(args, "dtype", None),
+        result_dtype=args.dtype,
     )
 
 

@@ -66,9 +66,7 @@ def top_eigenpairs(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     """
     G, n, _ = mat.shape
     if n < SUBSPACE_FROM or 2 * r >= n:
-        with single_thread():
-            evals, evecs = torch.linalg.eigh(mat)  # ascending
-        return evals[:, -r:].flip(-1), evecs[:, :, -r:].flip(-1)
+        return _top_eigh(mat, r)
     width = r + max(8, r // 4)  # a few extra columns speed up the r-th pair's convergence
     tol = torch.finfo(mat.dtype).eps ** 0.5
     vals = mat.new_empty(G, r)
@@ -92,10 +90,15 @@ def top_eigenpairs(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
         if bool(done.any()):
             todo, image, pending = todo[~done], image[~done], mat[todo[~done]]
         basis = torch.linalg.qr(image).Q
-    with single_thread():
-        evals, evecs = torch.linalg.eigh(pending)
-    vals[todo], vecs[todo] = evals[:, -r:].flip(-1), evecs[:, :, -r:].flip(-1)
+    vals[todo], vecs[todo] = _top_eigh(pending, r)
     return vals, vecs
+
+
+def _top_eigh(mat: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r eigenpairs, descending, from a full eigh (one thread: see :func:`single_thread`)."""
+    with single_thread():
+        evals, evecs = torch.linalg.eigh(mat)  # ascending
+    return evals[:, -r:].flip(-1), evecs[:, :, -r:].flip(-1)
 
 
 def _psd_sqrt_factor(h: torch.Tensor) -> torch.Tensor:
