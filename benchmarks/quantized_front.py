@@ -82,14 +82,16 @@ def bundle_point(bundle: Bundle, label: str, targets, bits: int, group_size: int
     return Point(label, bits, total, errors)
 
 
+def tensor_bytes(numel: int, bits: int, group_size: int) -> int:
+    return 2 * numel if bits == 16 else quantized_nbytes(numel, bits, group_size)
+
+
 def module_bytes(bundle: Bundle, name: str, bits: int, group_size: int) -> int:
     a, heads, routing = bundle.merged[name]
     routing_bytes = len(routing) if heads.shape[0] > 1 else 0
-    if bits == 16:
-        return 2 * (a.numel() + heads.numel()) + routing_bytes
     return (
-        quantized_nbytes(a.numel(), bits, group_size)
-        + quantized_nbytes(heads.numel(), bits, group_size)
+        tensor_bytes(a.numel(), bits, group_size)
+        + tensor_bytes(heads.numel(), bits, group_size)
         + routing_bytes
     )
 
@@ -121,7 +123,7 @@ def main() -> None:
     for bundle, label in zip(bundles, labels, strict=True):
         points += [bundle_point(bundle, label, targets, b, args.group_size) for b in args.bits]
 
-    # Budget mode: per module one (HydraOpt M, bits) option.
+    # Budget mode: per module one option: HydraOpt M at some bits, or the K separate adapters.
     hydra = [(b, lab) for b, lab in zip(bundles, labels, strict=True) if b.method == "hydraopt"]
     by_key = {(pt.system, pt.bits): pt for pt in points}
     options = []
@@ -136,6 +138,17 @@ def main() -> None:
                         f"{label} {bits}-bit",
                     )
                 )
+        for bits in args.bits:
+            per_task = tensor_bytes(spec.r * spec.k, bits, args.group_size) + tensor_bytes(
+                spec.d * spec.r, bits, args.group_size
+            )
+            opts.append(
+                Option(
+                    K * per_task,
+                    by_key[("separate", bits)].errors[spec.name],
+                    f"separate {bits}-bit",
+                )
+            )
         options.append(opts)
     budget_rows = []
     for pct in args.budgets:
