@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.keys import lora_key, module_sort_key, parse_lora_key
+from hydraopt.io.names import check_task_names
 from hydraopt.io.validate import (
     check_finite,
     check_lora_config,
@@ -236,7 +237,7 @@ def task_names(dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
         raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
     if len(set(tasks)) != len(tasks):
         raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
-    return tasks
+    return check_task_names(tasks, "task names" if names is not None else "adapter dir names")
 
 
 def check_same_modules(
