@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.atomic import atomic_dir, mark_export
 from hydraopt.io.bundle import DTYPES
 from hydraopt.io.keys import lora_key
 from hydraopt.io.names import select_tasks
@@ -98,6 +98,7 @@ def write_task_adapters(
     selected = select_tasks(bundle.tasks, tasks)
     out = Path(out)
     with atomic_dir(out, force=force) as tmp:
+        mark_export(tmp, selected)
         for task in selected:
             d = tmp / task
             d.mkdir()

@@ -21,8 +21,10 @@ from hydraopt.io.keys import lora_key, module_sort_key, parse_lora_key
 from hydraopt.io.names import check_task_names
 from hydraopt.io.validate import (
     check_finite,
+    check_floating,
     check_lora_config,
     first_difference,
+    load_pickled_tensors,
     lora_scale,
     module_rank_alpha,
 )
@@ -120,6 +122,7 @@ def read_adapter_tensor(
                 t = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise HydraoptError(f"{info.weights_file}: cannot read {key}: {e}") from e
+    check_floating(t, f"{info.weights_file} [{key}]")
     t = t.to(torch.float32)
     check_finite(t, f"{info.weights_file} [{key}]")
     return t
@@ -341,8 +344,5 @@ def read_adapter_files(
             f"{d}: only {PICKLE_NAME} (a pickle) found; convert it to safetensors or pass "
             "--allow-pickle to read it with torch.load(weights_only=True)"
         )
-    try:
-        tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt pickles
-        raise HydraoptError(f"{bin_path}: cannot be read safely ({e})") from e
+    tensors = load_pickled_tensors(bin_path)
     return config, bin_path, {k: tuple(v.shape) for k, v in tensors.items()}, tensors
