@@ -29,9 +29,20 @@ def apply_thread_defaults() -> bool:
     return "torch" not in sys.modules
 
 
+def max_threads() -> int:
+    """The most threads a run may ask for: generous (a Ray worker may be larger than this
+    machine), but far below the count at which starting OpenMP's threads fails mid-run."""
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
 def check_threads(threads: int | None) -> None:
-    """A thread count given by the user: None (library default) or a positive integer."""
+    """A thread count given by the user: None (library default) or 1 .. :func:`max_threads`."""
     from hydraopt.errors import HydraoptError
 
     if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise HydraoptError(f"threads must be a positive integer, got {threads}")
+    if threads is not None and threads > max_threads():
+        raise HydraoptError(
+            f"threads = {threads} is more than this machine can run ({os.cpu_count()} CPUs; "
+            f"at most {max_threads()})"
+        )

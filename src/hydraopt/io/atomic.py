@@ -130,6 +130,8 @@ def check_output_dir(
     out = Path(out)
     if out.name in ("", "..") or str(out) in (".", ""):
         raise HydraoptError(f"output path {str(out)!r} names no new directory; give one")
+    if len(os.fsencode(out.name)) > 255:
+        raise HydraoptError(f"output name {out.name[:40]!r}... is longer than 255 bytes")
     real = out.resolve()
     if _is_within(Path.cwd().resolve(), real):
         raise HydraoptError(f"output path {out} is the current directory or holds it")

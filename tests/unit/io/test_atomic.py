@@ -89,6 +89,7 @@ def test_check_output_dir_refusals_are_one_line_in_library_words(tmp_path, monke
         (str(tmp_path / "in"), "holds the input"),
         (str(tmp_path / "afile"), "not a directory"),
         (str(tmp_path / "afile" / "sub"), "afile is not a directory"),
+        (str(tmp_path / ("é" * 128)), "longer than 255 bytes"),
     ]
     for out, message in cases:
         with pytest.raises(HydraoptError, match=message) as e:
