@@ -41,7 +41,7 @@ _STEM_CHARS = 64  # temp names stay far below NAME_MAX whatever the output's nam
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -134,7 +134,7 @@ def read_bundle_meta(path: str | Path) -> dict[str, Any]:
         raise HydraoptError(f"{path}: not a hydraopt bundle (needs {META_NAME} and {TENSORS_NAME})")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
         raise HydraoptError(f"{meta_path}: corrupt bundle metadata ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else None

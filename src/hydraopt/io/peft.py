@@ -261,7 +261,7 @@ def peft_type_of(d: Path) -> str:
     """
     try:
         return str(json.loads((d / CONFIG_NAME).read_text()).get("peft_type", "")).upper()
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return ""
 
 
@@ -325,7 +325,7 @@ def read_adapter_files(
         config: dict[str, Any] = json.loads(cfg_path.read_text())
     except OSError as e:
         raise HydraoptError(f"{cfg_path}: cannot read the adapter config ({e})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise HydraoptError(f"{cfg_path}: not valid JSON ({e})") from e
     check_config(config, d)
 

@@ -253,3 +253,12 @@ def test_written_files_follow_the_umask(bundle, tmp_path):
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["tasks"] == ["task0", "task1"]
+
+
+def test_deeply_nested_json_is_one_line_not_a_recursion_error(adapters, bundle, tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000
+    (bundle / "bundle.json").write_text(deep)
+    refused(["export", bundle, "--out", tmp_path / "x"], tmp_path, capsys, expect="corrupt bundle")
+    (Path(adapters[1]) / "adapter_config.json").write_text(deep)
+    argv = ["merge", *adapters, *MERGE, "--out", tmp_path / "b"]
+    refused(argv, tmp_path, capsys, expect="not valid JSON")
