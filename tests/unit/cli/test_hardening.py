@@ -18,6 +18,7 @@ from conftest import edit_config
 from safetensors.torch import load_file, save_file
 
 from hydraopt.cli.main import main
+from hydraopt.io.atomic import hydraopt_output_kind
 from hydraopt.io.bundle import load_bundle
 
 MERGE = ["--heads", "1", "--refine-steps", "0"]
@@ -152,6 +153,12 @@ def test_force_replaces_hydraopt_outputs_of_every_kind(adapters, bundle, tmp_pat
     assert main(["merge", *adapters, "--heads", "2", "--out", str(bundle), "--force"]) == 0
     assert load_bundle(bundle).num_heads == 2
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["b"]
+    sweep = ["sweep", *adapters, "--heads", "1", "--baselines", "ties", "--save-bundles"]
+    assert main([*sweep, "--out", str(tmp_path / "s")]) == 0
+    assert hydraopt_output_kind(tmp_path / "s") == "sweep"
+    assert main([*sweep, "--out", str(tmp_path / "s"), "--force"]) == 0
+    assert main(["merge", *adapters, *MERGE, "--out", str(tmp_path / "s"), "--force"]) == 0
+    assert load_bundle(tmp_path / "s").num_heads == 1  # a sweep replaced by a bundle
 
 
 def test_output_parent_that_cannot_hold_a_dir_is_refused_before_the_merge(
