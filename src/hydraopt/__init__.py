@@ -10,17 +10,18 @@ The public API is small on purpose (see README.md):
 - :func:`list_methods` — the registry of merge methods (names = CLI names).
 """
 
+# ruff: noqa: E402 - the thread defaults must be set before the imports below load torch
 from hydraopt.threads import apply_thread_defaults
 
-apply_thread_defaults()  # before the imports below load torch: OpenMP reads it only then
+apply_thread_defaults()  # OpenMP reads OMP_WAIT_POLICY once, when torch loads it
 
-from hydraopt.engine import merge_adapter_set  # noqa: E402
-from hydraopt.errors import HydraoptError  # noqa: E402
-from hydraopt.io.bundle import load_any_bundle, load_bundle, save_bundle  # noqa: E402
-from hydraopt.io.export import export_peft_adapters  # noqa: E402
-from hydraopt.io.peft import load_adapter_set  # noqa: E402
-from hydraopt.merge.registry import get_method, list_methods  # noqa: E402
-from hydraopt.version import __version__  # noqa: E402
+from hydraopt.engine import merge_adapter_set
+from hydraopt.errors import HydraoptError
+from hydraopt.io.bundle import load_any_bundle, load_bundle, save_bundle
+from hydraopt.io.export import export_peft_adapters
+from hydraopt.io.peft import load_adapter_set
+from hydraopt.merge.registry import get_method, list_methods
+from hydraopt.version import __version__
 
 __all__ = [
     "HydraoptError",
