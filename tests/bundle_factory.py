@@ -14,6 +14,13 @@ from hydraopt.io.bundle import META_NAME, TENSORS_NAME, save_bundle
 from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 
 TASKS = ("alpha", "beta", "gamma")
+STORAGE = {
+    "adapters_params": 100,
+    "bundle_params": 50,
+    "storage_percent": 50.0,
+    "adapters_bytes": 400,
+    "bundle_bytes": 200,
+}
 MODULES = (ModuleSpec("layers.0.q", d=4, k=3, r=2), ModuleSpec("layers.0.k", d=2, k=3, r=2))
 
 
@@ -38,7 +45,7 @@ def lora_bundle(heads: int = 2) -> Bundle:
         merged=merged,
         adapter_configs={t: {"peft_type": "LORA", "r": 2, "lora_alpha": 4} for t in TASKS},
         scales={t: {m.name: 2.0 for m in MODULES} for t in TASKS},
-        storage={"storage_percent": 50.0},
+        storage=STORAGE,
         extra={"library_version": "test"},
     )
 
@@ -60,7 +67,7 @@ def vera_bundle(heads: int = 2) -> VeraBundle:
         merged=merged,
         projections=(torch.randn(2, 3, generator=gen), torch.randn(4, 2, generator=gen)),
         adapter_configs={t: {"peft_type": "VERA", "r": 2} for t in TASKS},
-        storage={"storage_percent": 50.0},
+        storage=STORAGE,
         extra={"library_version": "test"},
     )
 

@@ -59,6 +59,7 @@ def check_bundle(
     """
     check_bundle_header(meta, where)
     tasks = _check_common_fields(meta, where)
+    _check_report_fields(meta, len(tasks), where)
     modules = _check_modules(meta, where)
     _check_routing(meta, modules, len(tasks), where)
     KIND_CHECKS[meta.get("adapter_kind", "lora")](meta, tensors, tasks, modules, where)
@@ -103,6 +104,41 @@ def _check_common_fields(meta: dict[str, Any], where: Any) -> list[str]:
                 f"{where}: dtype must be one of {sorted(DTYPES)}, got {meta['dtype']!r}"
             )
     return tasks
+
+
+STORAGE_NUMBERS: tuple[str, ...] = ("adapters_params", "bundle_params", "storage_percent")
+STORAGE_NUMBERS += ("adapters_bytes", "bundle_bytes")
+EXTRA_TYPES: dict[str, type] = {"merge_seconds": float, "error_distance": str, "seed": int}
+
+
+def _check_report_fields(meta: dict[str, Any], K: int, where: Any) -> None:
+    """What reports print (storage numbers, timings, per-task errors): of the types they use.
+
+    Not needed to rebuild the adapters, but inspect, sweep and evaluate format and index them,
+    so a bundle.json edited by hand must not turn a report into a traceback.
+    """
+    storage, extra = meta["storage"], meta.get("extra", {})
+    for key in STORAGE_NUMBERS:
+        value = storage.get(key)
+        if not is_number(value) or not math.isfinite(value) or value < 0:
+            raise HydraoptError(
+                f"{where}: storage.{key} must be a finite number >= 0, got {value!r}"
+            )
+    for key, kind in EXTRA_TYPES.items():
+        value = extra.get(key)
+        ok = is_number(value) if kind is float else isinstance(value, kind)
+        if key in extra and (not ok or isinstance(value, bool)):
+            raise HydraoptError(f"{where}: extra.{key} must be {JSON_NAMES[kind]}, got {value!r}")
+    for key in ("errors", "zero_errors"):
+        table = extra.get(key, {})
+        rows = table.values() if isinstance(table, dict) else [None]
+        if any(not isinstance(r, list) or len(r) != K or not all(map(is_number, r)) for r in rows):
+            raise HydraoptError(
+                f"{where}: extra.{key} must map each module to one number per task ({K})"
+            )
+    sources = extra.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise HydraoptError(f"{where}: extra.sources must map tasks to directory paths")
 
 
 def _check_modules(meta: dict[str, Any], where: Any) -> list[dict[str, Any]]:

@@ -89,6 +89,27 @@ META_CASES = {
     "dtype unknown": (setitem("dtype", "int8"), "dtype must be one of"),
     "extra not an object": (setitem("extra", []), "'extra' must be an object"),
     "storage missing": (delitem("storage"), "'storage' must be an object, found missing"),
+    "storage number missing": (lambda m: m["storage"].pop("bundle_bytes"), "storage.bundle_bytes"),
+    "storage percent a string": (
+        lambda m: m["storage"].__setitem__("storage_percent", "50"),
+        "storage.storage_percent must be a finite number",
+    ),
+    "merge seconds a string": (
+        lambda m: m["extra"].__setitem__("merge_seconds", "fast"),
+        "extra.merge_seconds must be a number",
+    ),
+    "errors too short": (
+        lambda m: m["extra"].__setitem__("errors", {Q: [0.1]}),
+        "extra.errors must map each module to one number per task",
+    ),
+    "errors not numbers": (
+        lambda m: m["extra"].__setitem__("zero_errors", {Q: ["a", "b", "c"]}),
+        "extra.zero_errors must map",
+    ),
+    "sources not paths": (
+        lambda m: m["extra"].__setitem__("sources", {"alpha": 3}),
+        "extra.sources must map",
+    ),
 }
 
 
