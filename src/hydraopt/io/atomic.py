@@ -5,8 +5,9 @@ looks complete, so every writer fills a sibling temp dir and renames it into pla
 the previous output, when replaced, is removed only after the new one is in place.
 
 Replacing is the dangerous part: ``force`` replaces only a directory hydraopt itself wrote (a
-bundle, an export, a sweep; see :func:`hydraopt_output_kind`) or an empty one, never a
-directory holding anything else, never one of the inputs, never the current directory. Files
+bundle, an export, a sweep, a fine-tuned adapter; see :func:`hydraopt_output_kind`) or an
+empty one, never a directory holding anything else, never one of the inputs, never the current
+directory. Files
 and directories are created with the user's umask, like any other tool's (``tempfile.mkdtemp``
 would make them 0700 and safetensors writes 0600, which a server running as another user cannot
 read). Temp dirs left by a run that crashed are removed by the next run writing the same output.
@@ -34,6 +35,7 @@ EXPORTED_ADAPTER_FILES = frozenset(
     {"adapter_model.safetensors", "adapter_config.json", "hydraopt_export.json"}
 )
 SWEEP_FILES = frozenset({"sweep.json", "sweep.md", "sweep.png", "bundles"})
+FINETUNED_FILES = frozenset({"adapter_model.safetensors", "adapter_config.json", "training.json"})
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
 _STEM_CHARS = 64  # temp names stay far below NAME_MAX whatever the output's name
 
@@ -81,8 +83,14 @@ def _is_sweep(path: Path) -> bool:
     )
 
 
+def _is_finetuned_adapter(path: Path) -> bool:
+    record = _read_json(path / "training.json")
+    entries = {p.name for p in path.iterdir()}
+    return isinstance(record, dict) and "task" in record and entries <= FINETUNED_FILES
+
+
 def hydraopt_output_kind(path: str | Path) -> str | None:
-    """``"bundle"``, ``"export"`` or ``"sweep"`` if hydraopt wrote the directory ``path`` and
+    """The kind (a key of :data:`OUTPUT_KINDS`) if hydraopt wrote the directory ``path`` and
     nothing else was added to it; ``"empty"`` for an empty directory; None otherwise.
 
     An export is recognised by its :data:`EXPORT_MARKER` or, for exports written before the
@@ -94,12 +102,20 @@ def hydraopt_output_kind(path: str | Path) -> str | None:
             return None
         if not any(path.iterdir()):
             return "empty"
-        for kind, test in (("bundle", _is_bundle), ("sweep", _is_sweep), ("export", _is_export)):
+        for kind, test in OUTPUT_KINDS.items():
             if test(path):
                 return kind
     except OSError:
         return None
     return None
+
+
+OUTPUT_KINDS = {
+    "bundle": _is_bundle,
+    "sweep": _is_sweep,
+    "export": _is_export,
+    "finetuned adapter": _is_finetuned_adapter,  # hydraopt finetune: PEFT files + training.json
+}
 
 
 def _is_within(inner: Path, outer: Path) -> bool:
@@ -152,7 +168,8 @@ def check_output_dir(
     if hydraopt_output_kind(out) is None:
         raise HydraoptError(
             f"output path {out} holds files hydraopt did not write; it is replaced only when it "
-            "is a bundle, an export or a sweep output (or empty): move them or pick another path"
+            "is a bundle, export, sweep or fine-tuning output (or empty): move them or pick "
+            "another path"
         )
 
 

@@ -52,6 +52,13 @@ def test_output_kinds_are_recognised_and_user_dirs_are_not(tmp_path):
     write(lora_bundle(), sweep / "bundles" / "hydraopt_M2")
     (sweep / "sweep.json").write_text(json.dumps({"points": []}))
     assert hydraopt_output_kind(sweep) == "sweep"
+    tuned = tmp_path / "t"
+    tuned.mkdir()
+    for name in ["adapter_config.json", "adapter_model.safetensors"]:
+        (tuned / name).write_text("{}")
+    assert hydraopt_output_kind(tuned) is None  # a PEFT adapter from elsewhere
+    (tuned / "training.json").write_text(json.dumps({"task": "en-gc", "steps": 10}))
+    assert hydraopt_output_kind(tuned) == "finetuned adapter"
 
     for out, added in [(bundle, "notes.txt"), (export, "notes.txt"), (export / "alpha", "x.py")]:
         (out / added).write_text("mine")
