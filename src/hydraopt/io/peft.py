@@ -240,7 +240,10 @@ def task_names(dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
         raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
     if len(set(tasks)) != len(tasks):
         raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
-    return check_task_names(tasks, "task names" if names is not None else "adapter dir names")
+    return check_task_names(
+        tasks,
+        "task names" if names is not None else "adapter dir names (pass names to choose others)",
+    )
 
 
 def check_same_modules(

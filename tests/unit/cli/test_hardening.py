@@ -269,3 +269,11 @@ def test_deeply_nested_json_is_one_line_not_a_recursion_error(adapters, bundle, 
     (Path(adapters[1]) / "adapter_config.json").write_text(deep)
     argv = ["merge", *adapters, *MERGE, "--out", tmp_path / "b"]
     refused(argv, tmp_path, capsys, expect="not valid JSON")
+
+
+def test_an_adapter_given_as_dot_needs_explicit_names(adapters, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(adapters[0])
+    argv = ["merge", ".", adapters[1], *MERGE, "--out", tmp_path / "b"]
+    err = refused(argv, tmp_path, capsys, expect="task name '' is empty")
+    assert "pass names" in err
+    assert main([*map(str, argv), "--names", "first", "second"]) == 0
