@@ -148,11 +148,13 @@ def check_output_dir(
         raise HydraoptError(f"output path {str(out)!r} names no new directory; give one")
     if len(os.fsencode(out.name)) > 255:
         raise HydraoptError(f"output name {out.name[:40]!r}... is longer than 255 bytes")
-    real = out.resolve()
+    try:
+        real, inputs_real = out.resolve(), [(p, Path(p).resolve()) for p in inputs]
+    except (OSError, RuntimeError) as e:  # a symlink loop, an unreadable component
+        raise HydraoptError(f"cannot resolve output path {out} or an input ({e})") from e
     if _is_within(Path.cwd().resolve(), real):
         raise HydraoptError(f"output path {out} is the current directory or holds it")
-    for inp in inputs:
-        inp_real = Path(inp).resolve()
+    for inp, inp_real in inputs_real:
         if _is_within(inp_real, real):
             what = "is" if inp_real == real else "holds"
             raise HydraoptError(f"output path {out} {what} the input {inp}; choose another path")

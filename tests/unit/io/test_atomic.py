@@ -109,6 +109,9 @@ def test_check_output_dir_refusals_are_one_line_in_library_words(tmp_path, monke
     (tmp_path / "link").symlink_to(tmp_path / "empty-target", target_is_directory=True)
     with pytest.raises(HydraoptError, match="symbolic link"):
         check_output_dir(tmp_path / "link", force=True)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(HydraoptError, match="cannot resolve|symbolic link"):
+        check_output_dir(tmp_path / "loop" / "b", force=True)
     assert (user / "thesis.tex").read_text() == "years of work"
 
 
