@@ -10,6 +10,11 @@ The public API is small on purpose (see README.md):
 - :func:`list_methods` — the registry of merge methods (names = CLI names).
 """
 
+# ruff: noqa: E402 - the thread defaults must be set before the imports below load torch
+from hydraopt.threads import apply_thread_defaults
+
+apply_thread_defaults()  # OpenMP reads OMP_WAIT_POLICY once, when torch loads it
+
 from hydraopt.engine import merge_adapter_set
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import load_any_bundle, load_bundle, save_bundle

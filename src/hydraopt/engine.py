@@ -20,6 +20,7 @@ from typing import Any, Literal, overload
 
 import torch
 
+from hydraopt.devices import check_device
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import DTYPES
 from hydraopt.io.peft import AdapterSet
@@ -65,6 +66,7 @@ class EngineOptions:
     result_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.result_dtype is not None and self.result_dtype not in DTYPES:
             raise HydraoptError(
                 f"result_dtype must be one of {sorted(DTYPES)} or None, got {self.result_dtype!r}"

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, force=args.force)
+    check_output_dir(args.out, force=args.force, inputs=[args.bundle], force_hint="--force")
     bundle = load_any_bundle(args.bundle)
     written = export_peft_adapters(
         bundle, args.out, tasks=args.tasks, force=args.force, dtype=args.dtype

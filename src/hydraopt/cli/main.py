@@ -8,7 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from hydraopt.errors import HydraoptError
+from hydraopt.threads import apply_thread_defaults
 from hydraopt.version import __version__
+
+apply_thread_defaults()  # before any subcommand imports torch (OMP_WAIT_POLICY, see threads.py)
 
 # Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int.
 SUBCOMMANDS = ("merge", "export", "inspect", "sweep", "finetune", "evaluate")

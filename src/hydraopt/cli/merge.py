@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, force=args.force)  # fail before any work, not after
+    check_output_dir(args.out, force=args.force, inputs=args.adapters, force_hint="--force")
     if args.method == "hydraopt" and args.heads is None:
         raise HydraoptError("hydraopt needs --heads M (1 = smallest, K = most faithful)")
     aset = load_selected(args)

@@ -6,8 +6,10 @@ import argparse
 from typing import Any
 
 from hydraopt.engine import EngineOptions
+from hydraopt.io.validate import check_option_values
 from hydraopt.merge.distances import DISTANCES
 from hydraopt.merge.registry import list_methods
+from hydraopt.threads import check_threads
 
 
 def add_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +136,7 @@ def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     weights = given.get("weights")
     if weights is not None:
         given["weights"] = tuple(weights)
+    check_option_values(given)
     return given
 
 
@@ -165,6 +168,7 @@ def load_selected(args: argparse.Namespace):
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     import torch
 
+    check_threads(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     distance = getattr(args, "distance", None) or "mae"

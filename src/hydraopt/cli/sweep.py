@@ -23,7 +23,7 @@ from hydraopt.cli.options import (
     method_options,
 )
 from hydraopt.engine import merge_adapter_set, resolve_config
-from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.atomic import atomic_dir, check_output_dir
 from hydraopt.io.bundle import save_bundle
 from hydraopt.merge.classic import A_ONLY_METHODS, CLASSIC_METHODS
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, force=args.force, inputs=args.adapters, force_hint="--force")
     aset = load_selected(args)
     K = len(aset.tasks)
     engine = engine_options(args)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.check_bundle import check_bundle, check_bundle_header
 from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 
 FORMAT_NAME = "hydraopt-bundle"
@@ -133,11 +134,12 @@ def read_bundle_meta(path: str | Path) -> dict[str, Any]:
         raise HydraoptError(f"{path}: not a hydraopt bundle (needs {META_NAME} and {TENSORS_NAME})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
         raise HydraoptError(f"{meta_path}: corrupt bundle metadata ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise HydraoptError(f"{meta_path}: not a hydraopt bundle (format={found!r})")
+    check_bundle_header(meta, meta_path)
     if int(meta.get("format_version", 0)) > NEWEST_FORMAT_VERSION:
         raise HydraoptError(
             f"{path}: bundle format {meta['format_version']} is newer than this hydraopt "
@@ -173,6 +175,7 @@ def load_bundle(path: str | Path) -> Bundle:
             "hydraopt.load_any_bundle or export it (hydraopt export) to PEFT adapter dirs"
         )
     tensors = read_bundle_tensors(path)
+    check_bundle(meta, tensors, path)
     modules, merged = [], {}
     for m in meta["modules"]:
         spec = ModuleSpec(name=m["name"], d=m["d"], k=m["k"], r=m["r"])

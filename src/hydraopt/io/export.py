@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.atomic import atomic_dir, mark_export
 from hydraopt.io.bundle import DTYPES
 from hydraopt.io.keys import lora_key
+from hydraopt.io.names import select_tasks
 from hydraopt.io.peft import CONFIG_NAME, SAFETENSORS_NAME
 from hydraopt.types import Bundle, VeraBundle
 
@@ -94,9 +95,10 @@ def write_task_adapters(
     name = dtype or bundle.extra.get("dtype") or "float32"
     if name not in DTYPES:
         raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    selected = list(tasks) if tasks else list(bundle.tasks)
+    selected = select_tasks(bundle.tasks, tasks)
     out = Path(out)
     with atomic_dir(out, force=force) as tmp:
+        mark_export(tmp, selected)
         for task in selected:
             d = tmp / task
             d.mkdir()

@@ -18,10 +18,13 @@ from safetensors import SafetensorError, safe_open
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.keys import lora_key, module_sort_key, parse_lora_key
+from hydraopt.io.names import check_task_names
 from hydraopt.io.validate import (
     check_finite,
+    check_floating,
     check_lora_config,
     first_difference,
+    load_pickled_tensors,
     lora_scale,
     module_rank_alpha,
 )
@@ -119,6 +122,7 @@ def read_adapter_tensor(
                 t = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise HydraoptError(f"{info.weights_file}: cannot read {key}: {e}") from e
+    check_floating(t, f"{info.weights_file} [{key}]")
     t = t.to(torch.float32)
     check_finite(t, f"{info.weights_file} [{key}]")
     return t
@@ -236,7 +240,10 @@ def task_names(dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
         raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
     if len(set(tasks)) != len(tasks):
         raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
-    return tasks
+    return check_task_names(
+        tasks,
+        "task names" if names is not None else "adapter dir names (pass names to choose others)",
+    )
 
 
 def check_same_modules(
@@ -257,7 +264,7 @@ def peft_type_of(d: Path) -> str:
     """
     try:
         return str(json.loads((d / CONFIG_NAME).read_text()).get("peft_type", "")).upper()
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return ""
 
 
@@ -321,7 +328,7 @@ def read_adapter_files(
         config: dict[str, Any] = json.loads(cfg_path.read_text())
     except OSError as e:
         raise HydraoptError(f"{cfg_path}: cannot read the adapter config ({e})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise HydraoptError(f"{cfg_path}: not valid JSON ({e})") from e
     check_config(config, d)
 
@@ -340,8 +347,5 @@ def read_adapter_files(
             f"{d}: only {PICKLE_NAME} (a pickle) found; convert it to safetensors or pass "
             "--allow-pickle to read it with torch.load(weights_only=True)"
         )
-    try:
-        tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt pickles
-        raise HydraoptError(f"{bin_path}: cannot be read safely ({e})") from e
+    tensors = load_pickled_tensors(bin_path)
     return config, bin_path, {k: tuple(v.shape) for k, v in tensors.items()}, tensors

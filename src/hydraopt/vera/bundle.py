@@ -24,6 +24,7 @@ from hydraopt.io.bundle import (
     read_bundle_tensors,
     write_bundle_dir,
 )
+from hydraopt.io.check_bundle import check_bundle
 from hydraopt.io.export import write_task_adapters
 from hydraopt.types import ModuleSpec, VeraBundle
 from hydraopt.vera.load import PROJECTION_KEYS, lambda_key
@@ -83,6 +84,7 @@ def save_vera_bundle(
 def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
     """The VeRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
     tensors = read_bundle_tensors(path)
+    check_bundle(meta, tensors, path)
     try:
         projections = (tensors["vera_A"].float(), tensors["vera_B"].float())
         modules, merged = [], {}

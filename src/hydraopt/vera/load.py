@@ -33,7 +33,7 @@ from hydraopt.io.peft import (
     select_modules,
     task_names,
 )
-from hydraopt.io.validate import check_finite
+from hydraopt.io.validate import check_finite, check_vera_config_values
 from hydraopt.types import AdapterInfo, ModuleSpec, VeraStack
 from hydraopt.vera.projections import vera_projections
 from hydraopt.vera.shapes import module_shapes
@@ -116,6 +116,7 @@ def check_vera_config(config: dict[str, Any], path: Path) -> None:
     r = config.get("r")
     if not isinstance(r, int) or r <= 0:
         raise HydraoptError(f"{path}: adapter_config.json has no valid rank r (got {r!r})")
+    check_vera_config_values(config, path)
 
 
 def load_vera_adapter_set(

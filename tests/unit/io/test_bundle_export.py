@@ -46,8 +46,13 @@ def test_existing_output_is_refused_and_kept(three_adapters, tmp_path):
     with pytest.raises(HydraoptError, match="already exists"):
         save_bundle(bundle, out)
     assert (out / "keep.txt").read_text() == "mine"
-    save_bundle(bundle, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / META_NAME).is_file()
+    with pytest.raises(HydraoptError, match="did not write"):  # force replaces only our output
+        save_bundle(bundle, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    save_bundle(bundle, out, force=True)  # an empty dir may be replaced
+    save_bundle(bundle, out, force=True)  # and so may a bundle
+    assert sorted(p.name for p in out.iterdir()) == [META_NAME, "tensors.safetensors"]
     assert [p.name for p in out.parent.iterdir()] == ["b"]  # no temp dirs left behind
 
 
