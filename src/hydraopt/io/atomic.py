@@ -299,7 +299,7 @@ def atomic_dir(
     try:
         yield tmp
         apply_umask(tmp)
-        _swap_in(tmp, out)
+        _swap_in(tmp, out, force=force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
@@ -309,11 +309,17 @@ def atomic_dir(
         raise
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed last."""
+def _swap_in(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed last.
+
+    Without ``force``, an ``out`` that appeared while we wrote (another run with the same
+    target) is left alone: the check at the start cannot see it.
+    """
     if not out.exists():
         tmp.rename(out)
         return
+    if not force:
+        raise HydraoptError(f"output path {out} appeared while writing; nothing was replaced")
     old = _make_temp_dir(out, "old")
     old.rmdir()
     out.rename(old)

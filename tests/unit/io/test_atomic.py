@@ -134,6 +134,16 @@ def test_force_replaces_a_bundle_only_when_the_new_one_is_complete(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp or old dir left
 
 
+def test_an_output_that_appears_while_writing_is_not_replaced_without_force(tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(HydraoptError, match="appeared while writing"), atomic_dir(out) as tmp:
+        (tmp / "ours").write_text("new")
+        out.mkdir()  # another run (or the user) creates the same target meanwhile
+        (out / "theirs").write_text("keep me")
+    assert (out / "theirs").read_text() == "keep me" and not (out / "ours").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # our temp dir is gone
+
+
 def test_an_os_error_while_writing_is_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "new" / "deeper" / "b"
     with pytest.raises(HydraoptError, match="No such file") as e, atomic_dir(out) as tmp:
