@@ -12,7 +12,12 @@ from hydraopt.io.export import export_peft_adapters
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write one standard PEFT adapter dir per task from a bundle")
-    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument(
+        "bundle",
+        type=Path,
+        metavar="BUNDLE_DIR",
+        help="a bundle written by 'hydraopt merge' (or 'sweep --save-bundles'), LoRA or VeRA",
+    )
     p.add_argument(
         "--out", required=True, type=Path, help="directory to create, holding <task>/ dirs"
     )

@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="similarity only over modules containing this text (e.g. q_proj)",
     )
-    p.add_argument("--top", type=int, default=10, help="how many worst modules to list (bundle)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="how many worst modules to list for a bundle (default 10)",
+    )
     p.add_argument("--json", type=Path, help="write everything shown as JSON")
     p.set_defaults(func=run)
 

@@ -99,14 +99,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("local", "ray"),
         default="local",
-        help="run module groups in this process or as Ray tasks (pip install 'hydraopt[scale]')",
+        help="run module groups in this process or as Ray tasks (pip install 'hydraopt[scale]'; "
+        "default local)",
     )
     g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     g.add_argument(
         "--dtype",
         default="float16",
         choices=("float16", "bfloat16", "float32"),
-        help="bundle tensor dtype",
+        help="dtype of the bundle's tensors (default float16: half the bytes of float32; the "
+        "merge itself runs in float32)",
     )
 
 
