@@ -17,6 +17,7 @@ import torch
 from hydraopt.analysis import error_by_task, factor_similarity, plot_similarity
 from hydraopt.cli.display import print_table
 from hydraopt.cli.merge import print_summary
+from hydraopt.cli.options import adapter_dirs
 from hydraopt.io.bundle import META_NAME, load_any_bundle
 from hydraopt.io.peft import AdapterSet, load_adapter_set
 from hydraopt.storage import storage_report, vera_storage_report
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("(source adapters not found on disk: A/B similarity skipped)")
     else:
-        aset = load_adapter_set(args.paths, check_values=False)
+        aset = load_adapter_set(adapter_dirs(args.paths), check_values=False)
         report["storage"] = (
             show_vera_storage(aset) if isinstance(aset, VeraAdapterSet) else show_storage(aset)
         )

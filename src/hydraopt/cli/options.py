@@ -147,7 +147,7 @@ def load_selected(args: argparse.Namespace):
     from hydraopt.io.peft import load_adapter_set
 
     aset = load_adapter_set(
-        args.adapters,
+        adapter_dirs(args.adapters),
         args.names,
         allow_pickle=args.allow_pickle,
         base_model=getattr(args, "base_model", None),
@@ -162,6 +162,18 @@ def load_selected(args: argparse.Namespace):
             raise HydraoptError(f"--modules {args.modules!r} matches no module")
         aset = aset.select(names)
     return aset
+
+
+def adapter_dirs(paths: list[str]) -> list[str]:
+    """``paths`` without plain files, each skipped with a note on stderr: a shell glob such as
+    ``examples/adapters/*`` also catches the README beside the adapter dirs."""
+    import sys
+    from pathlib import Path
+
+    for path in paths:
+        if Path(path).is_file():
+            print(f"hydraopt: skipping {path}: a file, not an adapter directory", file=sys.stderr)
+    return [path for path in paths if not Path(path).is_file()]
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
