@@ -36,6 +36,14 @@ SHARED_ADAPTERS = _real_adapters()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir(tmp_path_factory) -> None:
+    """Ray sessions (tests of the Ray engine) under the test run's tmp dir, not /tmp/ray, where
+    each one left ~200 KB of logs and sockets behind."""
+    root = tmp_path_factory.mktemp("ray")
+    os.environ.setdefault("RAY_TMPDIR", str(root))
+
+
 def tiny_llama_config():
     from transformers import LlamaConfig
 

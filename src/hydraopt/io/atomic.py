@@ -18,7 +18,10 @@ from hydraopt.errors import HydraoptError
 def check_output_dir(out: Path, *, force: bool) -> None:
     """Refuse an existing output path unless ``force``; refuse a file in any case."""
     if out.exists() and not force:
-        raise HydraoptError(f"output path {out} already exists; pass --force to replace it")
+        raise HydraoptError(
+            f"output path {out} already exists; force=True (--force on the command line) "
+            "replaces it"
+        )
     if out.exists() and not out.is_dir():
         raise HydraoptError(f"output path {out} exists and is not a directory")
 
