@@ -184,3 +184,23 @@ def test_every_shipped_task_has_a_cap() -> None:
     ids = sorted(p.name for p in root.iterdir() if (p / "task.json").is_file())
     assert ids, f"no task under {root}"
     assert [i for i in ids if i not in MAX_NEW_TOKENS] == []
+
+
+def test_the_documented_task_format_loads(tmp_path: Path) -> None:
+    """docs/tasks.md's example task.json and split line make a task that loads and scores."""
+    import re
+
+    from hydraopt.eval.metrics import METRICS
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "tasks.md").read_text()
+    spec_text, line_text = re.findall(r"```json\n(.*?)```", doc, re.S)[:2]
+    spec = json.loads(spec_text)
+    task_dir = tmp_path / spec["id"]
+    task_dir.mkdir()
+    (task_dir / "task.json").write_text(spec_text)
+    (task_dir / "test.jsonl").write_text(json.dumps(json.loads(line_text)) + "\n\n")
+    loaded = load_task(resolve_task_dir(spec["id"], tmp_path))
+    assert (loaded.id, loaded.max_new_tokens) == ("my-task", 64)
+    assert loaded.metric in METRICS
+    (example,) = load_split(task_dir, "test")
+    assert example.references == ("all", "acceptable outputs")
