@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hydraopt.io.atomic import check_output_dir
-from hydraopt.io.bundle import load_any_bundle
-from hydraopt.io.export import export_peft_adapters
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write one standard PEFT adapter dir per task from a bundle")
@@ -33,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at the top: they import torch, and `export --help` should not wait on it
+    from hydraopt.io.atomic import check_output_dir
+    from hydraopt.io.bundle import load_any_bundle
+    from hydraopt.io.export import export_peft_adapters
+
     check_output_dir(args.out, force=args.force)
     bundle = load_any_bundle(args.bundle)
     written = export_peft_adapters(

@@ -41,6 +41,17 @@ def test_help_and_version_import_no_torch() -> None:
     assert _modules_after(bad_command) == set()
 
 
+# Their parsers need no torch; merge/sweep/inspect build flags from the merge registry, which
+# imports torch.
+@pytest.mark.parametrize("command", ["export", "finetune", "evaluate"])
+def test_light_subcommand_help_imports_no_torch(command: str) -> None:
+    run = (
+        "from hydraopt.cli.main import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+    )
+    assert "torch" not in _modules_after(run)
+
+
 def test_import_hydraopt_is_lazy_but_complete() -> None:
     assert _modules_after("import hydraopt") == set()
     # the first public name used imports its module, and only then torch
