@@ -120,6 +120,14 @@ def load_base_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched generation.
 
+    Public as ``hydraopt.load_base_model``: the base that exported adapters (``hydraopt export``)
+    and ``hydraopt finetune`` adapters apply to. Local files only; nothing is downloaded.
+
+    Example::
+
+        model, tokenizer = hydraopt.load_base_model()  # packaged SmolLM2-135M-Instruct
+        model = peft.PeftModel.from_pretrained(model, "my-adapters/en-qa")
+
     Args:
         path: See :func:`resolve_model_source`; ``None`` loads the packaged SmolLM2-135M GGUF.
         dtype: Parameter dtype. GGUF tensors are dequantised to this dtype.
