@@ -33,14 +33,19 @@ demo: $(STAMP)
 	    > $(DEMO_OUT)/$$name/inspect.txt || exit 1; \
 	  echo "A/B similarity: $(DEMO_OUT)/$$name/inspect.txt, $(DEMO_OUT)/$$name/similarity.png"; \
 	done; \
-	[ $$found = 1 ] || { echo "no adapters in $(SHARED)/adapters or examples/adapters" >&2; exit 1; }
+	[ $$found = 1 ] || { echo "no adapters in $(SHARED)/adapters or examples/adapters" >&2; exit 1; }; \
+	echo; echo "next: one bundle of your own, its report, then standard PEFT adapters from it"; \
+	echo "  $(BIN)/hydraopt merge examples/adapters/* --heads 2 --out my-bundle"; \
+	echo "  $(BIN)/hydraopt inspect my-bundle"; \
+	echo "  $(BIN)/hydraopt export my-bundle --out my-adapters   # my-adapters/<task>/ loads in PEFT"; \
+	echo "  $(BIN)/hydraopt evaluate --tasks en-qa en-ta --system zero-shot --system bundle=my-bundle --limit 20 --out my-eval"
 
 # Re-create the shipped example adapters with the project's own fine-tuning (about 50 minutes on
 # two CPU cores; finished adapters are kept, so an interrupted run resumes).
 adapters: $(STAMP)
 	for t in en-gc en-sr en-ts en-ta en-qa; do \
 	  [ -f examples/adapters/$$t/adapter_model.safetensors ] || \
-	  $(BIN)/hydraopt finetune $$t --out examples/adapters/$$t --threads 1 --tasks-root $(SHARED)/tasks || exit 1; \
+	  $(BIN)/hydraopt finetune $$t --out examples/adapters/$$t --threads 1 || exit 1; \
 	done
 
 # The five English VeRA adapters (PEFT defaults: r = 256, projections from projection_prng_key 0,
@@ -50,11 +55,12 @@ adapters: $(STAMP)
 adapters-vera: $(STAMP)
 	for t in en-gc en-sr en-ts en-ta en-qa; do \
 	  [ -f examples/adapters-vera/$$t/adapter_model.safetensors ] || \
-	  $(BIN)/hydraopt finetune $$t --adapter vera --out examples/adapters-vera/$$t --threads 1 --tasks-root $(SHARED)/tasks || exit 1; \
+	  $(BIN)/hydraopt finetune $$t --adapter vera --out examples/adapters-vera/$$t --threads 1 || exit 1; \
 	done
 
+# -rs: every skipped test is listed with its reason in the summary.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

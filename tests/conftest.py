@@ -19,9 +19,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HYDRAOPT_SHARED", REPO.parent / "shared"))
-SHARED_ADAPTERS = SHARED / "adapters"
 ENGLISH_TASKS = ("en-gc", "en-sr", "en-ts", "en-ta", "en-qa")
+
+
+def _real_adapters() -> Path:
+    # The reference adapters beside the checkout when present; else the project's own in
+    # examples/adapters (same five tasks, r = 32, same base and seed-0 A), so a fresh clone runs
+    # the tests on real adapters too.
+    for root in (SHARED / "adapters", REPO / "examples" / "adapters"):
+        if all((root / t / "adapter_config.json").is_file() for t in ENGLISH_TASKS):
+            return root
+    return SHARED / "adapters"
+
+
+SHARED_ADAPTERS = _real_adapters()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir(tmp_path_factory) -> None:
+    """Ray sessions (tests of the Ray engine) under the test run's tmp dir, not /tmp/ray, where
+    each one left ~200 KB of logs and sockets behind."""
+    root = tmp_path_factory.mktemp("ray")
+    os.environ.setdefault("RAY_TMPDIR", str(root))
 
 
 def tiny_llama_config():
@@ -111,6 +131,7 @@ def edit_config(adapter: Path, **changes) -> None:
 
 def requires_shared_adapters():
     return pytest.mark.skipif(
-        not all((SHARED_ADAPTERS / t).is_dir() for t in ENGLISH_TASKS),
-        reason=f"real adapters not found under {SHARED_ADAPTERS}",
+        not all((SHARED_ADAPTERS / t / "adapter_config.json").is_file() for t in ENGLISH_TASKS),
+        reason=f"real LoRA adapters for {ENGLISH_TASKS} found neither under {SHARED_ADAPTERS} "
+        "nor under examples/adapters",
     )

@@ -72,6 +72,20 @@ def relative_error(bundle: Bundle | VeraBundle) -> float:
     return mean_error(bundle) / zero if zero > 0 else 0.0
 
 
+def text_color(rgba: Sequence[float]) -> str:
+    """``"black"`` or ``"white"``, whichever reads better on a cell of colour ``rgba``.
+
+    By the cell's relative luminance (WCAG: sRGB linearised, 0.2126 R + 0.7152 G + 0.0722 B);
+    above 0.179 black text has the higher contrast ratio, below it white.
+    """
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
 def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Path) -> Path:
     """Two heatmaps (A and B) of pairwise mean absolute differences."""
     import matplotlib
@@ -89,14 +103,15 @@ def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Pa
         ax.set_yticks(range(len(tasks)), tasks)
         for i in range(len(tasks)):
             for j in range(len(tasks)):
+                value = float(rel[i, j])
                 ax.text(
                     j,
                     i,
-                    f"{float(rel[i, j]):.2f}",
+                    f"{value:.2f}",
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="w",
+                    color=text_color(im.cmap(im.norm(value))),
                 )
     fig.colorbar(im, ax=axes, shrink=0.8)
     fig.suptitle("relative difference between tasks' LoRA factors (0 = identical)")
@@ -104,6 +119,68 @@ def plot_similarity(sim: dict[str, torch.Tensor], tasks: Sequence[str], path: Pa
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# Plot series of plot_tradeoff: (name in the legend, marker, colour), by a point's "method".
+SERIES = {
+    "hydraopt": ("HydraOpt, M = 1..K (shared A', M heads)", "o", "tab:red"),
+    "a_only": ("A-only merges (merged A, every task's B)", "^", "tab:green"),
+    "classic": ("classic merges (one merged adapter)", "s", "tab:blue"),
+    "separate": ("separate adapters", "D", "tab:purple"),
+    "zero-shot": ("zero-shot (base model)", "x", "black"),
+}
+
+
+def series_of(method: str | None) -> str:
+    """The :data:`SERIES` key of a point's method (registry name, ``lora``, ``zero-shot``...)."""
+    if method in ("hydraopt", "zero-shot"):
+        return method
+    if method in ("lora", "vera"):
+        return "separate"
+    if method is not None and method.endswith("_a_only"):
+        return "a_only"
+    return "classic"
+
+
+def place_labels(
+    ax: Any, anchors: Sequence[tuple[str, float, float]], fontsize: float = 7
+) -> list[Any]:
+    """Annotate each ``(text, x, y)`` so that no two labels overlap.
+
+    Labels go right of their point; one that would overlap a label already placed (or the
+    legend) moves up, then down, a line at a time, with a thin leader line to its point. Points
+    are visited left to right, top to bottom.
+
+    Returns:
+        The annotations, in the order placed.
+    """
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    step = fontsize * 1.3  # points per text line
+    placed: list[Any] = []
+    legend = ax.get_legend()
+    boxes: list[Any] = [] if legend is None else [legend.get_window_extent(renderer)]
+    for text, x, y in sorted(anchors, key=lambda a: (a[1], -a[2])):
+        for k in range(60):
+            shift = 0 if k == 0 else (-1) ** k * ((k + 1) // 2) * step  # 0, +1, -1, +2, -2 lines
+            label = ax.annotate(
+                text,
+                (x, y),
+                fontsize=fontsize,
+                xytext=(4, 3 - shift),
+                textcoords="offset points",
+                arrowprops=None if k == 0 else {"arrowstyle": "-", "lw": 0.4, "color": "grey"},
+            )
+            # the text alone: an Annotation's own extent also covers its leader line
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)
+            if not any(box.overlaps(other) for other in boxes) or k == 59:
+                break
+            label.remove()
+        placed.append(label)
+        boxes.append(box)
+    return placed
 
 
 def plot_tradeoff(
@@ -117,6 +194,9 @@ def plot_tradeoff(
 ) -> Path:
     """Storage % (x) against ``y_key`` with one labelled point per system; HydraOpt M=1..K joined.
 
+    Every series (:data:`SERIES`) and the ``reference`` line are named in the legend, and no two
+    point labels overlap (:func:`place_labels`).
+
     ``reference`` draws a dashed horizontal line (value, label), e.g. the error of storing nothing.
     """
     import matplotlib
@@ -125,44 +205,28 @@ def plot_tradeoff(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    curve = sorted(
-        (p for p in points if p.get("method") == "hydraopt"), key=lambda p: p["storage_percent"]
-    )
-    if curve:
-        ax.plot(
-            [p["storage_percent"] for p in curve],
-            [p[y_key] for p in curve],
-            "-o",
-            color="tab:red",
-            label="hydraopt (M = 1..K)",
+    for key, (name, marker, color) in SERIES.items():
+        group = sorted(
+            (p for p in points if series_of(p.get("method")) == key),
+            key=lambda p: p["storage_percent"],
         )
-    others = [p for p in points if p.get("method") != "hydraopt"]
-    for p in others:
-        ax.scatter(p["storage_percent"], p[y_key], marker="s", color="tab:blue")
-    for p in points:
-        ax.annotate(
-            p["label"],
-            (p["storage_percent"], p[y_key]),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
-        )
+        if not group:
+            continue
+        xs, ys = [p["storage_percent"] for p in group], [p[y_key] for p in group]
+        if key == "hydraopt":
+            ax.plot(xs, ys, "-", marker=marker, color=color, label=name)
+        else:
+            ax.scatter(xs, ys, marker=marker, color=color, label=name)
     if reference is not None:
-        ax.axhline(reference[0], color="grey", linestyle="--", linewidth=1)
-        ax.annotate(
-            reference[1],
-            (ax.get_xlim()[0], reference[0]),
-            fontsize=7,
-            color="grey",
-            xytext=(2, 3),
-            textcoords="offset points",
-        )
+        ax.axhline(reference[0], color="grey", linestyle="--", linewidth=1, label=reference[1])
     ax.set_xlabel("storage S (% of the separate adapters)")
     ax.set_ylabel(y_label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if curve:
-        ax.legend()
+    # Outside the axes: inside, "best" placement still covered point labels.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    fig.canvas.draw()  # fixes the axis limits before labels are measured against each other
+    place_labels(ax, [(p["label"], p["storage_percent"], p[y_key]) for p in points])
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

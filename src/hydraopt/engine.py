@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -27,6 +27,7 @@ from hydraopt.io.peft import AdapterSet
 from hydraopt.merge.base import MergeContext, build_config, config_class_for, config_to_dict
 from hydraopt.merge.refine import FactorTargets, Targets, distance_to_zero, hard_routed_error
 from hydraopt.merge.registry import get_method
+from hydraopt.progress import ProgressArg, as_callback
 from hydraopt.storage import storage_report, vera_storage_report
 from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 from hydraopt.vera.load import VeraAdapterSet
@@ -198,7 +199,7 @@ def merge_adapter_set(
     options: dict[str, Any] | Any = ...,
     *,
     engine: EngineOptions | None = ...,
-    progress: Callable[[int], None] | None = ...,
+    progress: ProgressArg = ...,
     bytes_per_param: int = ...,
 ) -> Bundle: ...
 
@@ -210,7 +211,7 @@ def merge_adapter_set(
     options: dict[str, Any] | Any = ...,
     *,
     engine: EngineOptions | None = ...,
-    progress: Callable[[int], None] | None = ...,
+    progress: ProgressArg = ...,
     bytes_per_param: int = ...,
 ) -> VeraBundle: ...
 
@@ -221,7 +222,7 @@ def merge_adapter_set(
     options: dict[str, Any] | Any = None,
     *,
     engine: EngineOptions | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressArg = None,
     bytes_per_param: int = 2,
 ) -> Bundle | VeraBundle:
     """Merge every module of ``aset`` with the registered ``method``.
@@ -233,7 +234,9 @@ def merge_adapter_set(
         options: the method's config fields (e.g. ``{"heads": 2, "distance": "mae"}``), or a
             config instance of the method.
         engine: seed, device and memory budget.
-        progress: optional callable told how many modules just finished.
+        progress: ``True`` shows progress on stderr (a bar on a terminal, a plain line every
+            30 s in a log or notebook); a callable is told how many modules just finished;
+            ``None``/``False``: silent.
         bytes_per_param: storage dtype size used in the byte accounting.
 
     Returns:
@@ -242,6 +245,7 @@ def merge_adapter_set(
     engine = engine or EngineOptions()
     K = len(aset.tasks)
     config = resolve_config(method, options or {}, K, aset.kind)
+    progress = as_callback(progress, len(aset.modules), f"merge {method}", "module")
     start = time.perf_counter()
     merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, list[float]] = {}

@@ -29,7 +29,7 @@ def iter_merged_ray(
     try:
         import ray
     except ImportError as e:
-        raise HydraoptError("--engine ray needs Ray: pip install 'hydraopt[scale]'") from e
+        raise HydraoptError("the Ray engine needs Ray: pip install 'hydraopt[scale]'") from e
     from hydraopt.engine import plan_chunks
 
     started_here = False

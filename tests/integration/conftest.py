@@ -32,24 +32,31 @@ def base_model():
     return load_base_model(threads=TEST_THREADS)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="session")
 def tasks_root() -> Path:
-    """The shared task folders (``$HYDRAOPT_TASKS`` or ``../shared/tasks``)."""
+    """The task folders: ``$HYDRAOPT_TASKS``, else the eight shipped in the package."""
     from hydraopt.eval.tasks import default_tasks_root
 
     root = default_tasks_root()
     if not (root / "en-qa" / "task.json").is_file():
-        pytest.skip(f"no task data under {root} (set HYDRAOPT_TASKS)")
+        pytest.skip(f"no task en-qa under {root} (unset HYDRAOPT_TASKS to use the shipped tasks)")
     return root
 
 
 @pytest.fixture(scope="session")
-def adapters_root(tasks_root: Path) -> Path:
-    """The reference adapters beside the tasks (``shared/adapters``)."""
-    root = tasks_root.parent / "adapters"
-    if not (root / "en-qa" / "adapter_config.json").is_file():
-        pytest.skip(f"no reference adapters under {root}")
-    return root
+def adapters_root() -> Path:
+    """Real LoRA adapters (r = 32 on SmolLM2-135M, one per English task): the reference ones in
+    ``$HYDRAOPT_SHARED/adapters`` (default ``../shared/adapters``) when present, else the
+    project's own shipped in ``examples/adapters`` (same tasks, rank and base), so a fresh clone
+    runs these tests too."""
+    shared = Path(os.environ.get("HYDRAOPT_SHARED", REPO.parent / "shared")) / "adapters"
+    for root in (shared, REPO / "examples" / "adapters"):
+        if (root / "en-qa" / "adapter_config.json").is_file():
+            return root
+    pytest.skip(f"no LoRA adapters under {shared} or examples/adapters")
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,7 @@ def test_batched_greedy_equals_unbatched(base_model, tasks_root: Path) -> None:
 
 
 def test_in_memory_lora_matches_peft_from_pretrained(
-    base_model, adapters_root: Path, logits_of
+    base_model, adapters_root: Path, tasks_root: Path, logits_of
 ) -> None:
     model, tokenizer = base_model
     adapter_dir = adapters_root / "en-qa"
@@ -114,9 +114,7 @@ def test_in_memory_lora_matches_peft_from_pretrained(
         if key.endswith(".lora_A.weight")
     }
     assert len(factors) == 120
-    text = build_prompt(
-        tokenizer, load_task(adapter_dir.parent.parent / "tasks" / "en-qa"), QUESTION
-    )
+    text = build_prompt(tokenizer, load_task(tasks_root / "en-qa"), QUESTION)
     base_logits = logits_of(model, tokenizer, text)
 
     with applied_adapter(model, adapter_dir) as peft_model:

@@ -1,4 +1,4 @@
-"""Terminal output: progress bars and summary tables."""
+"""Terminal output: progress and summary tables."""
 
 from __future__ import annotations
 
@@ -9,35 +9,26 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
-console = Console(stderr=False)
+from hydraopt.progress import Progress
+
+# Away from a terminal rich assumes 80 columns and wraps table titles mid phrase; a log has no
+# width, so give it room (a table still takes only the width it needs).
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
 
 
 @contextmanager
-def progress_bar(total: int, desc: str):
-    """A tqdm bar on stderr; yields a callable(n) to advance it.
-
-    Off when stderr is not a terminal (CI logs, pipes): hundreds of carriage-return updates
-    there are noise, and the summary table says what happened.
-    """
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit="module",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        leave=False,
-        disable=None,
-    )
-    try:
-        yield bar.update
-    finally:
-        bar.close()
+def progress_bar(total: int, desc: str, unit: str = "module"):
+    """Progress on stderr (a bar on a terminal, a plain line every 30 s in a log); yields a
+    callable(n) to advance it."""
+    with Progress(total, desc, unit) as progress:
+        yield progress.update
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
+    # The title on its own line: as a rich table title it wraps at the table's width.
+    console.print(title, markup=False, highlight=False, soft_wrap=True)
+    table = Table()
     for i, c in enumerate(columns):
         table.add_column(c, justify="left" if i == 0 else "right")
     for row in rows:

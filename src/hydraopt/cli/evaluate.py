@@ -262,7 +262,11 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
                 aset = load_adapter_set([root / t for t in tasks], tasks)
             print(f"merging {name} ...", file=sys.stderr)
             bundle = merge_adapter_set(
-                aset, method, dict(options), engine=EngineOptions(seed=args.seed)
+                aset,
+                method,
+                dict(options),
+                engine=EngineOptions(seed=args.seed),
+                progress=not args.quiet,
             )
             save_bundle(bundle, path)
         paths.append(path)

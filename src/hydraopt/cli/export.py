@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hydraopt.io.atomic import check_output_dir
-from hydraopt.io.bundle import load_any_bundle
-from hydraopt.io.export import export_peft_adapters
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write one standard PEFT adapter dir per task from a bundle")
-    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument(
+        "bundle",
+        type=Path,
+        metavar="BUNDLE_DIR",
+        help="a bundle written by 'hydraopt merge' (or 'sweep --save-bundles'), LoRA or VeRA",
+    )
     p.add_argument(
         "--out", required=True, type=Path, help="directory to create, holding <task>/ dirs"
     )
@@ -28,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at the top: they import torch, and `export --help` should not wait on it
+    from hydraopt.io.atomic import check_output_dir
+    from hydraopt.io.bundle import load_any_bundle
+    from hydraopt.io.export import export_peft_adapters
+
     check_output_dir(args.out, force=args.force, inputs=[args.bundle], force_hint="--force")
     bundle = load_any_bundle(args.bundle)
     written = export_peft_adapters(

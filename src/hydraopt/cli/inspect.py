@@ -17,6 +17,7 @@ import torch
 from hydraopt.analysis import error_by_task, factor_similarity, plot_similarity
 from hydraopt.cli.display import print_table
 from hydraopt.cli.merge import print_summary
+from hydraopt.cli.options import adapter_dirs
 from hydraopt.io.bundle import META_NAME, load_any_bundle
 from hydraopt.io.peft import AdapterSet, load_adapter_set
 from hydraopt.storage import storage_report, vera_storage_report
@@ -36,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="similarity only over modules containing this text (e.g. q_proj)",
     )
-    p.add_argument("--top", type=int, default=10, help="how many worst modules to list (bundle)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="how many worst modules to list for a bundle (default 10)",
+    )
     p.add_argument("--json", type=Path, help="write everything shown as JSON")
     p.set_defaults(func=run)
 
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("(source adapters not found on disk: A/B similarity skipped)")
     else:
-        aset = load_adapter_set(args.paths, check_values=False)
+        aset = load_adapter_set(adapter_dirs(args.paths), check_values=False)
         report["storage"] = (
             show_vera_storage(aset) if isinstance(aset, VeraAdapterSet) else show_storage(aset)
         )

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         args.method, method_options(args, args.method), len(aset.tasks), aset.kind
     )
     engine = engine_options(args)
-    with progress_bar(len(aset.modules), f"{args.method}") as advance:
+    with progress_bar(len(aset.modules), f"merge {args.method}") as advance:
         bundle = merge_adapter_set(
             aset,
             args.method,
@@ -76,7 +76,9 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
         for i, t in enumerate(bundle.tasks)
     }
     print_table(
-        f"hard-routed error per task ({dist}, mean over modules)",
-        ["task", dist, "distinct heads used"],
+        f"hard-routed error per task ({dist}, mean over modules); routing is per module: each "
+        "module sends each task to one of its heads, so a task may use different heads in "
+        "different modules",
+        ["task", dist, "distinct heads used over modules"],
         [[t, per_task.get(t, float("nan")), heads_used[t]] for t in bundle.tasks],
     )

@@ -101,14 +101,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("local", "ray"),
         default="local",
-        help="run module groups in this process or as Ray tasks (pip install 'hydraopt[scale]')",
+        help="run module groups in this process or as Ray tasks (pip install 'hydraopt[scale]'; "
+        "default local)",
     )
     g.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     g.add_argument(
         "--dtype",
         default="float16",
         choices=("float16", "bfloat16", "float32"),
-        help="bundle tensor dtype",
+        help="dtype of the bundle's tensors (default float16: half the bytes of float32; the "
+        "merge itself runs in float32)",
     )
 
 
@@ -148,7 +150,7 @@ def load_selected(args: argparse.Namespace):
     from hydraopt.io.peft import load_adapter_set
 
     aset = load_adapter_set(
-        args.adapters,
+        adapter_dirs(args.adapters),
         args.names,
         allow_pickle=args.allow_pickle,
         base_model=getattr(args, "base_model", None),
@@ -163,6 +165,18 @@ def load_selected(args: argparse.Namespace):
             raise HydraoptError(f"--modules {args.modules!r} matches no module")
         aset = aset.select(names)
     return aset
+
+
+def adapter_dirs(paths: list[str]) -> list[str]:
+    """``paths`` without plain files, each skipped with a note on stderr: a shell glob such as
+    ``examples/adapters/*`` also catches the README beside the adapter dirs."""
+    import sys
+    from pathlib import Path
+
+    for path in paths:
+        if Path(path).is_file():
+            print(f"hydraopt: skipping {path}: a file, not an adapter directory", file=sys.stderr)
+    return [path for path in paths if not Path(path).is_file()]
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:

@@ -33,7 +33,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -43,6 +42,7 @@ from hydraopt.eval.model import base_model_name, load_base_model
 from hydraopt.eval.tasks import Example, TaskSpec, build_prompt, load_split, load_task
 from hydraopt.eval.vera_adapter import vera_projections
 from hydraopt.io.atomic import atomic_dir, check_output_dir
+from hydraopt.progress import Progress
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
 
@@ -332,9 +332,9 @@ def _train(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # only adapter dropout draws from it; see module docstring
-        bar = tqdm(range(config.steps), desc=f"finetune {desc}", unit="step", disable=not progress)
+        bar = Progress(config.steps, f"finetune {desc}", "step", enabled=progress)
         batches = _batch_indices(len(data), config.batch_size, order)
-        for step in bar:
+        for step in bar.track(range(config.steps)):
             input_ids, attention_mask, labels = _collate(
                 [data[i] for i in next(batches)], tokenizer.pad_token_id
             )

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, cast
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from hydraopt.progress import Progress
 
 if TYPE_CHECKING:
     from hydraopt.eval.vera_adapter import VeraWeights
@@ -116,7 +117,7 @@ def generate(
     try:
         with (
             torch.inference_mode(),
-            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar,
+            Progress(len(prompts), desc, "prompt", enabled=progress) as bar,
         ):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast, get_args
 
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -37,6 +36,7 @@ from hydraopt.eval.tasks import (
     load_task,
     resolve_task_dir,
 )
+from hydraopt.progress import Progress
 
 # Bump when the meaning of a cached line changes (decoding, prompt format, post-processing), so
 # old caches are ignored rather than mixed in.
@@ -375,11 +375,8 @@ def _run_task(
         order = sorted(missing, key=lambda i: (-lengths[i], i))
         with (
             applied_adapter(base, system.adapter(task_id)) as adapted,
-            tqdm(
-                total=len(order),
-                desc=f"{system.label} | {spec.id}",
-                unit="example",
-                disable=not config.progress,
+            Progress(
+                len(order), f"{system.label} | {spec.id}", "example", enabled=config.progress
             ) as bar,
         ):
             for rows in _chunks(order, config.batch_size):

@@ -10,7 +10,11 @@ Nothing here touches the network: every ``from_pretrained`` call passes ``local_
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +124,14 @@ def load_base_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched generation.
 
+    Public as ``hydraopt.load_base_model``: the base that exported adapters (``hydraopt export``)
+    and ``hydraopt finetune`` adapters apply to. Local files only; nothing is downloaded.
+
+    Example::
+
+        model, tokenizer = hydraopt.load_base_model()  # packaged SmolLM2-135M-Instruct
+        model = peft.PeftModel.from_pretrained(model, "my-adapters/en-qa")
+
     Args:
         path: See :func:`resolve_model_source`; ``None`` loads the packaged SmolLM2-135M GGUF.
         dtype: Parameter dtype. GGUF tensors are dequantised to this dtype.
@@ -143,17 +155,43 @@ def load_base_model(
         torch.set_num_threads(threads)
     source = resolve_model_source(path)
     # gguf_file=None is the documented default, so one call shape serves both kinds of source.
-    tokenizer = AutoTokenizer.from_pretrained(
-        source.directory, gguf_file=source.gguf_file, local_files_only=True
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        source.directory, gguf_file=source.gguf_file, dtype=dtype, local_files_only=True
-    )
+    with _bars_only_on_a_terminal():
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.directory, gguf_file=source.gguf_file, local_files_only=True
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            source.directory, gguf_file=source.gguf_file, dtype=dtype, local_files_only=True
+        )
     configure_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+@contextmanager
+def _bars_only_on_a_terminal() -> Iterator[None]:
+    """Loading draws two transformers bars (GGUF dequantisation, weight loading); in a log each
+    is hundreds of carriage-return updates. Keep them on a terminal only, restoring both
+    settings afterwards."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:  # disable=None: tqdm's own "only when the output is a terminal"
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=None)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm  # type: ignore[attr-defined]
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

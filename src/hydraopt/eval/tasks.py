@@ -1,6 +1,6 @@
 """Task folders: their spec, their splits and the prompt the model sees.
 
-A task folder (see ``shared/tasks/README.md``) holds ``task.json`` (id, instruction, metric, ...)
+A task folder (see ``docs/tasks.md``; eight real tasks ship in ``hydraopt/data/tasks``) holds ``task.json`` (id, instruction, metric, ...)
 and ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` with one ``{"input", "target",
 "references"}`` object a line. The model sees ``instruction + " " + input`` as the user turn of
 its chat template, followed by the assistant header (``add_generation_prompt=True``).
@@ -81,18 +81,21 @@ class Example:
     references: tuple[str, ...]
 
 
-def default_tasks_root() -> Path:
-    """The tasks root when none is given: ``$HYDRAOPT_TASKS``, else ``<repo>/../shared/tasks``.
+def shipped_tasks_root() -> Path:
+    """The eight tasks shipped inside the package (``hydraopt/data/tasks``, package data).
 
-    The repository-relative default fits this project's checkout layout
-    (``src/hydraopt/eval/tasks.py`` -> repo root is three levels up); an installed package should
-    set ``HYDRAOPT_TASKS``.
+    Package data rather than a folder beside the checkout, so that ``pip install hydraopt`` finds
+    them too; licenses and attributions are in ``ATTRIBUTION.md`` there.
     """
+    return Path(__file__).resolve().parents[1] / "data" / "tasks"
+
+
+def default_tasks_root() -> Path:
+    """The tasks root when none is given: ``$HYDRAOPT_TASKS``, else :func:`shipped_tasks_root`."""
     env = os.environ.get(TASKS_ENV_VAR)
     if env:
         return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[3]
-    return repo_root.parent / "shared" / "tasks"
+    return shipped_tasks_root()
 
 
 def resolve_task_dir(task: str | Path, tasks_root: str | Path | None = None) -> Path:
@@ -117,8 +120,16 @@ def resolve_task_dir(task: str | Path, tasks_root: str | Path | None = None) -> 
         return candidate
     raise FileNotFoundError(
         f"no task {str(task)!r}: neither it nor {candidate} is a folder with a task.json "
-        f"(set --tasks-root or ${TASKS_ENV_VAR})"
+        f"(tasks under {root}: {', '.join(list_tasks(root)) or 'none'})"
     )
+
+
+def list_tasks(root: str | Path | None = None) -> list[str]:
+    """The task ids under ``root`` (default :func:`default_tasks_root`): folders with a task.json."""
+    root = Path(root) if root is not None else default_tasks_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "task.json").is_file())
 
 
 def load_task(task_dir: str | Path, *, max_new_tokens: int | None = None) -> TaskSpec:

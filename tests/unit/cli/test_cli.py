@@ -236,3 +236,14 @@ def test_merge_on_the_ray_engine(adapters, tmp_path):
     out = tmp_path / "ray-bundle"
     assert main(["merge", *adapters, "--method", "ties", "--out", str(out), "--engine", "ray"]) == 0
     assert load_bundle(out).num_heads == 1
+
+
+def test_merge_skips_files_a_glob_caught(adapters, tmp_path, capsys):
+    readme = tmp_path / "in" / "README.md"
+    readme.write_text("# adapters\n")
+    out = tmp_path / "bundle"
+    argv = ["merge", *adapters, str(readme), "--method", "task_arithmetic", "--out", str(out)]
+    assert main(argv) == 0
+    assert f"skipping {readme}: a file, not an adapter directory" in capsys.readouterr().err
+    assert load_bundle(out).tasks == ("task0", "task1", "task2")
+    assert readme.read_text() == "# adapters\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +27,7 @@ from hydraopt.eval.metrics import (
     squad_exact_match,
     squad_f1,
 )
+from hydraopt.eval.tasks import shipped_tasks_root
 
 QA = "SQuAD F1 (max over references)"
 ROUGE_L = "ROUGE-L (best over references)"
@@ -310,11 +310,9 @@ def test_registry_names_and_primaries() -> None:
         get_metric("BLEU")
 
 
-def test_every_shared_task_metric_is_registered() -> None:
-    tasks_root = Path(__file__).resolve().parents[4] / "shared" / "tasks"
-    task_files = sorted(tasks_root.glob("*/task.json"))
-    if not task_files:
-        pytest.skip(f"no task folders under {tasks_root}")
+def test_every_shipped_task_metric_is_registered() -> None:
+    task_files = sorted(shipped_tasks_root().glob("*/task.json"))
+    assert len(task_files) == 8
     for path in task_files:
         assert json.loads(path.read_text(encoding="utf-8"))["metric"] in METRICS, path
 

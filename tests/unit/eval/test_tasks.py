@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from hydraopt.eval.tasks import (
     TaskSpec,
     build_prompt,
     default_tasks_root,
+    list_tasks,
     load_split,
     load_task,
     measure_max_new_tokens,
     resolve_task_dir,
+    shipped_tasks_root,
 )
 
 
@@ -116,10 +119,34 @@ def test_resolve_task_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         resolve_task_dir("en-zz")
 
 
-def test_default_tasks_root_is_beside_the_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_tasks_root_is_the_shipped_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TASKS_ENV_VAR, raising=False)
     repo_root = Path(__file__).resolve().parents[3]
-    assert default_tasks_root() == repo_root.parent / "shared" / "tasks"
+    assert default_tasks_root() == repo_root / "src" / "hydraopt" / "data" / "tasks"
+    assert list_tasks() == ["de-qa", "en-gc", "en-qa", "en-sr", "en-ta", "en-ts", "es-qa", "zh-qa"]
+    assert resolve_task_dir("en-qa") == default_tasks_root() / "en-qa"
+
+
+def test_shipped_tasks_match_their_manifest() -> None:
+    """Every shipped file is listed with its SHA-256, and every listed file is shipped intact."""
+    root = shipped_tasks_root()
+    listed = {}
+    for line in (root / "MANIFEST.sha256").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        listed[name] = digest
+    shipped = {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "MANIFEST.sha256"
+    }
+    assert shipped - set(listed) == {"ATTRIBUTION.md"}  # the one file added beside the data
+    for name, digest in listed.items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+    for task in list_tasks(root):
+        spec = json.loads((root / task / "task.json").read_text())
+        assert spec["license"] and spec["source"], task  # every task names its license and source
+        counts = {s: len(load_split(root / task, s)) for s in ("train", "val", "test")}
+        assert counts == spec["counts"], task
 
 
 def test_build_prompt_is_one_user_turn_with_generation_prompt() -> None:
@@ -153,9 +180,27 @@ def test_measure_max_new_tokens_by_hand() -> None:
 
 
 def test_every_shipped_task_has_a_cap() -> None:
-    root = default_tasks_root()
-    if not root.is_dir():
-        pytest.skip(f"no tasks root at {root}")
+    root = shipped_tasks_root()
     ids = sorted(p.name for p in root.iterdir() if (p / "task.json").is_file())
     assert ids, f"no task under {root}"
     assert [i for i in ids if i not in MAX_NEW_TOKENS] == []
+
+
+def test_the_documented_task_format_loads(tmp_path: Path) -> None:
+    """docs/tasks.md's example task.json and split line make a task that loads and scores."""
+    import re
+
+    from hydraopt.eval.metrics import METRICS
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "tasks.md").read_text()
+    spec_text, line_text = re.findall(r"```json\n(.*?)```", doc, re.S)[:2]
+    spec = json.loads(spec_text)
+    task_dir = tmp_path / spec["id"]
+    task_dir.mkdir()
+    (task_dir / "task.json").write_text(spec_text)
+    (task_dir / "test.jsonl").write_text(json.dumps(json.loads(line_text)) + "\n\n")
+    loaded = load_task(resolve_task_dir(spec["id"], tmp_path))
+    assert (loaded.id, loaded.max_new_tokens) == ("my-task", 64)
+    assert loaded.metric in METRICS
+    (example,) = load_split(task_dir, "test")
+    assert example.references == ("all", "acceptable outputs")

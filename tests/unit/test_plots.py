@@ -1,0 +1,79 @@
+"""Plots: legible labels and colours, every series named (checked on the figure's own artists)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+
+from hydraopt.analysis import SERIES, place_labels, plot_tradeoff, series_of, text_color  # noqa: E402
+
+
+def test_text_color_follows_the_cell_luminance() -> None:
+    viridis = plt.get_cmap("viridis")
+    assert text_color(viridis(0.0)) == "white"  # dark purple
+    assert text_color(viridis(1.0)) == "black"  # yellow: white text was hard to read there
+    assert text_color((1.0, 1.0, 1.0, 1.0)) == "black"
+    assert text_color((0.0, 0.0, 0.0, 1.0)) == "white"
+    assert text_color((0.0, 0.0, 1.0, 1.0)) == "white"  # pure blue is dark (luminance 0.07)
+
+
+def test_labels_of_equal_points_do_not_overlap() -> None:
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.scatter([0, 1], [0, 1])
+    ax.legend(["points"], loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.canvas.draw()
+    anchors = [(f"method_{i}_a_only", 0.5, 0.5) for i in range(6)] + [("alone", 0.0, 0.0)]
+    labels = place_labels(ax, anchors)
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(label, renderer) for label in labels]
+    boxes.append(ax.get_legend().get_window_extent(renderer))
+    assert sorted(label.get_text() for label in labels) == sorted(a[0] for a in anchors)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b)
+    plt.close(fig)
+
+
+def test_the_legend_names_every_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: list[Figure] = []
+    original = Figure.savefig
+
+    def keep(self: Figure, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    points = [
+        {"label": f"hydraopt M={m}", "method": "hydraopt", "storage_percent": 12 + 8 * m}
+        for m in (1, 2)
+    ]
+    points += [
+        {"label": "ties", "method": "ties", "storage_percent": 20.0},
+        {"label": "ties_a_only", "method": "ties_a_only", "storage_percent": 28.0},
+        {"label": "LoRA", "method": "lora", "storage_percent": 100.0},
+        {"label": "zero-shot", "method": "zero-shot", "storage_percent": 0.0},
+    ]
+    for i, p in enumerate(points):
+        p["y"] = float(i)
+    plot_tradeoff(
+        points, tmp_path / "t.png", y_key="y", y_label="y", title="t", reference=(1.0, "nothing")
+    )
+    legend = [t.get_text() for t in saved[0].axes[0].get_legend().get_texts()]
+    assert legend == [name for name, _, _ in SERIES.values()] + ["nothing"]
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_series_of() -> None:
+    assert [series_of(m) for m in ("hydraopt", "dare_ties", "dare_ties_a_only", "vera")] == [
+        "hydraopt",
+        "classic",
+        "a_only",
+        "separate",
+    ]
