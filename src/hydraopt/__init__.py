@@ -8,6 +8,8 @@ The public API is small on purpose (see README.md):
   :func:`load_any_bundle` reads a LoRA or a VeRA bundle.
 - :func:`export_peft_adapters` — one standard PEFT adapter dir per task.
 - :func:`list_methods` — the registry of merge methods (names = CLI names).
+- :func:`load_model` — a base model with a bundle installed, any task per batch row
+  (:mod:`hydraopt.runtime`; loading a model needs the ``eval`` extra).
 """
 
 from hydraopt.engine import merge_adapter_set
@@ -16,6 +18,7 @@ from hydraopt.io.bundle import load_any_bundle, load_bundle, save_bundle
 from hydraopt.io.export import export_peft_adapters
 from hydraopt.io.peft import load_adapter_set
 from hydraopt.merge.registry import get_method, list_methods
+from hydraopt.runtime import load_model
 from hydraopt.version import __version__
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "load_adapter_set",
     "load_any_bundle",
     "load_bundle",
+    "load_model",
     "merge_adapter_set",
     "save_bundle",
 ]

@@ -11,7 +11,7 @@ from hydraopt.errors import HydraoptError
 from hydraopt.version import __version__
 
 # Subcommand modules; each exposes register(subparsers) and sets func=run(args) -> int.
-SUBCOMMANDS = ("merge", "export", "inspect", "sweep", "finetune", "evaluate")
+SUBCOMMANDS = ("merge", "export", "inspect", "sweep", "finetune", "evaluate", "generate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
