@@ -32,12 +32,14 @@ class SamplingParams:
         stop: strings that end the answer (the text is cut before the first one).
         seed: seed of the row's own ``torch.Generator`` when sampling (None: seed 0), so a
             sampled answer does not depend on what else is in the batch.
+        ignore_eos: keep going past EOS up to the cap (benchmarks: equal token counts).
     """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -168,7 +170,7 @@ def _advance(
     tokenizer: object, generated: list[int], token: int, stops: set[int], p: SamplingParams
 ) -> FinishReason | None:
     """Append ``token`` to a row; return why the row finished, or None."""
-    if token in stops:
+    if token in stops and not p.ignore_eos:
         return "stop"
     generated.append(token)
     if p.stop and any(s in _decode(tokenizer, generated) for s in p.stop):

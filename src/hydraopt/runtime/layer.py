@@ -16,6 +16,10 @@ from torch.nn import functional as F
 from hydraopt.runtime.factors import ModuleFactors
 
 
+# Up to this many heads a layer applies every head and selects per row (see forward).
+ALL_HEADS_UP_TO = 8
+
+
 class TaskRows:
     """The task index of every batch row of the forward pass in flight.
 
@@ -31,8 +35,9 @@ class RoutedLinear(nn.Module):
     """``base(x) + heads[routing[task(row)]] @ (A' @ x)`` for every row of the batch.
 
     x·A'ᵀ is computed once for the whole batch (A' is shared by every task); only the (d, r) head
-    differs per row, applied with one batched matmul over gathered heads (no loop over tasks).
-    With a single head (classic merges) it is one plain matmul.
+    differs per row. With a single head (classic merges) it is one plain matmul; with a few heads
+    one matmul applies all of them and each row keeps its own; with many, one batched matmul over
+    the rows' gathered heads. No Python loop over tasks, heads or tokens.
 
     Args:
         base: the original linear layer (kept, not copied).
@@ -70,11 +75,21 @@ class RoutedLinear(nn.Module):
         out = self.base(x)  # (B, ..., d)
         z = F.linear(x, self.A)  # (B, ..., r)
         heads = self.heads
-        if heads.shape[0] == 1:
+        M = heads.shape[0]
+        if M == 1:
             return out + F.linear(z, heads[0])
-        per_row = heads[self.routing[ids]]  # (B, d, r)
-        flat = z.reshape(z.shape[0], -1, z.shape[-1])  # (B, T, r)
-        delta = torch.bmm(flat, per_row.transpose(1, 2))  # (B, T, d)
+        head_of_row = self.routing[ids]  # (B,)
+        B = z.shape[0]
+        flat = z.reshape(B, -1, z.shape[-1])  # (B, T, r)
+        if M <= min(B, ALL_HEADS_UP_TO):
+            # Few heads: apply all M in one matmul and keep each row's own; reads each head once
+            # instead of copying a (d, r) head per row (cheaper whenever M < B).
+            every = F.linear(flat, heads.reshape(-1, heads.shape[-1]))  # (B, T, M*d)
+            every = every.view(B, flat.shape[1], M, -1)  # (B, T, M, d)
+            delta = every[torch.arange(B, device=z.device), :, head_of_row]  # (B, T, d)
+        else:
+            per_row = heads[head_of_row]  # (B, d, r)
+            delta = torch.bmm(flat, per_row.transpose(1, 2))  # (B, T, d)
         return out + delta.reshape(out.shape)
 
     def extra_repr(self) -> str:

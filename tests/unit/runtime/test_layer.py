@@ -13,13 +13,13 @@ from hydraopt.runtime.layer import RoutedLinear, TaskRows
 
 def factors(M: int, K: int = 4, d: int = 3, k: int = 5, r: int = 2, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    routing = torch.arange(K) % M
+    routing = (torch.arange(K) * 5) % M  # reaches high head indices too
     return ModuleFactors(
         torch.randn(r, k, generator=gen), torch.randn(M, d, r, generator=gen), routing
     )
 
 
-@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("M", [1, 2, 4, 12])
 def test_each_row_gets_its_routed_dense_update(M):
     f = factors(M)
     base = nn.Linear(5, 3, bias=True)
