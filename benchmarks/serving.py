@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact-prompts", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["memory", "throughput", "exactness"],
+        choices=["memory", "throughput", "exactness"],
+        help="throughput includes the task switch",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -170,15 +177,17 @@ def measure_memory(
 ) -> list[dict[str, Any]]:
     tasks = sorted(d.name for d in args.adapters.iterdir() if (d / "adapter_config.json").is_file())
     specs: list[dict[str, Any]] = []
+    from hydraopt.runtime import shared_factors
+
     for label, path in bundles.items():
-        specs.append(
-            {"K": len(tasks), "system": "runtime", "label": f"runtime {label}", "bundle": str(path)}
-        )
+        M = shared_factors(path).num_heads
+        name = f"runtime M={'K' if len(tasks) == M else M} ({label})"
+        specs.append({"K": len(tasks), "system": "runtime", "label": name, "bundle": str(path)})
     specs.append(
         {
             "K": len(tasks),
             "system": "peft",
-            "label": "PEFT, K originals",
+            "label": "PEFT (K adapters, originals)",
             "dirs": [str(args.adapters / t) for t in tasks],
         }
     )
@@ -187,7 +196,7 @@ def measure_memory(
         {
             "K": len(tasks),
             "system": "peft",
-            "label": "PEFT, K exports",
+            "label": "PEFT (K exports)",
             "dirs": [str(first / t) for t in tasks],
         }
     )
@@ -196,7 +205,7 @@ def measure_memory(
             specs.append(
                 {"K": K, "M": M, "system": "runtime", "label": f"runtime M={'K' if M == K else M}"}
             )
-        specs.append({"K": K, "system": "peft", "label": "PEFT, K adapters"})
+        specs.append({"K": K, "system": "peft", "label": "PEFT (K adapters, synthetic)"})
     out = []
     for spec in specs:
         print(f"memory: K={spec['K']} {spec['label']} ...", file=sys.stderr, flush=True)
@@ -402,52 +411,61 @@ def mib(x: float) -> str:
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     lines = [
-        f"Machine: {result['machine']}; commit {result['commit']}; base model SmolLM2-135M-Instruct "
-        f"(GGUF dequantised to float32); {result['settings']}.",
-        "",
-        "**(a) Adapter memory held** (tensor bytes exact; RSS = growth of the process's resident set "
-        "when the adapters are installed, one fresh process per row)",
-        "",
-        "| K | system | adapter tensors (MiB) | RSS growth (MiB) | tensors vs PEFT |",
-        "| ---: | --- | ---: | ---: | ---: |",
+        f"Machine: {result['machine']}; commit {result['commit']}; base model "
+        f"SmolLM2-135M-Instruct (GGUF dequantised to float32); {result['settings']}.",
     ]
-    for K in sorted({m["K"] for m in result["memory"]}):
-        rows = [m for m in result["memory"] if m["K"] == K]
-        peft = next(m for m in rows if m["system"] == "peft")
-        for m in rows:
-            lines.append(
-                f"| {K} | {m['label']} | {mib(m['tensor_bytes'])} | {mib(m['rss_growth'])} | "
-                f"{m['tensor_bytes'] / peft['tensor_bytes']:.3f} |"
-            )
-    t = result["throughput"]
-    ceiling = t[0]["tokens_per_s"]
-    lines += [
-        "",
-        f"**(b) Mixed-task throughput** ({result['workload']})",
-        "",
-        "| system | seconds | generated tokens/s | vs base (our decoder) |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    lines += [
-        f"| {x['system']} | {x['seconds']:.1f} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / ceiling:.2f} |"
-        for x in t
-    ]
-    s = result["switch"]
-    lines += [
-        "",
-        "**(c) Task switch**: runtime (route a row to another task, nothing copied) "
-        f"{s['runtime_route_s'] * 1e6:.1f} µs; PEFT `set_adapter` (all K held) "
-        f"{s['peft_set_adapter_s'] * 1e3:.2f} ms; PEFT `load_adapter` + `delete_adapter` from disk "
-        f"(one held at a time) {s['peft_load_adapter_s'] * 1e3:.0f} ms.",
-        "",
-        "**(d) Exactness**: greedy answers of the runtime (tasks interleaved in every batch) vs PEFT "
-        "loading each task's exported adapter:",
-        "",
-    ]
-    lines += [
-        f"- {e['bundle']}: {e['equal']}/{e['prompts']} equal ({e['per_task']} prompts per task)"
-        for e in result["exactness"]
-    ]
+    if "memory" in result:
+        lines += [
+            "",
+            "**(a) Adapter memory held** (tensor bytes exact; RSS growth = what the resident set "
+            "grows by when the adapters are installed, in a child forked from the process holding "
+            "the loaded base model, one child per row)",
+            "",
+            "| K | system | adapter tensors (MiB) | RSS growth (MiB) | tensors vs PEFT |",
+            "| ---: | --- | ---: | ---: | ---: |",
+        ]
+        for K in sorted({m["K"] for m in result["memory"]}):
+            rows = [m for m in result["memory"] if m["K"] == K]
+            peft = next(m for m in rows if m["system"] == "peft")
+            for m in rows:
+                lines.append(
+                    f"| {K} | {m['label']} | {mib(m['tensor_bytes'])} | {mib(m['rss_growth'])} | "
+                    f"{m['tensor_bytes'] / peft['tensor_bytes']:.3f} |"
+                )
+    if "throughput" in result:
+        t = result["throughput"]
+        ceiling = t[0]["tokens_per_s"]
+        lines += [
+            "",
+            f"**(b) Mixed-task throughput** ({result['workload']})",
+            "",
+            "| system | seconds (best) | all rounds | generated tokens/s | vs base, our decoder |",
+            "| --- | ---: | --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {x['system']} | {x['seconds']:.1f} | {', '.join(f'{v:.1f}' for v in x['all_seconds'])} "
+            f"| {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / ceiling:.2f} |"
+            for x in t
+        ]
+        sw = result["switch"]
+        lines += [
+            "",
+            "**(c) Task switch**: runtime (route a row to another task; nothing copied) "
+            f"{sw['runtime_route_s'] * 1e6:.1f} µs; PEFT `set_adapter` (all K held) "
+            f"{sw['peft_set_adapter_s'] * 1e3:.2f} ms; PEFT `load_adapter` + `delete_adapter` "
+            f"from disk (one adapter held at a time) {sw['peft_load_adapter_s'] * 1e3:.0f} ms.",
+        ]
+    if "exactness" in result:
+        lines += [
+            "",
+            "**(d) Exactness**: greedy answers of the runtime (tasks interleaved in every batch) vs "
+            "PEFT loading each task's exported adapter:",
+            "",
+        ]
+        lines += [
+            f"- {e['bundle']}: {e['equal']}/{e['prompts']} equal ({e['per_task']} prompts per task)"
+            for e in result["exactness"]
+        ]
     (out / "serving.md").write_text("\n".join(lines) + "\n")
 
 
@@ -457,38 +475,38 @@ def plot(result: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    Ks = sorted({m["K"] for m in result["memory"]})
-    labels = [m["label"] for m in result["memory"] if m["K"] == Ks[-1]]
-    width = 0.8 / len(labels)
-    for j, label in enumerate(labels):
-        values = []
-        for K in Ks:
-            hit = [
-                m
-                for m in result["memory"]
-                if m["K"] == K
-                and (
-                    m["label"] == label
-                    or (m["system"] == "peft" and "PEFT" in label and "export" not in m["label"])
+    if "memory" in result:
+        rows = [m for m in result["memory"] if "export" not in m["label"]]
+        Ks = sorted({m["K"] for m in rows})
+        cats = sorted({m["label"].split(" (")[0] for m in rows})
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        width = 0.8 / len(cats)
+        for j, cat in enumerate(cats):
+            values = [
+                sum(
+                    m["tensor_bytes"]
+                    for m in rows
+                    if m["K"] == K and m["label"].split(" (")[0] == cat
                 )
+                / 2**20
+                for K in Ks
             ]
-            values.append(hit[0]["tensor_bytes"] / 2**20 if hit else 0)
-        ax.bar([i + j * width for i in range(len(Ks))], values, width, label=label)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(Ks))], [f"K={K}" for K in Ks])
-    ax.set_yscale("log")
-    ax.set_ylabel("adapter tensors held (MiB)")
-    ax.set_title("Memory: runtime (shared A' once) vs PEFT (K adapters)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "serving-memory.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    t = result["throughput"]
-    ax.barh([x["system"] for x in t][::-1], [x["tokens_per_s"] for x in t][::-1], color="tab:blue")
-    ax.set_xlabel("generated tokens/s")
-    ax.set_title(f"Mixed-task throughput ({result['workload_short']})")
-    fig.tight_layout()
-    fig.savefig(out / "serving-throughput.png", dpi=120)
+            ax.bar([i + j * width for i in range(len(Ks))], values, width, label=cat)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(Ks))], [f"K={K}" for K in Ks])
+        ax.set_yscale("log")
+        ax.set_ylabel("adapter tensors held (MiB)")
+        ax.set_title("Adapter memory: runtime (A' once + M heads) vs PEFT (K adapters)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "serving-memory.png", dpi=120)
+    if "throughput" in result:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        t = result["throughput"]
+        ax.barh([x["system"] for x in t][::-1], [x["tokens_per_s"] for x in t][::-1])
+        ax.set_xlabel("generated tokens/s")
+        ax.set_title(f"Mixed-task throughput ({result['workload_short']})")
+        fig.tight_layout()
+        fig.savefig(out / "serving-throughput.png", dpi=120)
 
 
 # ---------------------------------------------------------------- main
@@ -496,7 +514,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from hydraopt import export_peft_adapters, load_any_bundle
     from hydraopt.eval.model import load_base_model
-    from hydraopt.runtime import RuntimeModel, SharedFactors, shared_factors
 
     torch.set_num_threads(args.threads)
     bundles = {label: Path(d) for label, d in (b.split("=", 1) for b in args.bundle)}
@@ -504,54 +521,64 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give at least one --bundle LABEL=DIR")
     tasks = sorted(d.name for d in args.adapters.iterdir() if (d / "adapter_config.json").is_file())
     args.out.mkdir(parents=True, exist_ok=True)
+    main_label = next((k for k in bundles if "2" in k), next(iter(bundles)))
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "commit": commit(),
+        "settings": f"torch threads {args.threads}, runtime bundle for (b)/(c): {main_label}",
+    }
+
+    def save() -> None:  # after every part, so an interrupted run keeps what it measured
+        (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         exports = {}
         for label, path in bundles.items():
             exports[label] = Path(tmp) / label
             export_peft_adapters(load_any_bundle(path), exports[label])
         base_model, tokenizer = load_base_model()
-        memory = measure_memory(args, bundles, exports, base_model, tokenizer)
-        main_label = next((k for k in bundles if "2" in k), next(iter(bundles)))
-        runtime = RuntimeModel(
-            copy.deepcopy(base_model), tokenizer, shared_factors(bundles[main_label])
-        )
-        base_runtime = RuntimeModel(
-            copy.deepcopy(base_model),
-            tokenizer,
-            SharedFactors(tuple(tasks), "", {}, "lora", "none"),
-        )
-        from peft import PeftModel
-
-        peft = PeftModel.from_pretrained(
-            copy.deepcopy(base_model), str(args.adapters / tasks[0]), adapter_name=tasks[0]
-        )
-        for t in tasks[1:]:
-            peft.load_adapter(str(args.adapters / t), adapter_name=t)
-        peft.eval()
-        requests = workload(args, tokenizer, tasks)
-        throughput = measure_throughput(args, runtime, peft, base_runtime, tokenizer, requests)
-        switch = measure_switch(runtime, peft, args.adapters, tasks)
-        del runtime, base_runtime, peft
-        gc.collect()
-        exactness = measure_exactness(args, base_model, tokenizer, bundles, exports, tasks)
-    mean_prompt = statistics.mean(len(ids) for _, ids in requests)
-    result = {
-        "machine": machine(),
-        "commit": commit(),
-        "settings": f"torch threads {args.threads}, runtime bundle for (b)/(c): {main_label}",
-        "workload": f"{len(requests)} requests round-robin over {len(tasks)} tasks, batches of {args.batch}, "
-        f"{args.new_tokens} new tokens each, prompts {mean_prompt:.0f} tokens on average; best of {args.rounds} interleaved rounds",
-        "workload_short": f"{len(requests)} requests, {len(tasks)} tasks, batch {args.batch}",
-        "memory": memory,
-        "throughput": throughput,
-        "switch": switch,
-        "exactness": exactness,
-    }
-    (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+        if "memory" in args.parts:
+            result["memory"] = measure_memory(args, bundles, exports, base_model, tokenizer)
+            save()
+        if "throughput" in args.parts:
+            result.update(speed_parts(args, base_model, tokenizer, bundles[main_label], tasks))
+            save()
+        if "exactness" in args.parts:
+            result["exactness"] = measure_exactness(
+                args, base_model, tokenizer, bundles, exports, tasks
+            )
+            save()
     write_report(result, args.out)
     plot(result, args.out)
     print((args.out / "serving.md").read_text())
     return 0
+
+
+def speed_parts(args, base_model, tokenizer, bundle: Path, tasks: list[str]) -> dict[str, Any]:
+    """(b) and (c): the runtime, the base model and PEFT holding the originals, side by side."""
+    from peft import PeftModel
+
+    from hydraopt.runtime import RuntimeModel, SharedFactors, shared_factors
+
+    runtime = RuntimeModel(copy.deepcopy(base_model), tokenizer, shared_factors(bundle))
+    no_modules = SharedFactors(tuple(tasks), "", {}, "lora", "none")
+    base_runtime = RuntimeModel(copy.deepcopy(base_model), tokenizer, no_modules)
+    peft = PeftModel.from_pretrained(
+        copy.deepcopy(base_model), str(args.adapters / tasks[0]), adapter_name=tasks[0]
+    )
+    for t in tasks[1:]:
+        peft.load_adapter(str(args.adapters / t), adapter_name=t)
+    peft.eval()
+    requests = workload(args, tokenizer, tasks)
+    mean_prompt = statistics.mean(len(ids) for _, ids in requests)
+    return {
+        "workload": f"{len(requests)} requests round-robin over {len(tasks)} tasks, batches of "
+        f"{args.batch}, {args.new_tokens} new tokens each, prompts {mean_prompt:.0f} tokens on "
+        f"average; best of {args.rounds} interleaved rounds",
+        "workload_short": f"{len(requests)} requests, {len(tasks)} tasks, batch {args.batch}",
+        "throughput": measure_throughput(args, runtime, peft, base_runtime, tokenizer, requests),
+        "switch": measure_switch(runtime, peft, args.adapters, tasks),
+    }
 
 
 if __name__ == "__main__":
