@@ -214,3 +214,16 @@ def test_stop_strings_and_seeded_sampling(server, expected):
     a = chat(client, "t0", PROMPTS[0], temperature=1.5, seed=7).json()
     b = chat(client, "t0", PROMPTS[0], temperature=1.5, seed=7).json()
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
+
+
+def test_one_log_line_per_request(server, caplog):
+    import logging
+
+    client, _ = server
+    caplog.set_level(logging.INFO, logger="hydraopt.serve")
+    chat(client, "t1", PROMPTS[0])
+    client.post("/chat/completions", json={"model": "nope", "messages": []})
+    lines = [r.getMessage() for r in caplog.records if r.name == "hydraopt.serve"]
+    assert len(lines) == 2
+    assert lines[0].startswith("POST /v1/chat/completions 200 task=t1 ")
+    assert lines[1].startswith("POST /v1/chat/completions 400 ")
