@@ -15,7 +15,6 @@ from torch.nn import functional as F
 
 from hydraopt.runtime.factors import ModuleFactors
 
-
 # Up to this many heads a layer applies every head and selects per row (see forward).
 ALL_HEADS_UP_TO = 8
 
@@ -75,18 +74,18 @@ class RoutedLinear(nn.Module):
         out = self.base(x)  # (B, ..., d)
         z = F.linear(x, self.A)  # (B, ..., r)
         heads = self.heads
-        M = heads.shape[0]
-        if M == 1:
+        num_heads = heads.shape[0]
+        if num_heads == 1:
             return out + F.linear(z, heads[0])
         head_of_row = self.routing[ids]  # (B,)
-        B = z.shape[0]
-        flat = z.reshape(B, -1, z.shape[-1])  # (B, T, r)
-        if M <= min(B, ALL_HEADS_UP_TO):
+        rows = z.shape[0]
+        flat = z.reshape(rows, -1, z.shape[-1])  # (B, T, r)
+        if num_heads <= min(rows, ALL_HEADS_UP_TO):
             # Few heads: apply all M in one matmul and keep each row's own; reads each head once
             # instead of copying a (d, r) head per row (cheaper whenever M < B).
             every = F.linear(flat, heads.reshape(-1, heads.shape[-1]))  # (B, T, M*d)
-            every = every.view(B, flat.shape[1], M, -1)  # (B, T, M, d)
-            delta = every[torch.arange(B, device=z.device), :, head_of_row]  # (B, T, d)
+            every = every.view(rows, flat.shape[1], num_heads, -1)  # (B, T, M, d)
+            delta = every[torch.arange(rows, device=z.device), :, head_of_row]  # (B, T, d)
         else:
             per_row = heads[head_of_row]  # (B, d, r)
             delta = torch.bmm(flat, per_row.transpose(1, 2))  # (B, T, d)
