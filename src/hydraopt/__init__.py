@@ -11,6 +11,8 @@ The public API is small on purpose (see README.md):
 - :func:`load_base_model` — a base model and its tokenizer from local files (default: the
   packaged SmolLM2-135M-Instruct), ready for ``PeftModel.from_pretrained`` (needs the ``eval``
   extra).
+- :func:`load_model` — a base model with a bundle installed, any task per batch row
+  (:mod:`hydraopt.runtime`; loading a model needs the ``eval`` extra).
 
 Names are imported on first use (module ``__getattr__``, PEP 562): ``import hydraopt`` and
 ``hydraopt --help`` then cost milliseconds instead of the seconds torch takes to import.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # the static view of the lazy names below
     from hydraopt.io.export import export_peft_adapters
     from hydraopt.io.peft import load_adapter_set
     from hydraopt.merge.registry import get_method, list_methods
+    from hydraopt.runtime import load_model
 
 # public name -> module that defines it
 _LAZY = {
@@ -47,6 +50,7 @@ _LAZY = {
     "get_method": "hydraopt.merge.registry",
     "list_methods": "hydraopt.merge.registry",
     "load_base_model": "hydraopt.eval.model",
+    "load_model": "hydraopt.runtime",
 }
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "load_any_bundle",
     "load_base_model",
     "load_bundle",
+    "load_model",
     "merge_adapter_set",
     "save_bundle",
 ]

@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, str] = {
     "sweep": "HydraOpt M=1..K and every baseline -> JSON + PNG trade-off",
     "finetune": "fine-tune one LoRA or VeRA adapter on a task",
     "evaluate": "score zero-shot / LoRA / VeRA / bundles on tasks -> Table 1 (md, json, png)",
+    "generate": "answer prompts with a bundle's task(s) on one base model (greedy)",
+    "serve": "serve a bundle over an OpenAI-compatible HTTP API (model = task name)",
 }
 # Subcommands that need only the core install; the others need the 'eval' extra.
 CORE = ("merge", "export", "inspect", "sweep")
@@ -57,7 +59,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             if name in CORE:
                 raise
             sub.add_parser(
-                name, help=f"(unavailable: {e.name} not installed; pip install 'hydraopt[eval]')"
+                name, help=f"(unavailable: {e.name} not installed; pip install 'hydraopt[eval,serve]')"
             )
             continue
         module.register(sub)
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
-        parser.error(f"'{args.command}' is unavailable: install the 'eval' extra")
+        parser.error(f"'{args.command}' is unavailable: install the 'eval' extra (and 'serve' for serve)")
     try:
         return int(args.func(args) or 0)
     except HydraoptError as e:
