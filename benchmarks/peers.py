@@ -149,7 +149,9 @@ def lorashare_points(aset: AdapterSet, ks: list[int]) -> list[dict[str, Any]]:
                 "seconds": seconds,
             }
         )
-        print(f"lorashare k={k}: S {points[-1]['storage_percent']:.1f} %, MAE {points[-1]['mae']:.4e}")
+        print(
+            f"lorashare k={k}: S {points[-1]['storage_percent']:.1f} %, MAE {points[-1]['mae']:.4e}"
+        )
     return points
 
 

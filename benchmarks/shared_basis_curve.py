@@ -131,7 +131,9 @@ def basis_points(aset: AdapterSet, args: argparse.Namespace) -> list[dict[str, A
                 "ranks": sorted(set(ranks.values())),
             }
         )
-        print(f"{tag}: S {points[-1]['storage_percent']:.2f} %, MAE {mae:.4e}, {seconds + extra_s:.1f} CPU s")
+        print(
+            f"{tag}: S {points[-1]['storage_percent']:.2f} %, MAE {mae:.4e}, {seconds + extra_s:.1f} CPU s"
+        )
 
     for core in cores:
         start = time.process_time()
@@ -151,7 +153,13 @@ def basis_points(aset: AdapterSet, args: argparse.Namespace) -> list[dict[str, A
                 start = time.process_time()
                 alloc = allocate_ranks(curves, shapes, K, budget, core)
                 alloc_s = time.process_time() - start + curve_s
-                add(f"shared_basis {pct:g} %", dict(zip(names, alloc.ranks, strict=True)), core, n, alloc_s)
+                add(
+                    f"shared_basis {pct:g} %",
+                    dict(zip(names, alloc.ranks, strict=True)),
+                    core,
+                    n,
+                    alloc_s,
+                )
     return points
 
 
@@ -180,9 +188,9 @@ def ours_points(aset: AdapterSet) -> list[dict[str, Any]]:
 def best_basis_below(points: list[dict[str, Any]], other: dict[str, Any]) -> str:
     """The shared-basis point with no more storage and no more error than ``other``, if any."""
     for p in sorted(points, key=lambda p: p["mae"]):
-        if p["method"] == "shared_basis" and p["storage_percent"] <= other["storage_percent"]:
-            if p["mae"] <= other["mae"]:
-                return p["label"]
+        smaller = p["storage_percent"] <= other["storage_percent"]
+        if p["method"] == "shared_basis" and smaller and p["mae"] <= other["mae"]:
+            return p["label"]
     return "none"
 
 
