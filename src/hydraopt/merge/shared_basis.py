@@ -21,6 +21,11 @@ Closed form for the squared Frobenius error Σ_i ||ΔW_i - U S_i Vᵀ||², from 
    rotated by the common eigenvectors of Σ S_i S_iᵀ and Σ S_iᵀ S_i (exact when the tasks share a
    singular basis), then block-coordinate sweeps: U <- polar(Σ_i ΔW_i V D_i) (orthogonal
    Procrustes, the exact minimiser for fixed V and D), V likewise, D <- least squares. Monotone.
+   Orthonormal U, V are a real restriction here (on the real adapters they leave twice the
+   full-core error at the same R), so the diagonal model then drops it: ΔW_i ≈ U diag(s_i) Vᵀ
+   with free U, V is a rank-R CP (PARAFAC) decomposition of the d x k x K tensor, and CP-ALS
+   sweeps (U, V, then every s_i by exact least squares, all from the factors) lower the error
+   further, monotonically. Columns of U and V are kept at unit norm (the norms go into s).
 
 All functions are batched over a group axis G of same-shaped modules and the task axis K; small
 Grams run in float64 so the exactness guarantees hold for float32 inputs.
@@ -53,6 +58,8 @@ class SharedBasisConfig:
         core: ``full`` (an R x R core per task) or ``diagonal`` (R numbers per task).
         distance: f of the refinement and of the reported errors (``mae`` as HydraOpt).
         sweeps: alternating sweeps after the HOSVD start (each never increases the squared error).
+        cp_sweeps: diagonal cores: CP-ALS sweeps with free (unit-norm, not orthonormal) U, V
+            after the orthonormal ones (0 keeps U, V orthonormal).
         refine_steps: Adam steps on the distance (0 = closed form only); the best iterate per
             module is kept, never worse than the closed form.
         refine_lr: learning rate relative to each factor's RMS.
@@ -63,6 +70,7 @@ class SharedBasisConfig:
     core: Core = "full"
     distance: Distance = "mae"
     sweeps: int = 8
+    cp_sweeps: int = 30
     refine_steps: int = 0
     refine_lr: float = 0.02
 
@@ -80,8 +88,8 @@ class SharedBasisConfig:
             raise HydraoptError(f"core must be one of {CORES}, got {self.core!r}")
         if self.distance not in DISTANCES:
             raise HydraoptError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
-        if self.sweeps < 0 or self.refine_steps < 0:
-            raise HydraoptError("sweeps and refine_steps must be >= 0")
+        if min(self.sweeps, self.cp_sweeps, self.refine_steps) < 0:
+            raise HydraoptError("sweeps, cp_sweeps and refine_steps must be >= 0")
         if not self.refine_lr > 0:
             raise HydraoptError(f"refine_lr must be > 0, got {self.refine_lr}")
 
@@ -91,7 +99,8 @@ class MergedBasisStack:
     """A shared basis for G same-shaped modules of K tasks (one R for the group).
 
     Attributes:
-        U: (G, d, R) shared left basis, orthonormal columns from the closed form.
+        U: (G, d, R) shared left basis: orthonormal columns (full cores) or unit-norm columns
+            (diagonal cores, a CP decomposition).
         V: (G, k, R) shared right basis.
         cores: (G, K, R, R) full cores or (G, K, R) diagonal ones; LoRA scale folded in.
         squared_error: (G,) Σ_i ||ΔW_i - U S_i Vᵀ||² of the returned factors.
@@ -270,6 +279,52 @@ def diagonalising_rotation(
     return U @ p, V @ q
 
 
+def _solve_right(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """c h⁻¹ for c (G, n, R) and symmetric PSD h (G, R, R), with a relative 1e-12 ridge.
+
+    The ridge only matters for an empty direction (h singular), where it returns zeros instead
+    of a failure; elsewhere it moves the least-squares solution by ~1e-12 relative.
+    """
+    ridge = h.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300) * 1e-12  # (G,)
+    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve(h + ridge[:, None, None] * eye, c.transpose(1, 2)).transpose(1, 2)
+
+
+def cp_sweep(
+    A: torch.Tensor, scaled_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CP-ALS sweep for ΔW_i ≈ U diag(s_i) Vᵀ with free U (G, d, R), V (G, k, R), s (G, K, R).
+
+    Each step is an exact least-squares solve, so the error never increases:
+    U = (Σ_i ΔW_i V D_i)(VᵀV ∘ Σ_i s_i s_iᵀ)⁻¹, V likewise, s_i = (UᵀU ∘ VᵀV)⁻¹ diag(Uᵀ ΔW_i V).
+    Then columns of U and V are scaled to unit norm, the norms moved into s (same product).
+    """
+    ss = s.transpose(1, 2) @ s  # (G, R, R): Σ_i s_i s_iᵀ
+    c_u = (scaled_B @ (A @ V[:, None]) * s[:, :, None, :]).sum(1)  # (G, d, R)
+    U = _solve_right(c_u, (V.transpose(1, 2) @ V) * ss)
+    c_v = (A.transpose(-1, -2) @ (scaled_B.transpose(-1, -2) @ U[:, None]) * s[:, :, None, :]).sum(
+        1
+    )
+    V = _solve_right(c_v, (U.transpose(1, 2) @ U) * ss)  # (G, k, R)
+    h = (U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)  # (G, R, R)
+    s = _solve_right(diagonal_cores(A, scaled_B, U, V), h)  # (G, K, R): h is symmetric
+    nu, nv = U.norm(dim=1).clamp_min(1e-300), V.norm(dim=1).clamp_min(1e-300)  # (G, R)
+    return U / nu[:, None], V / nv[:, None], s * (nu * nv)[:, None]
+
+
+def cp_squared_error(
+    A: torch.Tensor, scaled_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """Σ_i ||ΔW_i - U diag(s_i) Vᵀ||² (G,) for any U, V, from the factors.
+
+    = Σ_i ||ΔW_i||² - 2 s_iᵀ diag(Uᵀ ΔW_i V) + s_iᵀ (UᵀU ∘ VᵀV) s_i.
+    """
+    h = (U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)  # (G, R, R)
+    cross = (s * diagonal_cores(A, scaled_B, U, V)).sum(dim=(1, 2))
+    quad = ((s @ h) * s).sum(dim=(1, 2))
+    return (total_energy(A, scaled_B) - 2 * cross + quad).clamp_min(0.0)
+
+
 def squared_error(
     A: torch.Tensor, scaled_B: torch.Tensor, cores: torch.Tensor, energy: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -281,7 +336,12 @@ def squared_error(
 
 
 def closed_form(
-    A: torch.Tensor, scaled_B: torch.Tensor, rank: int, core: Core = "full", sweeps: int = 8
+    A: torch.Tensor,
+    scaled_B: torch.Tensor,
+    rank: int,
+    core: Core = "full",
+    sweeps: int = 8,
+    cp_sweeps: int = 0,
 ) -> MergedBasisStack:
     """U, V and the cores minimising the squared Frobenius error (HOSVD + sweeps), in float64.
 
@@ -290,7 +350,8 @@ def closed_form(
         rank: R, at most min(d, k).
         core: ``full`` or ``diagonal``.
         sweeps: alternating sweeps after the HOSVD start (diagonal: as many Procrustes sweeps
-            again after the full-core ones).
+            again after the full-core ones, then ``cp_sweeps`` CP-ALS sweeps).
+        cp_sweeps: diagonal cores: CP-ALS sweeps with free U, V (0: orthonormal U, V).
 
     Returns:
         The stack in A's dtype; ``squared_error`` from the float64 factors.
@@ -309,6 +370,11 @@ def closed_form(
         cores = diagonal_cores(a64, b64, U, V)
         for _ in range(sweeps):
             U, V, cores = procrustes_sweep(a64, b64, V, cores)
-    err = squared_error(a64, b64, cores)
+        for _ in range(cp_sweeps):
+            U, V, cores = cp_sweep(a64, b64, U, V, cores)
+    if core == "diagonal" and cp_sweeps > 0:
+        err = cp_squared_error(a64, b64, U, V, cores)
+    else:
+        err = squared_error(a64, b64, cores)
     dtype = A.dtype
     return MergedBasisStack(U.to(dtype), V.to(dtype), cores.to(dtype), err.to(dtype))

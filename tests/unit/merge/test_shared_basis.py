@@ -12,6 +12,8 @@ from hydraopt.merge.distances import get_distance
 from hydraopt.merge.shared_basis import (
     SharedBasisConfig,
     closed_form,
+    cp_squared_error,
+    cp_sweep,
     diagonal_cores,
     export_lora,
     full_cores,
@@ -243,3 +245,30 @@ def test_rank_out_of_range_is_refused():
 def test_config_refuses_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         SharedBasisConfig(**options)
+
+
+def test_cp_sweeps_never_increase_the_error_and_beat_orthonormal():
+    """Diagonal cores with free U, V (CP-ALS): monotone, and at most the orthonormal error."""
+    stack = random_stack(G=3, K=5, d=12, k=9, r=3, seed=13)
+    a64, b64 = stack.A.double(), stack.scaled_B.double()
+    ortho = closed_form(a64, b64, 4, "diagonal", sweeps=8)
+    U, V, s = ortho.U, ortho.V, ortho.cores
+    errors = [cp_squared_error(a64, b64, U, V, s)]
+    assert torch.allclose(errors[0], ortho.squared_error, rtol=1e-9)
+    for _ in range(15):
+        U, V, s = cp_sweep(a64, b64, U, V, s)
+        errors.append(cp_squared_error(a64, b64, U, V, s))
+    seq = torch.stack(errors)
+    assert bool((seq[1:] <= seq[:-1] * (1 + 1e-10) + 1e-12).all())
+    assert bool((seq[-1] < 0.99 * seq[0]).all())
+    assert torch.allclose(U.norm(dim=1), torch.ones(3, 4, dtype=torch.float64))
+
+
+def test_cp_error_formula_is_the_dense_error():
+    stack = random_stack(G=2, K=3, d=8, k=7, r=2, seed=14)
+    out = closed_form(stack.A.double(), stack.scaled_B.double(), 3, "diagonal", cp_sweeps=10)
+    assert torch.allclose(out.squared_error, dense_error(dense(stack), out.delta()), rtol=1e-9)
+    # and the export of a non-orthonormal basis is still exact
+    scale = torch.full((2, 3), 2.0, dtype=torch.float64)
+    B, A = export_lora(out.U, out.V, out.cores, scale)
+    assert torch.allclose(2.0 * B @ A[:, None], out.delta(), rtol=1e-12)
