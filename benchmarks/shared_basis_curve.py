@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--diagonal", action="store_true", help="also diagonal-core points")
     p.add_argument("--lorashare-k", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--skip-ours", action="store_true", help="no HydraOpt / classic points")
+    p.add_argument("--skip-basis", action="store_true", help="no shared_basis points")
+    p.add_argument("--heads", type=int, nargs="*", help="HydraOpt M values (default 1..K)")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "shared-basis")
@@ -163,10 +165,11 @@ def basis_points(aset: AdapterSet, args: argparse.Namespace) -> list[dict[str, A
     return points
 
 
-def ours_points(aset: AdapterSet) -> list[dict[str, Any]]:
-    """HydraOpt M = 1..K and every classic merge, through the library's one entry point."""
+def ours_points(aset: AdapterSet, heads: list[int] | None) -> list[dict[str, Any]]:
+    """HydraOpt at every M in ``heads`` (None: 1..K) and every classic merge, via the library."""
     runs = [(name, {}, name) for name in CLASSIC_METHODS]
-    runs += [("hydraopt", {"heads": m}, f"HydraOpt M={m}") for m in range(1, len(aset.tasks) + 1)]
+    heads = list(range(1, len(aset.tasks) + 1)) if heads is None else heads
+    runs += [("hydraopt", {"heads": m}, f"HydraOpt M={m}") for m in heads]
     points = []
     for method, options, label in runs:
         start = time.process_time()
@@ -217,9 +220,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     aset = load_adapter_set(args.adapters)
-    points = basis_points(aset, args)
+    points = [] if args.skip_basis else basis_points(aset, args)
     if not args.skip_ours:
-        points += ours_points(aset)
+        points += ours_points(aset, args.heads)
     if not args.skip_peers:
         points += vlora_points(aset, None) + lorashare_points(aset, args.lorashare_k)
     result = {
