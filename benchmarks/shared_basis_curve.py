@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     )
     default = sorted((REPO.parent / "shared" / "adapters").glob("en-*"))
     p.add_argument("--adapters", nargs="+", type=Path, default=default)
+    p.add_argument("--layers", help="comma-separated layer indices (default: all)")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--budgets", type=float, nargs="+", default=[5.0, 10.0, 20.0])
     p.add_argument("--sweeps", type=int, default=8)
@@ -220,6 +221,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     aset = load_adapter_set(args.adapters)
+    if args.layers:
+        layers = {int(x) for x in args.layers.split(",")}
+        aset = aset.select([m.name for m in aset.modules if int(m.name.split(".")[2]) in layers])
     points = [] if args.skip_basis else basis_points(aset, args)
     if not args.skip_ours:
         points += ours_points(aset, args.heads)
