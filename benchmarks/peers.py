@@ -5,13 +5,18 @@ Peers:
     components for the flattened A's and, separately, for the B's; each task keeps 2 n loadings.
     Run exactly as its README shows (``SharedSubspace.from_adapters(adapters, num_components=n)``,
     then ``reconstruct(task)``), n = 1 .. K-1 (n = K-1 reproduces every adapter: 100 % storage).
+  - ``lorashare`` (PyPI 0.1.3, ``lorashare.SHAREModel``, SHARE): per module and side, k shared
+    PCA components of the stacked (oriented) A's, and of the B's; each task keeps k x r loadings
+    per side. Run as its README shows (``SHAREModel.from_adapters({name: dir}, num_components=k)``,
+    then ``reconstruct(name)``), k in ``--lorashare-k``.
   - PEFT-style classic merges (``hydraopt.merge.classic``, proven equal to PEFT's
     ``add_weighted_adapter`` in tests/integration): TA and TIES, one adapter for all tasks.
   - HydraOpt M = 1 .. K (default options).
 
 Error = mean over tasks and modules of MAE(ΔW_i, deployed ΔW'_i), scale included — the measure
 every bundle records. Storage = parameters kept / parameters of the K separate adapters, counted
-exactly for each method (vlora: means + components + loadings).
+exactly for each method (vlora: means + components + loadings; lorashare: components +
+loadings).
 
 ``--export DIR`` also writes vlora's reconstructions as PEFT LoRA dirs (``DIR/n<n>/<task>``, the
 original adapter_config.json, fp16 like the inputs) so ``hydraopt evaluate --system
@@ -48,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adapters", nargs="+", type=Path, default=default)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peers")
     p.add_argument("--export", type=Path, help="write vlora reconstructions as PEFT dirs here")
+    p.add_argument("--lorashare-k", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args()
 
@@ -105,6 +111,50 @@ def vlora_points(aset: AdapterSet, export: Path | None) -> list[dict[str, Any]]:
     return points
 
 
+def lorashare_points(aset: AdapterSet, ks: list[int]) -> list[dict[str, Any]]:
+    """lorashare (SHARE) at every k in ``ks``: its storage and the MAE of its reconstructed ΔW."""
+    from lorashare import SHAREModel
+
+    originals = {spec.name: aset.load_stack([spec]) for spec in aset.modules}
+    full = sum(len(aset.tasks) * m.r * (m.d + m.k) for m in aset.modules)
+    points = []
+    for k in ks:
+        start = time.perf_counter()
+        share = SHAREModel.from_adapters(
+            {task: str(info.path) for task, info in zip(aset.tasks, aset.adapters, strict=True)},
+            num_components=k,
+            device="cpu",
+        )
+        seconds = time.perf_counter() - start
+        kept = sum(t.numel() for t in share.components.values())
+        kept += sum(t.numel() for per in share.all_loadings.values() for t in per.values())
+        errors = []
+        for i, task in enumerate(aset.tasks):
+            rec = share.reconstruct(task)  # PEFT keys, lora_A (r, k) and lora_B (d, r)
+            per_module = []
+            for spec in aset.modules:
+                stack = originals[spec.name]
+                scale = stack.scale[0, i]
+                delta = scale * stack.B[0, i] @ stack.A[0, i]  # (d, k)
+                key = f"base_model.model.{spec.name}.lora_"
+                approx = scale * rec[key + "B.weight"].float() @ rec[key + "A.weight"].float()
+                per_module.append(float((delta - approx).abs().mean()))
+            errors.append(sum(per_module) / len(per_module))
+        points.append(
+            {
+                "method": "lorashare",
+                "label": f"lorashare k={k}",
+                "storage_percent": 100.0 * kept / full,
+                "mae": sum(errors) / len(errors),
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"lorashare k={k}: S {points[-1]['storage_percent']:.1f} %, MAE {points[-1]['mae']:.4e}"
+        )
+    return points
+
+
 def write_peft(aset: AdapterSet, i: int, rec: Any, out: Path) -> None:
     """The original adapter dir of task i with its factors replaced by ``rec``'s (same keys)."""
     info = aset.adapters[i]
@@ -156,7 +206,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     aset = load_adapter_set(args.adapters)
     ours = ours_points(aset)
-    peers = vlora_points(aset, args.export)
+    peers = vlora_points(aset, args.export) + lorashare_points(aset, args.lorashare_k)
     args.out.mkdir(parents=True, exist_ok=True)
     points = ours + peers
     lines = [
@@ -180,7 +230,7 @@ def main() -> None:
         args.out / "peers.png",
         y_key="mae",
         y_label="MAE of ΔW (lower is better)",
-        title="Storage vs reconstruction error: HydraOpt, vlora-dev, classic merges",
+        title="Storage vs reconstruction error: HydraOpt, vlora-dev, lorashare, classic merges",
     )
 
 

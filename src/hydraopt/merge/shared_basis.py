@@ -1,0 +1,380 @@
+"""A two-sided shared basis per module: ΔW_i ≈ U S_i Vᵀ (Tucker-2 over the task axis).
+
+HydraOpt shares one side (A') and keeps whole heads B' (d x r each). Here both sides are shared:
+U (d, R) and V (k, R) with orthonormal columns are stored once per module, and each task keeps
+only an R x R core S_i (``core="full"``) or R numbers (``core="diagonal"``, joint
+diagonalisation). This is the model of "Compress then Serve" (ICML 2025) and of JD-LoRA style
+joint diagonalisation; storage per module is d R + k R + K R² (or K R).
+
+Closed form for the squared Frobenius error Σ_i ||ΔW_i - U S_i Vᵀ||², from the factors alone
+(ΔW_i = B_i A_i with the LoRA scale folded into B_i; nothing of size d x k is formed):
+
+1. HOSVD start: U = top-R left singular vectors of [ΔW_1 ... ΔW_K] (d x K k). Since
+   ΔW_i ΔW_iᵀ = (B_i R_iᵀ)(B_i R_iᵀ)ᵀ with A_iᵀ = Q_i R_i, these are the top-R left singular
+   vectors of the d x K r matrix [B_1 R_1ᵀ ... B_K R_Kᵀ]. V likewise from [A_iᵀ R'_iᵀ], B_i = Q'_i R'_i.
+2. Alternating sweeps (HOOI / Tucker-2): for orthonormal U, V the best cores are S_i = Uᵀ ΔW_i V
+   and the error is Σ||ΔW_i||² - Σ||S_i||². U <- top-R left singular vectors of
+   [ΔW_1 V ... ΔW_K V] (d x K R, each ΔW_i V = B_i (A_i V)) maximises Σ||S_i||² for that V
+   exactly, then V likewise: the error never increases.
+3. Diagonal cores: S_i = diag(s_i). For orthonormal U, V the rank-one terms u_j v_jᵀ are
+   orthonormal, so the least-squares s_i = diag(Uᵀ ΔW_i V). Start from the full-core solution
+   rotated by the common eigenvectors of Σ S_i S_iᵀ and Σ S_iᵀ S_i (exact when the tasks share a
+   singular basis), then block-coordinate sweeps: U <- polar(Σ_i ΔW_i V D_i) (orthogonal
+   Procrustes, the exact minimiser for fixed V and D), V likewise, D <- least squares. Monotone.
+   Orthonormal U, V are a real restriction here (on the real adapters they leave twice the
+   full-core error at the same R), so the diagonal model then drops it: ΔW_i ≈ U diag(s_i) Vᵀ
+   with free U, V is a rank-R CP (PARAFAC) decomposition of the d x k x K tensor, and CP-ALS
+   sweeps (U, V, then every s_i by exact least squares, all from the factors) lower the error
+   further, monotonically. Columns of U and V are kept at unit norm (the norms go into s).
+
+All functions are batched over a group axis G of same-shaped modules and the task axis K; small
+Grams run in float64 so the exactness guarantees hold for float32 inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from hydraopt.errors import HydraoptError
+from hydraopt.merge.closed_form import top_eigenpairs, total_energy
+from hydraopt.merge.distances import DISTANCES, Distance
+from hydraopt.types import Measured
+
+Core = Literal["full", "diagonal"]
+CORES: tuple[str, ...] = ("full", "diagonal")
+
+
+@dataclass(frozen=True)
+class SharedBasisConfig:
+    """Options of the shared-basis merge.
+
+    Attributes:
+        rank: R, the same in every module; exactly one of ``rank`` and ``budget`` is given.
+        budget: storage in percent of the K separate adapters' parameters; the allocator
+            (:mod:`shared_basis_budget`) picks R per module where it buys the most error.
+        core: ``full`` (an R x R core per task) or ``diagonal`` (R numbers per task).
+        distance: f of the refinement and of the reported errors (``mae`` as HydraOpt).
+        sweeps: alternating sweeps after the HOSVD start (each never increases the squared error).
+        cp_sweeps: diagonal cores: CP-ALS sweeps with free (unit-norm, not orthonormal) U, V
+            after the orthonormal ones (0 keeps U, V orthonormal).
+        refine_steps: Adam steps on the distance (0 = closed form only); the best iterate per
+            module is kept, never worse than the closed form.
+        refine_lr: learning rate relative to each factor's RMS.
+    """
+
+    rank: int | None = None
+    budget: float | None = None
+    core: Core = "full"
+    distance: Distance = "mae"
+    sweeps: int = 8
+    cp_sweeps: int = 30
+    refine_steps: int = 0
+    refine_lr: float = 0.02
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.budget is None):
+            raise HydraoptError(
+                "give exactly one of --rank R (uniform) and --budget PCT (percent of the "
+                "separate adapters' parameters)"
+            )
+        if self.rank is not None and self.rank < 1:
+            raise HydraoptError(f"--rank must be >= 1, got {self.rank}")
+        if self.budget is not None and not 0.0 < self.budget <= 100.0:
+            raise HydraoptError(f"--budget is a percentage in (0, 100], got {self.budget}")
+        if self.core not in CORES:
+            raise HydraoptError(f"core must be one of {CORES}, got {self.core!r}")
+        if self.distance not in DISTANCES:
+            raise HydraoptError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        if min(self.sweeps, self.cp_sweeps, self.refine_steps) < 0:
+            raise HydraoptError("sweeps, cp_sweeps and refine_steps must be >= 0")
+        if not self.refine_lr > 0:
+            raise HydraoptError(f"refine_lr must be > 0, got {self.refine_lr}")
+
+
+@dataclass(frozen=True)
+class MergedBasisStack:
+    """A shared basis for G same-shaped modules of K tasks (one R for the group).
+
+    Attributes:
+        U: (G, d, R) shared left basis: orthonormal columns (full cores) or unit-norm columns
+            (diagonal cores, a CP decomposition).
+        V: (G, k, R) shared right basis.
+        cores: (G, K, R, R) full cores or (G, K, R) diagonal ones; LoRA scale folded in.
+        squared_error: (G,) Σ_i ||ΔW_i - U S_i Vᵀ||² of the returned factors.
+        measured: the per-task errors on the config's distance, if measured.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    cores: torch.Tensor
+    squared_error: torch.Tensor
+    measured: Measured | None = None
+
+    @property
+    def core(self) -> Core:
+        return "diagonal" if self.cores.dim() == 3 else "full"
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[-1])
+
+    def heads(self) -> torch.Tensor:
+        """U S_i per task, (G, K, d, R): each task's B' over the shared A' = Vᵀ."""
+        return task_heads(self.U, self.cores)
+
+    def delta(self) -> torch.Tensor:
+        """Dense U S_i Vᵀ, (G, K, d, k). Only for small shapes and tests."""
+        return self.heads() @ self.V.transpose(1, 2)[:, None]
+
+
+def task_heads(U: torch.Tensor, cores: torch.Tensor) -> torch.Tensor:
+    """U S_i (G, K, d, R) from U (G, d, R) and full (G, K, R, R) or diagonal (G, K, R) cores."""
+    if cores.dim() == 3:
+        return U[:, None] * cores[:, :, None, :]
+    return U[:, None] @ cores
+
+
+def export_lora(
+    U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each task as a standard rank-R LoRA: B_i = U S_i / scale_i, A = Vᵀ.
+
+    PEFT computes scale_i B_i A, so the exported adapter restores U S_i Vᵀ exactly (up to the
+    rounding of the division).
+
+    Args:
+        U: (G, d, R); V: (G, k, R); cores: (G, K, R, R) or (G, K, R).
+        scale: (G, K) the scale PEFT will apply to the exported adapter (its lora_alpha / R, or
+            / sqrt(R) with rsLoRA), not the input adapters' scale.
+
+    Returns:
+        B (G, K, d, R) and A (G, R, k), the same A for every task.
+    """
+    B = task_heads(U, cores) / scale[:, :, None, None]
+    return B, V.transpose(1, 2).contiguous()
+
+
+def top_left_singular(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` left singular vectors (G, n, R) of x (G, n, m) and their σ² (G, R).
+
+    Through the smaller Gram: xᵀx (m x m, then U = x w / σ) when m <= n, else x xᵀ. Directions
+    with no energy (a rank-deficient x) are completed to an orthonormal set: they carry nothing,
+    but the cores and the export need R orthonormal columns.
+    """
+    G, n, m = x.shape
+    if m <= n:
+        vals, w = top_eigenpairs(x.transpose(1, 2) @ x, min(rank, m))  # (G, R'), (G, m, R')
+        vals = vals.clamp_min(0.0)
+        sigma = vals.sqrt()
+        tiny = sigma <= sigma[:, :1].clamp_min(1e-300) * 1e-10
+        u = (x @ w) / torch.where(tiny, 1.0, sigma)[:, None, :]  # (G, n, R')
+        u = torch.where(tiny[:, None, :], 0.0, u)
+    else:
+        vals, u = top_eigenpairs(x @ x.transpose(1, 2), rank)
+        vals = vals.clamp_min(0.0)
+        tiny = vals.sqrt() <= vals[:, :1].sqrt().clamp_min(1e-300) * 1e-10
+    if u.shape[2] < rank:  # fewer columns in x than R: pad with empty directions
+        pad = rank - u.shape[2]
+        u = torch.cat([u, u.new_zeros(G, n, pad)], dim=2)
+        vals = torch.cat([vals, vals.new_zeros(G, pad)], dim=1)
+        tiny = torch.cat([tiny, tiny.new_ones(G, pad)], dim=1)
+    if bool(tiny.any()):
+        u = _complete_orthonormal(u, tiny)
+    return u, vals
+
+
+def _complete_orthonormal(u: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Replace the ``empty`` (trailing) columns of u (G, n, R) so that all R are orthonormal.
+
+    The kept columns are already orthonormal and come first, so QR returns them unchanged up to
+    sign, which is restored from R's diagonal. A fixed-seed generator: no global RNG.
+    """
+    gen = torch.Generator(device=u.device).manual_seed(0)
+    noise = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=u.device)
+    filled = torch.where(empty[:, None, :], noise, u)
+    q, r = torch.linalg.qr(filled)
+    sign = torch.sign(torch.diagonal(r, dim1=1, dim2=2))
+    return q * torch.where(sign == 0, 1.0, sign)[:, None, :]
+
+
+def hosvd(A: torch.Tensor, scaled_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HOSVD start: U (G, d, R) and V (G, k, R) from the factors A (G, K, r, k), B (G, K, d, r)."""
+    G, K, r, k = A.shape
+    d = scaled_B.shape[2]
+    # ΔW_i ΔW_iᵀ = B_i (A_i A_iᵀ) B_iᵀ = (B_i R_iᵀ)(B_i R_iᵀ)ᵀ with A_iᵀ = Q_i R_i.
+    r_a = torch.linalg.qr(A.transpose(-1, -2)).R  # (G, K, r, r)
+    left = scaled_B @ r_a.transpose(-1, -2)  # (G, K, d, r)
+    r_b = torch.linalg.qr(scaled_B).R  # (G, K, r, r)
+    right = A.transpose(-1, -2) @ r_b.transpose(-1, -2)  # (G, K, k, r)
+    U, _ = top_left_singular(left.permute(0, 2, 1, 3).reshape(G, d, K * r), rank)
+    V, _ = top_left_singular(right.permute(0, 2, 1, 3).reshape(G, k, K * r), rank)
+    return U, V
+
+
+def full_cores(
+    A: torch.Tensor, scaled_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor
+) -> torch.Tensor:
+    """S_i = Uᵀ ΔW_i V = (Uᵀ B_i)(A_i V), (G, K, R, R): the least-squares cores for orthonormal U, V."""
+    return (U.transpose(1, 2)[:, None] @ scaled_B) @ (A @ V[:, None])
+
+
+def diagonal_cores(
+    A: torch.Tensor, scaled_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor
+) -> torch.Tensor:
+    """s_i = diag(Uᵀ ΔW_i V), (G, K, R): least squares for orthonormal U, V."""
+    ub = U.transpose(1, 2)[:, None] @ scaled_B  # (G, K, R, r)
+    av = A @ V[:, None]  # (G, K, r, R)
+    return torch.einsum("gkjr,gkrj->gkj", ub, av)
+
+
+def hooi_sweep(
+    A: torch.Tensor, scaled_B: torch.Tensor, V: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Tucker-2 sweep: U for the given V, then V for that U (each an exact maximiser)."""
+    G, K, r, k = A.shape
+    d, R = scaled_B.shape[2], V.shape[2]
+    proj = scaled_B @ (A @ V[:, None])  # (G, K, d, R): ΔW_i V
+    U, _ = top_left_singular(proj.permute(0, 2, 1, 3).reshape(G, d, K * R), R)
+    back = A.transpose(-1, -2) @ (scaled_B.transpose(-1, -2) @ U[:, None])  # (G, K, k, R): ΔW_iᵀ U
+    V, _ = top_left_singular(back.permute(0, 2, 1, 3).reshape(G, k, K * R), R)
+    return U, V
+
+
+def polar(c: torch.Tensor) -> torch.Tensor:
+    """The orthonormal Q maximising tr(Qᵀ c) for c (G, n, R): P Wᵀ from c = P Σ Wᵀ."""
+    p, _, wh = torch.linalg.svd(c, full_matrices=False)
+    return p @ wh
+
+
+def procrustes_sweep(
+    A: torch.Tensor, scaled_B: torch.Tensor, V: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One diagonal-core sweep: U, then V (orthogonal Procrustes), then s (least squares).
+
+    With orthonormal U, V: Σ||ΔW_i - U D_i Vᵀ||² = const - 2 tr(Uᵀ Σ_i ΔW_i V D_i) + Σ||D_i||²,
+    so for fixed V and D the best U is polar(Σ_i ΔW_i V D_i), and likewise for V.
+    """
+    c_u = (scaled_B @ (A @ V[:, None]) * s[:, :, None, :]).sum(1)  # (G, d, R)
+    U = polar(c_u)
+    c_v = (A.transpose(-1, -2) @ (scaled_B.transpose(-1, -2) @ U[:, None]) * s[:, :, None, :]).sum(
+        1
+    )
+    V = polar(c_v)  # (G, k, R)
+    return U, V, diagonal_cores(A, scaled_B, U, V)
+
+
+def diagonalising_rotation(
+    U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate U, V by the eigenvectors of Σ S_i S_iᵀ and Σ S_iᵀ S_i (paired by eigenvalue).
+
+    If S_i = P D_i Qᵀ for all i, both sums share the eigenvalues Σ D_i², so the rotated cores are
+    exactly diagonal; otherwise a good start for the Procrustes sweeps.
+    """
+    _, p = top_eigenpairs((cores @ cores.transpose(-1, -2)).sum(1), U.shape[2])  # (G, R, R)
+    _, q = top_eigenpairs((cores.transpose(-1, -2) @ cores).sum(1), V.shape[2])
+    return U @ p, V @ q
+
+
+def _solve_right(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """c h⁻¹ for c (G, n, R) and symmetric PSD h (G, R, R), with a relative 1e-12 ridge.
+
+    The ridge only matters for an empty direction (h singular), where it returns zeros instead
+    of a failure; elsewhere it moves the least-squares solution by ~1e-12 relative.
+    """
+    ridge = h.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300) * 1e-12  # (G,)
+    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve(h + ridge[:, None, None] * eye, c.transpose(1, 2)).transpose(1, 2)
+
+
+def cp_sweep(
+    A: torch.Tensor, scaled_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CP-ALS sweep for ΔW_i ≈ U diag(s_i) Vᵀ with free U (G, d, R), V (G, k, R), s (G, K, R).
+
+    Each step is an exact least-squares solve, so the error never increases:
+    U = (Σ_i ΔW_i V D_i)(VᵀV ∘ Σ_i s_i s_iᵀ)⁻¹, V likewise, s_i = (UᵀU ∘ VᵀV)⁻¹ diag(Uᵀ ΔW_i V).
+    Then columns of U and V are scaled to unit norm, the norms moved into s (same product).
+    """
+    ss = s.transpose(1, 2) @ s  # (G, R, R): Σ_i s_i s_iᵀ
+    c_u = (scaled_B @ (A @ V[:, None]) * s[:, :, None, :]).sum(1)  # (G, d, R)
+    U = _solve_right(c_u, (V.transpose(1, 2) @ V) * ss)
+    c_v = (A.transpose(-1, -2) @ (scaled_B.transpose(-1, -2) @ U[:, None]) * s[:, :, None, :]).sum(
+        1
+    )
+    V = _solve_right(c_v, (U.transpose(1, 2) @ U) * ss)  # (G, k, R)
+    h = (U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)  # (G, R, R)
+    s = _solve_right(diagonal_cores(A, scaled_B, U, V), h)  # (G, K, R): h is symmetric
+    nu, nv = U.norm(dim=1).clamp_min(1e-300), V.norm(dim=1).clamp_min(1e-300)  # (G, R)
+    return U / nu[:, None], V / nv[:, None], s * (nu * nv)[:, None]
+
+
+def cp_squared_error(
+    A: torch.Tensor, scaled_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """Σ_i ||ΔW_i - U diag(s_i) Vᵀ||² (G,) for any U, V, from the factors.
+
+    = Σ_i ||ΔW_i||² - 2 s_iᵀ diag(Uᵀ ΔW_i V) + s_iᵀ (UᵀU ∘ VᵀV) s_i.
+    """
+    h = (U.transpose(1, 2) @ U) * (V.transpose(1, 2) @ V)  # (G, R, R)
+    cross = (s * diagonal_cores(A, scaled_B, U, V)).sum(dim=(1, 2))
+    quad = ((s @ h) * s).sum(dim=(1, 2))
+    return (total_energy(A, scaled_B) - 2 * cross + quad).clamp_min(0.0)
+
+
+def squared_error(
+    A: torch.Tensor, scaled_B: torch.Tensor, cores: torch.Tensor, energy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_i ||ΔW_i||² - Σ_i ||S_i||² (G,): the error of least-squares cores on orthonormal U, V."""
+    if energy is None:
+        energy = total_energy(A, scaled_B)
+    kept = cores.square().flatten(1).sum(1)
+    return (energy - kept).clamp_min(0.0)
+
+
+def closed_form(
+    A: torch.Tensor,
+    scaled_B: torch.Tensor,
+    rank: int,
+    core: Core = "full",
+    sweeps: int = 8,
+    cp_sweeps: int = 0,
+) -> MergedBasisStack:
+    """U, V and the cores minimising the squared Frobenius error (HOSVD + sweeps), in float64.
+
+    Args:
+        A: (G, K, r, k); scaled_B: (G, K, d, r), LoRA scale folded in.
+        rank: R, at most min(d, k).
+        core: ``full`` or ``diagonal``.
+        sweeps: alternating sweeps after the HOSVD start (diagonal: as many Procrustes sweeps
+            again after the full-core ones, then ``cp_sweeps`` CP-ALS sweeps).
+        cp_sweeps: diagonal cores: CP-ALS sweeps with free U, V (0: orthonormal U, V).
+
+    Returns:
+        The stack in A's dtype; ``squared_error`` from the float64 factors.
+    """
+    G, K, r, k = A.shape
+    d = scaled_B.shape[2]
+    if not 1 <= rank <= min(d, k):
+        raise HydraoptError(f"rank R must be in [1, min(d, k) = {min(d, k)}], got {rank}")
+    a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
+    U, V = hosvd(a64, b64, rank)
+    for _ in range(sweeps):
+        U, V = hooi_sweep(a64, b64, V)
+    cores = full_cores(a64, b64, U, V)
+    if core == "diagonal":
+        U, V = diagonalising_rotation(U, V, cores)
+        cores = diagonal_cores(a64, b64, U, V)
+        for _ in range(sweeps):
+            U, V, cores = procrustes_sweep(a64, b64, V, cores)
+        for _ in range(cp_sweeps):
+            U, V, cores = cp_sweep(a64, b64, U, V, cores)
+    if core == "diagonal" and cp_sweeps > 0:
+        err = cp_squared_error(a64, b64, U, V, cores)
+    else:
+        err = squared_error(a64, b64, cores)
+    dtype = A.dtype
+    return MergedBasisStack(U.to(dtype), V.to(dtype), cores.to(dtype), err.to(dtype))
