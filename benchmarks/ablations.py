@@ -10,7 +10,7 @@ Usage:
     python benchmarks/ablations.py report        # prints every table that has results
 
 ``cost`` runs each method in a fresh interpreter (as ``speed.py`` does), so the peak RSS
-(``VmHWM``) is that merge's alone; it records the wall time of the merge call, the peak RSS,
+(``VmHWM``) is that merge's alone; it records the wall and CPU time of the merge call, the peak RSS,
 the RSS once the adapters are loaded (the merge's own working set is the difference) and, on
 CUDA, the peak allocated GPU memory. ``examples`` = the five shipped SmolLM2 adapters;
 ``llama-3.2-1b`` = five synthetic adapters of that shape (``synthetic.py``, cached under
@@ -70,13 +70,21 @@ def child_main(config: dict[str, Any]) -> None:
     loaded = peak_rss_bytes()
     # As `hydraopt merge` runs it: the result held in the bundle's dtype (float16).
     engine = EngineOptions(seed=0, device=config["device"], result_dtype="float16")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     merge_adapter_set(aset, config["method"], config["options"], engine=engine)
     seconds = time.perf_counter() - start
+    # CPU time too: on a shared machine the wall time mostly measures the other jobs.
+    cpu_seconds = time.process_time() - cpu_start
     cuda = torch.cuda.max_memory_allocated() if config["device"] == "cuda" else None
     print(
         json.dumps(
-            {"seconds": seconds, "peak_rss": peak_rss_bytes(), "loaded_rss": loaded, "cuda": cuda}
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_rss": peak_rss_bytes(),
+                "loaded_rss": loaded,
+                "cuda": cuda,
+            }
         )
     )
 
@@ -121,7 +129,7 @@ def cost_markdown(result: dict[str, Any]) -> str:
     mib = 2**20
     shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
     head = ["method"] + [
-        f"{s} {col}" for s in shapes for col in ("s", "peak RSS MiB", "merge RSS MiB")
+        f"{s} {col}" for s in shapes for col in ("wall s", "CPU s", "peak RSS MiB", "merge RSS MiB")
     ]
     if result["device"] == "cuda":
         head += [f"{s} GPU MiB" for s in shapes]
@@ -133,10 +141,11 @@ def cost_markdown(result: dict[str, Any]) -> str:
         for s in shapes:
             r = by.get((s, label), {"failed": "not run"})
             if "failed" in r:
-                cells += ["failed", "", ""]
+                cells += ["failed", "", "", ""]
             else:
                 cells += [
                     f"{r['seconds']:.2f}",
+                    f"{r['cpu_seconds']:.2f}",
                     f"{r['peak_rss'] / mib:.0f}",
                     f"{(r['peak_rss'] - r['loaded_rss']) / mib:.0f}",
                 ]
@@ -230,6 +239,69 @@ def rank_report() -> str:
     return "\n".join(lines)
 
 
+# --- magnitude --------------------------------------------------------------------------------
+
+
+def magnitude(args: argparse.Namespace) -> None:
+    """How a bundle's ΔW' sits against each task's ΔW_i, averaged over modules (no decoding).
+
+    Per module and task: cos(ΔW'_i, ΔW_i), ||ΔW'_i|| / ||ΔW_i|| and the least-squares scale
+    c_i = <ΔW'_i, ΔW_i> / ||ΔW'_i||² that would best fit ΔW_i with c_i ΔW'_i. A c well above 1
+    says the merge shrank the update (an elementwise median does); a head-magnitude
+    calibration would multiply the heads by about c.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from hydraopt.io.bundle import load_bundle
+
+    root = Path(args.adapters)
+    originals = {t: load_file(root / t / "adapter_model.safetensors") for t in EN}
+    print("| bundle | task | cos | norm ratio | LS scale c |\n| --- | --- | ---: | ---: | ---: |")
+    for path in args.bundles:
+        bundle = load_bundle(path)
+        stats = {t: torch.zeros(3) for t in bundle.tasks}
+        for spec in bundle.modules:
+            a, heads, routing = bundle.merged[spec.name]  # (r, k), (M, d, r), (K,)
+            for i, task in enumerate(bundle.tasks):
+                key = f"base_model.model.{spec.name}.lora_"
+                b_i = originals[task][key + "B.weight"].float()  # (d, r)
+                a_i = originals[task][key + "A.weight"].float()  # (r, k)
+                delta = bundle.scales[task][spec.name] * b_i @ a_i  # (d, k)
+                merged = heads[int(routing[i])] @ a  # (d, k)
+                dot = (merged * delta).sum()
+                stats[task] += torch.stack(
+                    [
+                        dot / (merged.norm() * delta.norm()),
+                        merged.norm() / delta.norm(),
+                        dot / merged.norm() ** 2,
+                    ]
+                )
+        for task, (cos, ratio, scale) in stats.items():
+            n = len(bundle.modules)
+            print(
+                f"| {Path(path).name} | {task} | {cos / n:.3f} | {ratio / n:.3f} | {scale / n:.2f} |"
+            )
+
+
+def scale_heads(args: argparse.Namespace) -> None:
+    """Write a copy of a bundle with every head multiplied by ``--factor`` (head magnitude
+    calibration, tried on val without touching the merge code)."""
+    import dataclasses
+
+    from hydraopt.io.bundle import load_bundle, save_bundle
+
+    if (args.out / "bundle.json").is_file():
+        return
+    bundle = load_bundle(args.bundle)
+    merged = {
+        name: (a, heads * args.factor, routing)  # (r, k), (M, d, r), (K,)
+        for name, (a, heads, routing) in bundle.merged.items()
+    }
+    extra = {**bundle.extra, "heads_scaled_by": args.factor, "scaled_from": str(args.bundle)}
+    save_bundle(dataclasses.replace(bundle, merged=merged, extra=extra), args.out, force=True)
+
+
 def report(_: argparse.Namespace) -> None:
     print("## distance\n\n" + distance_report() + "\n")
     print("## rank\n\n" + rank_report() + "\n")
@@ -253,6 +325,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--out", type=Path, default=RESULTS / "ablation-cost")
     sub.add_parser("report", help="print the tables (and write the distance PNG)")
+    mg = sub.add_parser("magnitude", help="merged ΔW' against each task's ΔW_i (no decoding)")
+    mg.add_argument("bundles", nargs="+", type=Path)
+    mg.add_argument("--adapters", type=Path, default=EXAMPLES)
+    sc = sub.add_parser("scale-heads", help="copy a bundle with its heads times a factor")
+    sc.add_argument("bundle", type=Path)
+    sc.add_argument("--factor", type=float, required=True)
+    sc.add_argument("--out", type=Path, required=True)
     ch = sub.add_parser("child", help=argparse.SUPPRESS)
     ch.add_argument("config")
     args = p.parse_args(argv)
@@ -260,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         child_main(json.loads(args.config))
     elif args.command == "report":
         report(args)
+    elif args.command == "magnitude":
+        magnitude(args)
+    elif args.command == "scale-heads":
+        scale_heads(args)
     else:
         result = run_cost(args)
         args.out.mkdir(parents=True, exist_ok=True)

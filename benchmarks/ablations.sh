@@ -3,11 +3,11 @@
 # as one resumable driver: every step skips what is already done (finished adapters are kept,
 # generations come from benchmarks/results/eval-cache), so re-running it only does what is missing.
 #
-#   benchmarks/ablations.sh finetune   # r = 8 and r = 16 adapters (examples/adapters-r{8,16})
+#   benchmarks/ablations.sh finetune [8|16]  # r = 8 / 16 adapters (examples/adapters-r{8,16})
 #   benchmarks/ablations.sh distance   # Fig. 5: --distance mae|mse|fro|cos at M = 1, 2, 5
 #   benchmarks/ablations.sh aonly      # Fig. 6: *_a_only merges vs HydraOpt M = 5
-#   benchmarks/ablations.sh val        # M = 1 default and baseline coefficients on val
-#   benchmarks/ablations.sh rank       # Table 5: per-rank tables (needs `finetune`)
+#   benchmarks/ablations.sh val        # M = 1 default (distances, head scale) and baseline grids on val
+#   benchmarks/ablations.sh rank [8|16]      # Table 5: per-rank tables (needs `finetune`)
 #   benchmarks/ablations.sh valtest    # the val grid's systems on test (Table 1 setting)
 #   benchmarks/ablations.sh cost       # Table 17: merge time and peak RSS of every method
 #   benchmarks/ablations.sh report     # print the tables, write the distance PNG
@@ -29,8 +29,9 @@ stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
 # r = 8 and r = 16 with alpha = 4r (the shipped r = 32 adapters use alpha = 128 = 4r; the paper
 # gives r = 32 / alpha = 128 only and does not say how alpha moves with r, so alpha / r is kept).
-step_finetune() {
-  for r in 8 16; do
+step_finetune() {  # step_finetune [RANK...] (default 8 16)
+  local r t out
+  for r in ${@:-8 16}; do
     for t in "${EN[@]}"; do
       out=examples/adapters-r$r/$t
       if [ -f "$out/adapter_model.safetensors" ]; then stamp "r=$r $t done"; continue; fi
@@ -91,25 +92,44 @@ step_aonly() {
 
 # Item 5: HydraOpt M = 1 per distance and the baselines over coefficient grids, on val. The
 # paper's coefficients (TA / DARE 1/K = 0.2, TIES / DARE-TIES 1.0, density 0.5) are grid points.
-val_systems() {
-  local w dn
+val_core_systems() {
+  local d f
   SYSTEMS=(--system zero-shot --system lora=examples/adapters:LoRA)
   for d in mae mse fro cos; do
     merge "$BUNDLES/r32/hydraopt_${d}_M1" examples/adapters --heads 1 --distance "$d"
     SYSTEMS+=(--system "bundle=$BUNDLES/r32/hydraopt_${d}_M1:hydraopt $d M=1")
   done
+  # Head magnitude calibration: the MAE M = 1 heads times f (ΔW' norm is ~0.5x each task's,
+  # TIES's ~1.3x; `ablations.py magnitude`).
+  for f in 1.5 2 2.5; do
+    [ -f "$BUNDLES/r32/hydraopt_mae_M1_x$f/bundle.json" ] ||
+      nice -n 19 "$PY" benchmarks/ablations.py scale-heads "$BUNDLES/r32/hydraopt_mae_M1" \
+        --factor "$f" --out "$BUNDLES/r32/hydraopt_mae_M1_x$f" 2>/dev/null
+    SYSTEMS+=(--system "bundle=$BUNDLES/r32/hydraopt_mae_M1_x$f:hydraopt mae M=1 heads x$f")
+  done
+  ties_system 1.0 0.5
+  ta_system 0.2
+}
+ties_system() {  # WEIGHT DENSITY
+  merge "$BUNDLES/r32/ties_w$1_d$2" examples/adapters --method ties --density "$2" \
+    --weights $1 $1 $1 $1 $1
+  SYSTEMS+=(--system "bundle=$BUNDLES/r32/ties_w$1_d$2:ties w=$1 d=$2")
+}
+ta_system() {  # WEIGHT
+  merge "$BUNDLES/r32/task_arithmetic_w$1" examples/adapters --method task_arithmetic \
+    --weights $1 $1 $1 $1 $1
+  SYSTEMS+=(--system "bundle=$BUNDLES/r32/task_arithmetic_w$1:task_arithmetic w=$1")
+}
+val_systems() {
+  local w dn
+  val_core_systems
   for w in 1.0 0.5 1.5; do
     for dn in 0.5 0.3 0.7; do
-      merge "$BUNDLES/r32/ties_w${w}_d$dn" examples/adapters --method ties --density "$dn" \
-        --weights $w $w $w $w $w
-      SYSTEMS+=(--system "bundle=$BUNDLES/r32/ties_w${w}_d$dn:ties w=$w d=$dn")
+      [ "$w/$dn" = 1.0/0.5 ] || ties_system "$w" "$dn"
     done
   done
-  for w in 0.2 0.5 1.0; do
-    merge "$BUNDLES/r32/task_arithmetic_w$w" examples/adapters --method task_arithmetic \
-      --weights $w $w $w $w $w
-    SYSTEMS+=(--system "bundle=$BUNDLES/r32/task_arithmetic_w$w:task_arithmetic w=$w")
-  done
+  ta_system 0.5
+  ta_system 1.0
   for w in 0.2 0.5 1.0; do
     merge "$BUNDLES/r32/dare_linear_w${w}_d0.5" examples/adapters --method dare_linear \
       --density 0.5 --weights $w $w $w $w $w
@@ -122,7 +142,9 @@ val_systems() {
   done
 }
 step_val() {
-  val_systems
+  val_core_systems  # the rows that decide the M = 1 default first (a table of their own) ...
+  evaluate "$RES/ablation-val-core" val "${SYSTEMS[@]}"
+  val_systems  # ... then the baselines' whole grid (the core rows come from the cache)
   evaluate "$RES/ablation-val" val "${SYSTEMS[@]}"
 }
 # The same systems on test (Table 1 setting), so the val-chosen rows can be read off next to the
@@ -133,9 +155,9 @@ step_valtest() {
 }
 
 # Paper Table 5: the Table 1 rows at r = 8 and r = 16 (each once its five adapters exist).
-step_rank() {
+step_rank() {  # step_rank [RANK...] (default 8 16)
   local r m
-  for r in 8 16; do
+  for r in ${@:-8 16}; do
     if ! ls examples/adapters-r$r/*/adapter_model.safetensors 2>/dev/null | wc -l | grep -qx 5; then
       stamp "r=$r: adapters not finished, skipped"; continue
     fi
@@ -162,14 +184,15 @@ step_report() { "$PY" benchmarks/ablations.py report; }
 step_all() {
   step_finetune
   step_distance
-  step_aonly
   step_val
+  step_aonly
   step_rank
   step_valtest
   step_cost
   step_report
 }
 
-case "${1:-all}" in
-  *) declare -F "step_$1" >/dev/null && "step_$1" || { echo "unknown step: $1" >&2; exit 2; } ;;
-esac
+step=${1:-all}
+[ $# -gt 0 ] && shift
+declare -F "step_$step" >/dev/null || { echo "unknown step: $step" >&2; exit 2; }
+"step_$step" "$@"
