@@ -6,7 +6,8 @@
 #   benchmarks/ablations.sh finetune [8|16]  # r = 8 / 16 adapters (examples/adapters-r{8,16})
 #   benchmarks/ablations.sh distance   # Fig. 5: --distance mae|mse|fro|cos at M = 1, 2, 5
 #   benchmarks/ablations.sh aonly      # Fig. 6: *_a_only merges vs HydraOpt M = 5
-#   benchmarks/ablations.sh val        # M = 1 default (distances, head scale) and baseline grids on val
+#   benchmarks/ablations.sh valcore    # M = 1 default on val: distances, head scale, TIES
+#   benchmarks/ablations.sh val        # the same plus the baselines' coefficient grids on val
 #   benchmarks/ablations.sh rank [8|16]      # Table 5: per-rank tables (needs `finetune`)
 #   benchmarks/ablations.sh valtest    # the val grid's systems on test (Table 1 setting)
 #   benchmarks/ablations.sh cost       # Table 17: merge time and peak RSS of every method
@@ -63,18 +64,18 @@ evaluate() {  # evaluate OUT SPLIT [--system ...]
 }
 
 # Paper Fig. 5: HydraOpt's distance at M = 1, 2, 5 on the r = 32 adapters.
-distance_systems() {
+step_distance() {
+  local m d
+  SYSTEMS=(--system zero-shot --system lora=examples/adapters:LoRA)
   for m in 1 2 5; do
     for d in mae mse fro cos; do
       merge "$BUNDLES/r32/hydraopt_${d}_M$m" examples/adapters --heads "$m" --distance "$d"
       SYSTEMS+=(--system "bundle=$BUNDLES/r32/hydraopt_${d}_M$m:hydraopt $d M=$m")
     done
+    # A table after each M (the rows of the smaller M come from the cache), so a run stopped
+    # part way still leaves the finished M's results.
+    evaluate "$RES/ablation-distance" test "${SYSTEMS[@]}"
   done
-}
-step_distance() {
-  SYSTEMS=(--system zero-shot --system lora=examples/adapters:LoRA)
-  distance_systems
-  evaluate "$RES/ablation-distance" test "${SYSTEMS[@]}"
 }
 
 # Paper Fig. 6: the classic merges on A only (every B kept, 52 % at K = 5) vs HydraOpt M = 5.
@@ -94,7 +95,7 @@ step_aonly() {
 # paper's coefficients (TA / DARE 1/K = 0.2, TIES / DARE-TIES 1.0, density 0.5) are grid points.
 val_core_systems() {
   local d f
-  SYSTEMS=(--system zero-shot --system lora=examples/adapters:LoRA)
+  SYSTEMS=()
   for d in mae mse fro cos; do
     merge "$BUNDLES/r32/hydraopt_${d}_M1" examples/adapters --heads 1 --distance "$d"
     SYSTEMS+=(--system "bundle=$BUNDLES/r32/hydraopt_${d}_M1:hydraopt $d M=1")
@@ -108,7 +109,6 @@ val_core_systems() {
     SYSTEMS+=(--system "bundle=$BUNDLES/r32/hydraopt_mae_M1_x$f:hydraopt mae M=1 heads x$f")
   done
   ties_system 1.0 0.5
-  ta_system 0.2
 }
 ties_system() {  # WEIGHT DENSITY
   merge "$BUNDLES/r32/ties_w$1_d$2" examples/adapters --method ties --density "$2" \
@@ -123,6 +123,8 @@ ta_system() {  # WEIGHT
 val_systems() {
   local w dn
   val_core_systems
+  SYSTEMS=(--system zero-shot --system lora=examples/adapters:LoRA "${SYSTEMS[@]}")
+  ta_system 0.2
   for w in 1.0 0.5 1.5; do
     for dn in 0.5 0.3 0.7; do
       [ "$w/$dn" = 1.0/0.5 ] || ties_system "$w" "$dn"
@@ -141,10 +143,12 @@ val_systems() {
     SYSTEMS+=(--system "bundle=$BUNDLES/r32/dare_ties_w${w}_d0.5:dare_ties w=$w d=0.5")
   done
 }
-step_val() {
-  val_core_systems  # the rows that decide the M = 1 default first (a table of their own) ...
+step_valcore() {  # the rows that decide the M = 1 default, a table of their own
+  val_core_systems
   evaluate "$RES/ablation-val-core" val "${SYSTEMS[@]}"
-  val_systems  # ... then the baselines' whole grid (the core rows come from the cache)
+}
+step_val() {  # the baselines' whole grid next to them (the core rows come from the cache)
+  val_systems
   evaluate "$RES/ablation-val" val "${SYSTEMS[@]}"
 }
 # The same systems on test (Table 1 setting), so the val-chosen rows can be read off next to the
@@ -183,6 +187,7 @@ step_report() { "$PY" benchmarks/ablations.py report; }
 
 step_all() {
   step_finetune
+  step_valcore
   step_distance
   step_val
   step_aonly
