@@ -302,7 +302,17 @@ def scale_heads(args: argparse.Namespace) -> None:
     save_bundle(dataclasses.replace(bundle, merged=merged, extra=extra), args.out, force=True)
 
 
+def cost_report() -> str:
+    """One table from every ``ablation-cost-<shape>`` run (the shapes side by side)."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("ablation-cost-*/cost.json"))]
+    if not runs:
+        return "cost: not run yet"
+    merged = {**runs[0], "rows": [row for run in runs for row in run["rows"]]}
+    return cost_markdown(merged)
+
+
 def report(_: argparse.Namespace) -> None:
+    print("## cost\n\n" + cost_report() + "\n")
     print("## distance\n\n" + distance_report() + "\n")
     print("## rank\n\n" + rank_report() + "\n")
     for name in ("ablation-a-only", "ablation-val", "ablation-val-test"):

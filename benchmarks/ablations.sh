@@ -10,7 +10,7 @@
 #   benchmarks/ablations.sh val        # the same plus the baselines' coefficient grids on val
 #   benchmarks/ablations.sh rank [8|16]      # Table 5: per-rank tables (needs `finetune`)
 #   benchmarks/ablations.sh valtest    # the val grid's systems on test (Table 1 setting)
-#   benchmarks/ablations.sh cost       # Table 17: merge time and peak RSS of every method
+#   benchmarks/ablations.sh cost [SHAPE]     # Table 17: merge time and peak RSS of every method
 #   benchmarks/ablations.sh report     # print the tables, write the distance PNG
 #   benchmarks/ablations.sh all        # all of the above, in this order
 #
@@ -179,9 +179,14 @@ step_rank() {  # step_rank [RANK...] (default 8 16)
 }
 
 # Paper Table 17: merge time and peak RSS of every registered method (examples + Llama-1B shape).
-step_cost() {
-  stamp "cost"
-  nice -n 19 "$PY" benchmarks/ablations.py cost --threads "$THREADS" --out "$RES/ablation-cost"
+step_cost() {  # step_cost [SHAPE...] (default examples llama-3.2-1b); one results dir per shape
+  local shape
+  for shape in ${@:-examples llama-3.2-1b}; do
+    [ -f "$RES/ablation-cost-$shape/cost.json" ] && { stamp "cost $shape done"; continue; }
+    stamp "cost $shape"
+    nice -n 19 "$PY" benchmarks/ablations.py cost --shapes "$shape" --threads "$THREADS" \
+      --out "$RES/ablation-cost-$shape"
+  done
 }
 step_report() { "$PY" benchmarks/ablations.py report; }
 
