@@ -192,6 +192,17 @@ def table(rows: dict[str, tuple[float, float, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def relative_mae(bundle_dir: Path) -> float:
+    """Mean hard-routed MAE of a bundle over that of storing nothing (its bundle.json)."""
+    path = bundle_dir / "bundle.json"
+    if not path.is_file():
+        return float("nan")
+    extra = json.loads(path.read_text())["extra"]
+    errors = [e for per_task in extra["errors"].values() for e in per_task]
+    zero = [e for per_task in extra["zero_errors"].values() for e in per_task]
+    return sum(errors) / sum(zero)
+
+
 def distance_report() -> str:
     rows = averages("ablation-distance")
     if not rows:
@@ -202,10 +213,25 @@ def distance_report() -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    grid = ["| distance | " + " | ".join(f"M={m}" for m in HEADS) + " |", "| --- |" + " ---: |" * 3]
+    bundles = REPO / "runs" / "ablations" / "r32"
+    grid = [
+        "| distance | "
+        + " | ".join(f"M={m}" for m in HEADS)
+        + " | "
+        + " | ".join(f"rel. MAE M={m}" for m in HEADS)
+        + " |",
+        "| --- |" + " ---: |" * 2 * len(HEADS),
+    ]
     for d in ("mae", "mse", "fro", "cos"):
         avg = [rows.get(f"hydraopt {d} M={m}", (0, float("nan"), {}))[1] for m in HEADS]
-        grid.append(f"| {d} | " + " | ".join(f"{a:.1f}" for a in avg) + " |")
+        rel = [relative_mae(bundles / f"hydraopt_{d}_M{m}") for m in HEADS]
+        grid.append(
+            f"| {d} | "
+            + " | ".join(f"{a:.1f}" for a in avg)
+            + " | "
+            + " | ".join(f"{e:.3f}" for e in rel)
+            + " |"
+        )
         ax.plot(HEADS, avg, marker="o", label=d.upper())
     for label in ("LoRA", "zero-shot"):
         if label in rows:
