@@ -96,6 +96,9 @@ def adapter_dirs(shape: str) -> list[Path]:
 
 
 def run_cost(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)  # so machine() names the children's thread count
     rows = []
     for shape in args.shapes:
         dirs = adapter_dirs(shape)
