@@ -201,6 +201,8 @@ def relative_mae(bundle_dir: Path) -> float:
     if not path.is_file():
         return float("nan")
     extra = json.loads(path.read_text())["extra"]
+    if "errors" not in extra:
+        return float("nan")
     errors = [e for per_task in extra["errors"].values() for e in per_task]
     zero = [e for per_task in extra["zero_errors"].values() for e in per_task]
     return sum(errors) / sum(zero)
@@ -327,7 +329,9 @@ def scale_heads(args: argparse.Namespace) -> None:
         name: (a, heads * args.factor, routing)  # (r, k), (M, d, r), (K,)
         for name, (a, heads, routing) in bundle.merged.items()
     }
-    extra = {**bundle.extra, "heads_scaled_by": args.factor, "scaled_from": str(args.bundle)}
+    # The stored errors were measured on the unscaled heads: drop them rather than mislead.
+    extra = {k: v for k, v in bundle.extra.items() if k not in ("errors", "zero_errors")}
+    extra.update(heads_scaled_by=args.factor, scaled_from=str(args.bundle))
     save_bundle(dataclasses.replace(bundle, merged=merged, extra=extra), args.out, force=True)
 
 
