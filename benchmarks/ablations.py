@@ -372,7 +372,7 @@ def report(_: argparse.Namespace) -> None:
     print("## cost\n\n" + cost_report() + "\n")
     print("## distance\n\n" + distance_report() + "\n")
     print("## rank\n\n" + rank_report() + "\n")
-    for name in ("ablation-a-only", "ablation-val", "ablation-val-test"):
+    for name in ("ablation-a-only", "ablation-val-core", "ablation-val", "ablation-val-test"):
         rows = averages(name)
         print(f"## {name}\n\n" + (table(rows) if rows else "not run yet") + "\n")
     for r in (8, 16):
