@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="answer prompts with a bundle's task(s) on one base model (greedy)",
         description="Install a bundle into the base model and greedy-decode prompts per task.",
     )
-    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    p.add_argument(
+        "bundle", type=Path, metavar="BUNDLE_DIR", help="a bundle dir written by hydraopt merge"
+    )
     p.add_argument("--task", help='task of every prompt (an --input line\'s "task" overrides it)')
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
@@ -34,10 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE.jsonl",
         help='one JSON object a line: {"prompt": TEXT} or {"prompt": TEXT, "task": NAME}',
     )
-    p.add_argument("--max-tokens", type=int, default=64, help="cap on generated tokens (64)")
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="cap on generated tokens (default 64)"
+    )
     p.add_argument("--base-model", type=Path, help="HF model dir or GGUF (default: see docs)")
     p.add_argument("--raw", action="store_true", help="prompts are final text: no chat template")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward batch (16)")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="prompts per forward batch (default 16)"
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.set_defaults(func=run)
 

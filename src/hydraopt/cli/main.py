@@ -59,7 +59,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             if name in CORE:
                 raise
             sub.add_parser(
-                name, help=f"(unavailable: {e.name} not installed; pip install 'hydraopt[eval,serve]')"
+                name,
+                help=f"(unavailable: {e.name} not installed; pip install 'hydraopt[eval,serve]')",
             )
             continue
         module.register(sub)
@@ -82,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(chosen_command(argv))
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
-        parser.error(f"'{args.command}' is unavailable: install the 'eval' extra (and 'serve' for serve)")
+        parser.error(
+            f"'{args.command}' is unavailable: install the 'eval' extra (and 'serve' for serve)"
+        )
     try:
         return int(args.func(args) or 0)
     except HydraoptError as e:

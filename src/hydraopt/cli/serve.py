@@ -24,13 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a bundle over an OpenAI-compatible HTTP API (model = task name)",
         description="Serve every task of a bundle from one base model (OpenAI-compatible API).",
     )
-    p.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
-    p.add_argument("--base-model", type=Path, help="HF model dir or GGUF (default: see docs)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests per batch (16)")
     p.add_argument(
-        "--max-tokens-limit", type=int, default=1024, help="largest max_tokens allowed (1024)"
+        "bundle", type=Path, metavar="BUNDLE_DIR", help="a bundle dir written by hydraopt merge"
+    )
+    p.add_argument("--base-model", type=Path, help="HF model dir or GGUF (default: see docs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests per batch (default 16)")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=1024,
+        help="largest max_tokens allowed (default 1024)",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.set_defaults(func=run)
