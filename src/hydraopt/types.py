@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -151,6 +151,8 @@ class Bundle:
     storage: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    kind: ClassVar[str] = "lora"  # the adapter kind (hydraopt.kinds.registry.get_kind)
+
     @property
     def num_heads(self) -> int:
         """Largest number of heads over modules (every module has the same M for our methods)."""
@@ -161,6 +163,17 @@ class Bundle:
         i = self.tasks.index(task)
         return {
             name: (a, heads[int(routing[i])]) for name, (a, heads, routing) in self.merged.items()
+        }
+
+    def lora_view(self) -> dict[str, LoraView]:
+        """Per module the merge in LoRA form: A' (r, k), heads (M, d, r) scale folded in, routing.
+
+        A LoRA bundle already is that form (float32 as loaded). Every bundle kind has this
+        method, so a reader that applies ΔW'_i = heads[routing[i]] @ A' serves any kind.
+        """
+        return {
+            name: LoraView(a.float(), heads.float(), routing)
+            for name, (a, heads, routing) in self.merged.items()
         }
 
 
@@ -271,6 +284,8 @@ class VeraBundle:
     storage: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    kind: ClassVar[str] = "vera"  # the adapter kind (hydraopt.kinds.registry.get_kind)
+
     @property
     def num_heads(self) -> int:
         """M: the most rows either vector has in any module."""
@@ -287,3 +302,37 @@ class VeraBundle:
                 lam_d[route if lam_d.shape[0] > 1 else 0],
             )
         return out
+
+    def lora_view(self) -> dict[str, LoraView]:
+        """Per module the merge in LoRA form: A' (r, k), heads (M, d, r), routing (K,).
+
+        Through :meth:`MergedVeraStack.as_lora` with the module's projection slices
+        ``vera_A[:, :k]`` and ``vera_B[:d, :]`` (PEFT's slices), so ΔW'_i = heads[routing[i]] @ A'
+        is the task's VeRA update diag(λb) B diag(λd) A.
+        """
+        vera_a, vera_b = self.projections
+        out = {}
+        for spec in self.modules:
+            lam_b, lam_d, routing = self.merged[spec.name]
+            merged = MergedVeraStack(lam_b[None].float(), lam_d[None].float(), routing[None])
+            a, heads = merged.as_lora(
+                vera_a[:, : spec.k].float(), vera_b[: spec.d, :].float()
+            )  # (1, r, k), (1, M, d, r)
+            out[spec.name] = LoraView(a[0].contiguous(), heads[0].contiguous(), routing)
+        return out
+
+
+class LoraView(NamedTuple):
+    """One module of a bundle in LoRA form, whatever the bundle's kind (see ``lora_view``).
+
+    A named tuple: ``a, heads, routing = bundle.lora_view()[name]`` works as well as the names.
+
+    Attributes:
+        A: (r, k) float32 shared A'.
+        heads: (M, d, r) float32, any scale folded in.
+        routing: (K,) int64 head index per task.
+    """
+
+    A: torch.Tensor
+    heads: torch.Tensor
+    routing: torch.Tensor

@@ -19,10 +19,10 @@ from hydraopt.cli.display import print_table
 from hydraopt.cli.merge import print_summary
 from hydraopt.io.bundle import META_NAME, load_any_bundle
 from hydraopt.io.peft import AdapterSet, load_adapter_set
+from hydraopt.kinds.vera.analysis import vector_similarity
+from hydraopt.kinds.vera.load import VeraAdapterSet
 from hydraopt.storage import storage_report, vera_storage_report
 from hydraopt.types import Bundle, VeraBundle
-from hydraopt.vera.analysis import vector_similarity
-from hydraopt.vera.load import VeraAdapterSet
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
+from hydraopt.kinds.registry import get_kind
 from hydraopt.types import Bundle, VeraBundle
 
 if TYPE_CHECKING:
-    from hydraopt.eval.generate import LoraFactorMap
-    from hydraopt.eval.vera_adapter import VeraWeights
+    from hydraopt.eval.generate import AppliedWeights, LoraFactorMap
 
 # Fields of adapter_config.json that do not change what the adapter computes at inference.
 # `hydraopt export` sets inference_mode=True on a copy of the original config; leaving it out of
@@ -89,7 +89,7 @@ class System(Protocol):
         """Hex digest of everything (besides the base model) that decides the task's outputs."""
         ...
 
-    def adapter(self, task: str) -> None | Path | LoraFactorMap | VeraWeights:
+    def adapter(self, task: str) -> None | Path | LoraFactorMap | AppliedWeights:
         """What :func:`hydraopt.eval.generate.applied_adapter` applies for ``task``."""
         ...
 
@@ -303,20 +303,14 @@ class BundleSystem:
         route = {name: int(routing[i]) for name, (_, _, routing) in self.bundle.merged.items()}
         return text_sha256("bundle", task, self.tensors_sha256, json.dumps(route, sort_keys=True))
 
-    def adapter(self, task: str) -> LoraFactorMap | VeraWeights:
+    def adapter(self, task: str) -> LoraFactorMap | AppliedWeights:
         """The task's weights as :func:`~hydraopt.eval.generate.applied_adapter` takes them.
 
         LoRA: ``{module: (A', B', 1.0)}`` (the bundle's heads already carry the LoRA scale).
         VeRA: the shared projections and the task's routed (λb, λd) per module, the very numbers
-        the bundle's PEFT export holds (its projections are float32 in both).
+        the bundle's PEFT export holds (see the kind's ``task_weights``).
         """
-        if isinstance(self.bundle, VeraBundle):
-            # Imported here: vera_adapter needs peft, which building systems does not.
-            from hydraopt.eval.vera_adapter import VeraWeights
-
-            vera_a, vera_b = self.bundle.projections
-            return VeraWeights(vera_a, vera_b, self.bundle.task_vectors(task))
-        return {name: (a, b, 1.0) for name, (a, b) in self.bundle.task_factors(task).items()}
+        return get_kind(self.bundle.kind).task_weights(self.bundle, task)
 
     def describe(self) -> dict[str, Any]:
         """Label, kind, storage, path and the merge method with its config."""

@@ -6,7 +6,8 @@ opens files or parses key names; randomness comes only from the ``torch.Generato
 
 A method that also merges VeRA adapters names a ``vera_config_class`` and implements
 ``merge_vera`` (:class:`~hydraopt.types.VeraStack` -> :class:`~hydraopt.types.MergedVeraStack`);
-the engine picks the entry point from the adapter set's kind, never from the method's name.
+the adapter set's kind (:mod:`hydraopt.kinds`) picks the entry point and the config class, never
+the method's name.
 """
 
 from __future__ import annotations
@@ -63,19 +64,6 @@ class MergeMethod(Protocol):
     ) -> MergedVeraStack:
         """Merge G modules of K VeRA adapters (only if ``vera_config_class`` is set)."""
         ...
-
-
-def config_class_for(method: MergeMethod, kind: str) -> type:
-    """The config class of ``method`` for adapters of ``kind`` (``lora`` or ``vera``).
-
-    Raises:
-        HydraoptError: if the method does not merge that kind of adapter.
-    """
-    if kind == "lora":
-        return method.config_class
-    if kind == "vera" and method.vera_config_class is not None:
-        return method.vera_config_class
-    raise HydraoptError(f"method {method.name!r} does not merge {kind.upper()} adapters")
 
 
 def build_config(config_class: type, options: dict[str, Any]) -> Any:

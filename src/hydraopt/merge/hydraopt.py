@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 
 from hydraopt.errors import HydraoptError
+from hydraopt.kinds.vera.config import VeraHydraOptConfig
 from hydraopt.merge.base import MergeContext
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.distances import DISTANCES, Distance
@@ -35,7 +36,6 @@ from hydraopt.merge.refine import (
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
 from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, VeraStack
-from hydraopt.vera.config import VeraHydraOptConfig
 
 # Default refinement schedules (see HydraOptConfig.refine_schedule).
 SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
@@ -206,8 +206,8 @@ class HydraOpt:
         generator: torch.Generator,
         context: MergeContext,
     ) -> MergedVeraStack:
-        """One shared VeRA vector and M heads of the other (see :mod:`hydraopt.vera.merge`)."""
-        # Imported here: hydraopt.vera.merge imports this package's modules, which import this one.
-        from hydraopt.vera.merge import merge_vera_hydraopt
+        """One shared VeRA vector and M heads of the other (see :mod:`hydraopt.kinds.vera.merge`)."""
+        # Imported here: hydraopt.kinds.vera.merge imports this package's modules, which import this one.
+        from hydraopt.kinds.vera.merge import merge_vera_hydraopt
 
         return merge_vera_hydraopt(stack, config, generator=generator)

@@ -190,7 +190,7 @@ def test_bundle_errors_equal_a_plain_recomputation(make_adapter, monkeypatch, er
     """The errors a bundle reports, whether the refinement measured them (mae: the engine must
     not form the updates again) or the engine did (fro), are f(ΔW_i, heads[route] A') and
     f(ΔW_i, 0) computed the plain way."""
-    from hydraopt import engine, load_adapter_set, merge_adapter_set
+    from hydraopt import engine, engine_chunks, load_adapter_set, merge_adapter_set
     from hydraopt.merge.distances import get_distance
 
     aset = load_adapter_set(
@@ -201,8 +201,8 @@ def test_bundle_errors_equal_a_plain_recomputation(make_adapter, monkeypatch, er
         def refuse(*args, **kwargs):
             raise AssertionError("the engine recomputed errors the refinement had measured")
 
-        monkeypatch.setattr(engine, "hard_routed_error", refuse)
-        monkeypatch.setattr(engine, "distance_to_zero", refuse)
+        monkeypatch.setattr(engine_chunks, "hard_routed_error", refuse)
+        monkeypatch.setattr(engine_chunks, "distance_to_zero", refuse)
     options = engine.EngineOptions(error_distance=error_distance)
     bundle = merge_adapter_set(aset, "hydraopt", {"heads": 2, "refine_steps": 5}, engine=options)
     f = get_distance(error_distance)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.bundle import (
+from hydraopt.io.adapter_dir import write_task_adapters
+from hydraopt.io.container import (
     DTYPES,
     FORMAT_NAME,
     bundle_fields,
@@ -24,9 +25,8 @@ from hydraopt.io.bundle import (
     read_bundle_tensors,
     write_bundle_dir,
 )
-from hydraopt.io.export import write_task_adapters
+from hydraopt.kinds.vera.load import PROJECTION_KEYS, lambda_key
 from hydraopt.types import ModuleSpec, VeraBundle
-from hydraopt.vera.load import PROJECTION_KEYS, lambda_key
 
 VERA_FORMAT_VERSION = 2
 

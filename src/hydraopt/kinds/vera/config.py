@@ -1,6 +1,6 @@
 """The typed config of HydraOpt on VeRA adapters.
 
-Kept apart from :mod:`hydraopt.vera.merge` (and free of ``hydraopt.merge`` imports at module
+Kept apart from :mod:`hydraopt.kinds.vera.merge` (and free of ``hydraopt.merge`` imports at module
 level) because the registered HydraOpt class names it as its ``vera_config_class`` while
 ``hydraopt.merge`` is still being imported.
 """

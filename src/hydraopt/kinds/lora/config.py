@@ -1,4 +1,4 @@
-"""Checks on PEFT adapter configs and weights, before any merge work starts.
+"""LoRA adapter configs: the checks before any merge work starts, and the scale of each module.
 
 Each check raises :class:`HydraoptError` naming the adapter and what to do. Features whose
 weights do not merge as a plain B @ A (DoRA's magnitude vector, ``modules_to_save`` copies,
@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.keys import match_pattern_key
@@ -62,20 +60,3 @@ def lora_scale(config: dict[str, Any], module: str) -> float:
     """PEFT's scaling for ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     r, alpha = module_rank_alpha(config, module)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Refuse NaN/Inf weights: they would poison every shared factor they touch."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise HydraoptError(f"{what} contains NaN or Inf values; the adapter is corrupt")
-
-
-def first_difference(a: set[str], b: set[str]) -> str:
-    """A short description of how two name sets differ, for error messages."""
-    only_a, only_b = sorted(a - b), sorted(b - a)
-    parts = []
-    if only_a:
-        parts.append(f"only in the first: {only_a[:3]}{' ...' if len(only_a) > 3 else ''}")
-    if only_b:
-        parts.append(f"only in the other: {only_b[:3]}{' ...' if len(only_b) > 3 else ''}")
-    return "; ".join(parts)
