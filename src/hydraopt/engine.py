@@ -25,7 +25,7 @@ from hydraopt.engine_chunks import (
 from hydraopt.errors import HydraoptError
 from hydraopt.io.container import DTYPES
 from hydraopt.kinds.registry import get_kind
-from hydraopt.merge.base import build_config, config_to_dict
+from hydraopt.merge.base import build_config, config_to_dict, method_heads
 from hydraopt.merge.registry import get_method
 from hydraopt.types import Bundle, VeraBundle
 from hydraopt.version import __version__
@@ -33,7 +33,6 @@ from hydraopt.version import __version__
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "EngineOptions",
-    "check_heads",
     "chunk_generator",
     "iter_merged",
     "merge_adapter_set",
@@ -41,15 +40,6 @@ __all__ = [
     "plan_chunks",
     "resolve_config",
 ]
-
-
-def check_heads(method: str, config: Any, heads: int, num_tasks: int) -> None:
-    """Refuse an impossible M before any work (the methods check again for direct callers)."""
-    asked = getattr(config, "heads", None)
-    if asked is not None and asked > num_tasks:
-        raise HydraoptError(f"--heads {asked} exceeds the number of adapters K = {num_tasks}")
-    if asked is not None and asked != heads:
-        raise HydraoptError(f"{method} stores {heads} head(s); got --heads {asked}")
 
 
 def resolve_config(
@@ -64,12 +54,17 @@ def resolve_config(
     method_obj = get_method(method)
     config_class = get_kind(kind).config_class(method_obj)
     if isinstance(options, dict):
+        if method_obj.takes_heads and options.get("heads") is None:
+            raise HydraoptError(
+                f"{method} needs heads = M, 1 <= M <= K = {num_tasks} "
+                "(1 = smallest, K = most faithful)"
+            )
         config = build_config(config_class, options)
     elif isinstance(options, config_class):
         config = options
     else:
         raise TypeError(f"options must be a dict or a {config_class.__name__}")
-    check_heads(method, config, method_obj.num_heads(config, num_tasks), num_tasks)
+    method_heads(method_obj, config, num_tasks)  # refuse an impossible M before any work
     return config
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report: dict = {}
-    aset: AdapterSet | VeraAdapterSet | None = None
+    aset: Any = None
     if len(args.paths) == 1 and (Path(args.paths[0]) / META_NAME).is_file():
         bundle = load_any_bundle(args.paths[0])
         report["bundle"] = show_bundle(bundle, args.top)
@@ -55,13 +57,9 @@ def run(args: argparse.Namespace) -> int:
             print("(source adapters not found on disk: A/B similarity skipped)")
     else:
         aset = load_adapter_set(args.paths, check_values=False)
-        report["storage"] = (
-            show_vera_storage(aset) if isinstance(aset, VeraAdapterSet) else show_storage(aset)
-        )
-    if isinstance(aset, VeraAdapterSet):
-        report["similarity"] = show_vera_similarity(aset, args.module_filter)
-    elif aset is not None:
-        report["similarity"] = show_similarity(aset, args.module_filter, args.plot)
+        report["storage"] = REPORTS[aset.kind][0](aset)
+    if aset is not None:
+        report["similarity"] = REPORTS[aset.kind][1](aset, args.module_filter, args.plot)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"JSON written to {args.json}")
@@ -153,8 +151,10 @@ def show_vera_storage(aset: VeraAdapterSet) -> list[dict]:
     return out
 
 
-def show_vera_similarity(aset: VeraAdapterSet, module_filter: str | None) -> dict:
-    """How alike the tasks' λd and λb are (relative mean absolute differences)."""
+def show_vera_similarity(
+    aset: VeraAdapterSet, module_filter: str | None, plot: Path | None = None
+) -> dict:
+    """How alike the tasks' λd and λb are (relative mean absolute differences); no plot yet."""
     mods = [m for m in aset.modules if module_filter is None or module_filter in m.name]
     sim = vector_similarity(aset, mods)
     tasks = list(aset.tasks)
@@ -177,3 +177,10 @@ def print_similarity_tables(
             ["", *tasks],
             [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
         )
+
+
+# What inspect shows of adapters, per adapter kind: (storage for every M, task similarity).
+REPORTS: dict[str, tuple[Callable[..., list[dict]], Callable[..., dict]]] = {
+    "lora": (show_storage, show_similarity),
+    "vera": (show_vera_storage, show_vera_similarity),
+}

@@ -17,7 +17,6 @@ from hydraopt.cli.options import (
     method_options,
 )
 from hydraopt.engine import merge_adapter_set, resolve_config
-from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
 from hydraopt.types import Bundle, VeraBundle
@@ -35,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force)  # fail before any work, not after
-    if args.method == "hydraopt" and args.heads is None:
-        raise HydraoptError("hydraopt needs --heads M (1 = smallest, K = most faithful)")
     aset = load_selected(args)
     config = resolve_config(
         args.method, method_options(args, args.method), len(aset.tasks), aset.kind

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
 from hydraopt.kinds.registry import get_kind
+from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.types import Bundle, VeraBundle
 
 if TYPE_CHECKING:
@@ -235,6 +236,12 @@ class PerTaskVera(PerTaskAdapters):
     method = "vera"
 
 
+# Separate adapters per task, by adapter kind (``--system KIND=ROOT``).
+PER_TASK_SYSTEMS: dict[str, type[PerTaskAdapters]] = {
+    cls.kind: cls for cls in (PerTaskLora, PerTaskVera)
+}
+
+
 def adapter_kind(directory: str | Path) -> str:
     """The system kind (``"lora"`` / ``"vera"``) of a PEFT adapter dir, from its config.
 
@@ -327,8 +334,11 @@ class BundleSystem:
 
 
 def bundle_label(bundle: Bundle | VeraBundle) -> str:
-    """Default row label: ``"hydraopt M=2"`` for HydraOpt, else the method's registry name."""
-    return f"hydraopt M={bundle.num_heads}" if bundle.method == "hydraopt" else bundle.method
+    """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``); the bare method
+    name for a method this version does not know."""
+    if bundle.method not in list_methods():
+        return bundle.method
+    return get_method(bundle.method).label(bundle.num_heads)
 
 
 def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:

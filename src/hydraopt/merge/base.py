@@ -48,9 +48,16 @@ class MergeMethod(Protocol):
     config_class: ClassVar[type]
     space: ClassVar[str]  # "factors" (A and B merged separately) or "delta" (fits B @ A)
     vera_config_class: ClassVar[type | None]  # None: the method does not merge VeRA adapters
+    # True: the user chooses M (config field ``heads``, required; a sweep runs M = 1..K).
+    # False: the method fixes M itself (``num_heads``); a given ``heads`` must equal it.
+    takes_heads: ClassVar[bool]
 
     def num_heads(self, config: Any, num_tasks: int) -> int:
         """M, the number of B heads stored per module."""
+        ...
+
+    def label(self, num_heads: int) -> str:
+        """How results of this method are labelled in tables and plots (e.g. ``hydraopt M=2``)."""
         ...
 
     def merge(
@@ -64,6 +71,35 @@ class MergeMethod(Protocol):
     ) -> MergedVeraStack:
         """Merge G modules of K VeRA adapters (only if ``vera_config_class`` is set)."""
         ...
+
+
+def check_heads(heads: int, num_tasks: int | None = None) -> None:
+    """The one check of M: 1 <= M, and M <= K once the number of adapters K is known.
+
+    Configs call it without K when built; the engine and the methods call it with K.
+
+    Raises:
+        HydraoptError: for an M out of range.
+    """
+    if heads < 1:
+        raise HydraoptError(f"heads must be >= 1, got {heads}")
+    if num_tasks is not None and heads > num_tasks:
+        raise HydraoptError(f"heads = {heads} exceeds the number of adapters K = {num_tasks}")
+
+
+def method_heads(method: MergeMethod, config: Any, num_tasks: int) -> int:
+    """M that ``method`` stores with ``config`` for K = ``num_tasks``, checked.
+
+    Raises:
+        HydraoptError: for an M out of 1..K, or a ``heads`` that a method which fixes M itself
+            (``takes_heads = False``) does not store.
+    """
+    heads = method.num_heads(config, num_tasks)
+    check_heads(heads, num_tasks)
+    asked = getattr(config, "heads", None)
+    if asked is not None and asked != heads:
+        raise HydraoptError(f"{method.name} stores {heads} head(s); got heads = {asked}")
+    return heads
 
 
 def build_config(config_class: type, options: dict[str, Any]) -> Any:

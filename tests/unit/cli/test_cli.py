@@ -180,7 +180,7 @@ def test_bad_inputs_exit_nonzero_with_one_line_and_write_nothing(
     adapters, make_adapter, tmp_path, capsys
 ):
     out = tmp_path / "never"
-    assert "needs --heads" in bad_exit(["merge", *adapters, "--out", str(out)], capsys)
+    assert "needs heads" in bad_exit(["merge", *adapters, "--out", str(out)], capsys)
     assert "exceeds" in bad_exit(["merge", *adapters, "--heads", "4", "--out", str(out)], capsys)
     assert "stores 1 head" in bad_exit(
         ["merge", *adapters, "--method", "ties", "--heads", "2", "--out", str(out)], capsys

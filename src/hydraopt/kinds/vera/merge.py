@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from hydraopt.errors import HydraoptError
 from hydraopt.kinds.vera.config import Shared, VeraHydraOptConfig
 from hydraopt.kinds.vera.solve import solve_vera
+from hydraopt.merge.base import check_heads
 from hydraopt.merge.refine import Adam, cosine_lr, hard_routed_error
 from hydraopt.types import MergedVeraStack, VeraStack
 
@@ -36,9 +36,7 @@ def merge_vera_hydraopt(
     Returns:
         A :class:`MergedVeraStack` (float32).
     """
-    K = stack.lambda_b.shape[1]
-    if config.heads > K:
-        raise HydraoptError(f"--heads {config.heads} exceeds the number of adapters K = {K}")
+    check_heads(config.heads, stack.lambda_b.shape[1])
     s, heads, routing, _ = solve_vera(
         stack.lambda_b,
         stack.lambda_d,
