@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from hydraopt.engine_chunks import (
     DEFAULT_CHUNK_ELEMENTS,
     EngineOptions,
@@ -27,6 +25,7 @@ from hydraopt.io.container import DTYPES
 from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.base import build_config, config_to_dict, method_heads
 from hydraopt.merge.registry import get_method
+from hydraopt.results import Provenance
 from hydraopt.types import Bundle, VeraBundle
 from hydraopt.version import __version__
 
@@ -96,7 +95,7 @@ def merge_adapter_set(
     K = len(aset.tasks)
     config = resolve_config(method, options or {}, K, aset.kind)
     start = time.perf_counter()
-    merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    merged: dict[str, Any] = {}
     errors: dict[str, list[float]] = {}
     zero_errors: dict[str, list[float]] = {}
     if engine.engine == "ray":
@@ -107,25 +106,23 @@ def merge_adapter_set(
         results = iter_merged(aset, method, config, engine)
     keep = DTYPES[engine.result_dtype] if engine.result_dtype else None
     for done, result in results:
-        for name, (a, heads, routing, err, zero) in result.items():
-            if keep is not None:
-                a, heads = a.to(keep), heads.to(keep)
-            merged[name] = (a, heads, routing)
-            errors[name] = err
-            zero_errors[name] = zero
+        for name, module in result.items():
+            merged[name] = module.merged.cast(keep) if keep is not None else module.merged
+            errors[name] = module.errors
+            zero_errors[name] = module.zero_errors
         if progress is not None:
             progress(done)
     seconds = time.perf_counter() - start
-    extra = {
-        "library_version": __version__,
-        "seed": engine.seed,
-        "device": engine.device,
-        "merge_seconds": seconds,
-        "error_distance": engine.error_distance,
-        "errors": {m.name: errors[m.name] for m in aset.modules},
-        "zero_errors": {m.name: zero_errors[m.name] for m in aset.modules},
-        "sources": {info.task: str(info.path) for info in aset.adapters},
-    }
+    provenance = Provenance(
+        library_version=__version__,
+        seed=engine.seed,
+        device=engine.device,
+        merge_seconds=seconds,
+        error_distance=engine.error_distance,
+        errors={m.name: errors[m.name] for m in aset.modules},
+        zero_errors={m.name: zero_errors[m.name] for m in aset.modules},
+        sources={info.task: str(info.path) for info in aset.adapters},
+    )
     return get_kind(aset.kind).build_bundle(
-        aset, method, config_to_dict(config), merged, extra, bytes_per_param
+        aset, method, config_to_dict(config), merged, provenance, bytes_per_param
     )

@@ -18,10 +18,12 @@ import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.container import DTYPES
+from hydraopt.kinds.base import GroupMerge
 from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.base import MergeContext
 from hydraopt.merge.refine import distance_to_zero, hard_routed_error
 from hydraopt.merge.registry import get_method
+from hydraopt.results import MergedModule, MergedVeraModule
 from hydraopt.types import ModuleSpec
 
 DEFAULT_CHUNK_ELEMENTS = 2**22  # dense (G, K, d, k) floats per chunk: 16 MiB in float32; larger
@@ -84,7 +86,23 @@ def chunk_generator(seed: int, first_module: str, device: str) -> torch.Generato
     return torch.Generator(device=device).manual_seed(derived)
 
 
-ChunkResult = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float]]]
+@dataclass(frozen=True)
+class ModuleResult:
+    """One merged module as a chunk returns it.
+
+    Attributes:
+        merged: the kind's record (:class:`~hydraopt.results.MergedModule` or
+            :class:`~hydraopt.results.MergedVeraModule`), float32 on the CPU.
+        errors: per task, the hard-routed error f(ΔW_i, ΔW'_i).
+        zero_errors: per task, f(ΔW_i, 0).
+    """
+
+    merged: MergedModule | MergedVeraModule
+    errors: list[float]
+    zero_errors: list[float]
+
+
+ChunkResult = dict[str, ModuleResult]
 
 
 def merge_chunk(
@@ -94,11 +112,7 @@ def merge_chunk(
     config: Any,
     options: EngineOptions,
 ) -> ChunkResult:
-    """Merge one chunk; returns module -> (stored tensors..., error per task, zero error per task).
-
-    The stored tensors are the kind's: LoRA (A', heads, routing), VeRA (λb rows (Mb, d),
-    λd rows (Md, r), routing).
-    """
+    """Merge one chunk; returns module -> its :class:`ModuleResult` (record and errors)."""
     method = get_method(method_name)
     context = MergeContext(num_tasks=len(aset.tasks), num_factor_tensors=2 * len(aset.modules))
     gen = chunk_generator(options.seed, chunk[0].name, options.device)
@@ -107,29 +121,28 @@ def merge_chunk(
     )
     measured = group.measured
     if measured is not None and measured.distance == options.error_distance:
-        return _chunk_result(chunk, group.stored, measured.error, measured.zero)
+        return _chunk_result(chunk, group, measured.error, measured.zero)
     with torch.no_grad():
         err = hard_routed_error(
             group.targets, group.lora_a, group.lora_heads, group.routing, options.error_distance
         )
         # f(ΔW, 0): the error of storing nothing, the yardstick for "relative error".
         zero = distance_to_zero(group.targets, options.error_distance)
-    return _chunk_result(chunk, group.stored, err, zero)
+    return _chunk_result(chunk, group, err, zero)
 
 
 def _chunk_result(
-    chunk: Sequence[ModuleSpec],
-    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    err: torch.Tensor,
-    zero: torch.Tensor,
+    chunk: Sequence[ModuleSpec], group: GroupMerge, err: torch.Tensor, zero: torch.Tensor
 ) -> ChunkResult:
-    """Per module: the stored tensors (G-batched, split here) on the CPU and the errors as floats."""
-    first, second, routing = stored
+    """Per module: the kind's record (G-batched tensors split here, on the CPU), errors as floats."""
+    first, second, routing = group.stored
     return {
-        spec.name: (
-            first[g].detach().float().cpu().contiguous(),
-            second[g].detach().float().cpu().contiguous(),
-            routing[g].cpu().contiguous(),
+        spec.name: ModuleResult(
+            group.record_type(
+                first[g].detach().float().cpu().contiguous(),
+                second[g].detach().float().cpu().contiguous(),
+                routing[g].cpu().contiguous(),
+            ),
             [float(e) for e in err[g].cpu()],
             [float(z) for z in zero[g].cpu()],
         )
@@ -139,7 +152,7 @@ def _chunk_result(
 
 def iter_merged(
     aset: Any, method_name: str, config: Any, options: EngineOptions
-) -> Iterator[tuple[int, dict[str, Any]]]:
+) -> Iterator[tuple[int, ChunkResult]]:
     """Yield (modules done in this chunk, chunk result) chunk by chunk (local engine)."""
     for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements):
         yield len(chunk), merge_chunk(aset, chunk, method_name, config, options)

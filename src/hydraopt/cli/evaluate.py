@@ -278,10 +278,11 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
 def _check_cached_bundle(
     bundle: Bundle | VeraBundle, path: Path, tasks: list[str], seed: int, kind: str
 ) -> None:
-    if list(bundle.tasks) != tasks or bundle.extra.get("seed", seed) != seed:
+    merged_seed = bundle.provenance.seed
+    if list(bundle.tasks) != tasks or (merged_seed is not None and merged_seed != seed):
         raise HydraoptError(
             f"{path} was merged from tasks {list(bundle.tasks)} with seed "
-            f"{bundle.extra.get('seed')}, not {tasks} with seed {seed}; delete it or use another --out"
+            f"{merged_seed}, not {tasks} with seed {seed}; delete it or use another --out"
         )
     found = bundle.kind
     if found != kind:

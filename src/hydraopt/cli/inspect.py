@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.paths) == 1 and (Path(args.paths[0]) / META_NAME).is_file():
         bundle = load_any_bundle(args.paths[0])
         report["bundle"] = show_bundle(bundle, args.top)
-        sources = bundle.extra.get("sources", {})
+        sources = bundle.provenance.sources
         paths = [sources.get(t) for t in bundle.tasks]
         if paths and all(p and Path(p).is_dir() for p in paths):
             aset = load_adapter_set(paths, list(bundle.tasks), check_values=False)
@@ -68,12 +68,12 @@ def run(args: argparse.Namespace) -> int:
 
 def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
     print_summary(bundle)
-    errors = bundle.extra.get("errors", {})
-    dist = bundle.extra.get("error_distance", "mae")
+    errors = bundle.provenance.errors
+    dist = bundle.provenance.error_distance
     worst = sorted(errors.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))[:top]
     rows = []
     for name, errs in worst:
-        routing = bundle.merged[name][2].tolist()
+        routing = bundle.merged[name].routing.tolist()
         rows.append([name, sum(errs) / len(errs), max(errs), " ".join(map(str, routing))])
     print_table(
         f"worst {len(rows)} modules ({dist}); routing = head per task {list(bundle.tasks)}",
@@ -83,10 +83,10 @@ def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
     return {
         "method": bundle.method,
         "config": bundle.config,
-        "storage": bundle.storage,
+        "storage": bundle.storage.to_dict(),
         "error_by_task": error_by_task(bundle),
         "errors": errors,
-        "routing": {n: r.tolist() for n, (_, _, r) in bundle.merged.items()},
+        "routing": {n: m.routing.tolist() for n, m in bundle.merged.items()},
     }
 
 
@@ -95,11 +95,11 @@ def show_storage(aset: AdapterSet) -> list[dict]:
     rows, out = [], []
     for m in range(1, K + 1):
         s = storage_report(aset.modules, K, {mod.name: m for mod in aset.modules})
-        rows.append([f"hydraopt M={m}", s["bundle_params"], s["storage_percent"]])
-        out.append({"heads": m, **s})
+        rows.append([f"hydraopt M={m}", s.bundle_params, s.storage_percent])
+        out.append({"heads": m, **s.to_dict()})
     print_table(
         f"storage of {K} adapters over {len(aset.modules)} modules "
-        f"({storage_report(aset.modules, K, {mod.name: 1 for mod in aset.modules})['adapters_params']} parameters)",
+        f"({storage_report(aset.modules, K, {mod.name: 1 for mod in aset.modules}).adapters_params} parameters)",
         ["bundle", "parameters", "S %"],
         rows,
     )
@@ -137,10 +137,8 @@ def show_vera_storage(aset: VeraAdapterSet) -> list[dict]:
             s = vera_storage_report(
                 aset.modules, K, dict.fromkeys(names, rows_b), dict.fromkeys(names, rows_d), proj
             )
-            rows.append(
-                [f"hydraopt M={m} (shared {shared})", s["bundle_params"], s["storage_percent"]]
-            )
-            out.append({"heads": m, "shared": shared, **s})
+            rows.append([f"hydraopt M={m} (shared {shared})", s.bundle_params, s.storage_percent])
+            out.append({"heads": m, "shared": shared, **s.to_dict()})
     print_table(
         f"storage of {K} VeRA adapters over {len(aset.modules)} modules "
         f"({out[0]['adapters_params']} trained parameters; the {proj} projection parameters are "

@@ -57,21 +57,18 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(bundle: Bundle | VeraBundle) -> None:
     """Storage and per-task hard-routed error of a bundle (LoRA or VeRA)."""
     s = bundle.storage
-    dist = bundle.extra.get("error_distance", "mae")
+    dist = bundle.provenance.error_distance
     print_table(
         f"{bundle.method} over {len(bundle.tasks)} adapters, {len(bundle.modules)} modules "
-        f"({bundle.extra.get('merge_seconds', 0):.1f} s)",
+        f"({bundle.provenance.merge_seconds or 0:.1f} s)",
         ["", "parameters", "bytes", "S %"],
         [
-            ["separate adapters", s["adapters_params"], human_bytes(s["adapters_bytes"]), 100.0],
-            ["bundle", s["bundle_params"], human_bytes(s["bundle_bytes"]), s["storage_percent"]],
+            ["separate adapters", s.adapters_params, human_bytes(s.adapters_bytes), 100.0],
+            ["bundle", s.bundle_params, human_bytes(s.bundle_bytes), s.storage_percent],
         ],
     )
     per_task = error_by_task(bundle)
-    heads_used = {
-        t: len({int(r[i]) for _, _, r in bundle.merged.values()})
-        for i, t in enumerate(bundle.tasks)
-    }
+    heads_used = {t: len(set(bundle.routing_of(t).values())) for t in bundle.tasks}
     print_table(
         f"hard-routed error per task ({dist}, mean over modules)",
         ["task", dist, "distinct heads used"],

@@ -83,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
                         "label": run.label,
                         "method": run.method,
                         "heads": bundle.num_heads,
-                        "storage_percent": bundle.storage["storage_percent"],
+                        "storage_percent": bundle.storage.storage_percent,
                         "error": mean_error(bundle),
                         "relative_error": relative_error(bundle),
-                        "seconds": bundle.extra["merge_seconds"],
+                        "seconds": bundle.provenance.merge_seconds,
                         "config": bundle.config,
                     }
                 )

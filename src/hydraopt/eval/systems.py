@@ -289,7 +289,7 @@ class BundleSystem:
     @property
     def storage_percent(self) -> float:
         """From the bundle's own storage accounting."""
-        return float(self.bundle.storage["storage_percent"])
+        return float(self.bundle.storage.storage_percent)
 
     def check_tasks(self, tasks: Iterable[str]) -> None:
         """Every task must be one the bundle was merged from."""
@@ -306,8 +306,7 @@ class BundleSystem:
         Routing lives in ``bundle.json``, not in the tensor file, and picks the head, so it is
         part of the id; the rest of ``bundle.json`` (timings, provenance) is not.
         """
-        i = self.bundle.tasks.index(task)
-        route = {name: int(routing[i]) for name, (_, _, routing) in self.bundle.merged.items()}
+        route = self.bundle.routing_of(task)
         return text_sha256("bundle", task, self.tensors_sha256, json.dumps(route, sort_keys=True))
 
     def adapter(self, task: str) -> LoraFactorMap | AppliedWeights:

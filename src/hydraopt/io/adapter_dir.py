@@ -196,7 +196,7 @@ def write_task_adapters(
         dtype: dtype name of the files; default the bundle's storage dtype when it was loaded
             from disk, float32 for an in-memory bundle.
     """
-    name = dtype or bundle.extra.get("dtype") or "float32"
+    name = dtype or bundle.provenance.dtype or "float32"
     if name not in DTYPES:
         raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     selected = list(tasks) if tasks else list(bundle.tasks)
@@ -212,13 +212,12 @@ def write_task_adapters(
             )
             config = {**bundle.adapter_configs[task], "inference_mode": True, **config_overrides}
             (d / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            i = bundle.tasks.index(task)
             provenance = {
-                "exported_by": f"hydraopt {bundle.extra.get('library_version')}",
+                "exported_by": f"hydraopt {bundle.provenance.library_version}",
                 "method": bundle.method,
                 "config": bundle.config,
                 "task": task,
-                "heads": {n: int(r[i]) for n, (_, _, r) in bundle.merged.items()},
+                "heads": bundle.routing_of(task),
             }
             (d / "hydraopt_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return {task: out / task for task in selected}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir
+from hydraopt.results import Provenance, StorageReport
 from hydraopt.types import ModuleSpec
 
 FORMAT_NAME = "hydraopt-bundle"
@@ -31,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def provenance_meta(bundle: Any, dtype: str) -> dict[str, Any]:
     """The ``bundle.json`` fields every bundle kind writes alike, in the format's key order."""
     return {
-        "library_version": bundle.extra.get("library_version"),
+        "library_version": bundle.provenance.library_version,
         "method": bundle.method,
         "config": bundle.config,
         "tasks": list(bundle.tasks),
@@ -71,8 +72,8 @@ def bundle_fields(
         "modules": tuple(modules),
         "merged": merged,
         "adapter_configs": meta["adapter_configs"],
-        "storage": meta["storage"],
-        "extra": {**meta.get("extra", {}), "dtype": meta.get("dtype")},
+        "storage": StorageReport.from_dict(meta["storage"]),
+        "provenance": Provenance.from_dict(meta.get("extra", {}), meta.get("dtype")),
     }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from hydraopt.merge.base import MergeContext, MergeMethod
 from hydraopt.merge.refine import Targets
+from hydraopt.results import MergedModule, MergedVeraModule, Provenance
 from hydraopt.types import Measured, ModuleSpec
 
 
@@ -33,6 +34,7 @@ class GroupMerge:
         lora_a: (G, r, k) the merge in LoRA form (every kind reduces to it): ΔW'_i =
             lora_heads[routing[i]] @ lora_a.
         lora_heads: (G, M, d, r).
+        record_type: the kind's per-module record, built from one module's slice of ``stored``.
         measured: errors the method measured itself, or None.
     """
 
@@ -40,6 +42,7 @@ class GroupMerge:
     targets: Targets
     lora_a: torch.Tensor
     lora_heads: torch.Tensor
+    record_type: type[MergedModule] | type[MergedVeraModule]
     measured: Measured | None = None
 
     @property
@@ -90,8 +93,8 @@ class AdapterKind(Protocol):
         aset: Any,
         method: str,
         config: dict[str, Any],
-        merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-        extra: dict[str, Any],
+        merged: dict[str, Any],
+        provenance: Provenance,
         bytes_per_param: int,
     ) -> Any:
         """The in-memory bundle of a finished merge (with its storage accounting)."""

@@ -30,8 +30,10 @@ def test_bundle_round_trip_is_bit_exact_in_float32(three_adapters, tmp_path):
     back = load_bundle(tmp_path / "b")
     assert back.tasks == bundle.tasks and back.method == "hydraopt"
     assert back.config == bundle.config and back.storage == bundle.storage
-    for name, (a, heads, routing) in bundle.merged.items():
-        a2, h2, r2 = back.merged[name]
+    for name, m in bundle.merged.items():
+        a, heads, routing = m.A, m.heads, m.routing
+        m2 = back.merged[name]
+        a2, h2, r2 = m2.A, m2.heads, m2.routing
         assert torch.equal(a, a2) and torch.equal(heads, h2) and torch.equal(routing, r2)
     meta = json.loads((tmp_path / "b" / META_NAME).read_text())
     assert meta["format_version"] == FORMAT_VERSION and meta["library_version"]

@@ -117,11 +117,12 @@ def test_the_method_merges_through_the_cli_into_a_bundle(registered_method, adap
     aset = load_adapter_set(adapters)
     for spec in aset.modules:
         stack = aset.load_stack([spec])
-        a, heads, routing = bundle.merged[spec.name]
+        m = bundle.merged[spec.name]
+        a, heads, routing = m.A, m.heads, m.routing
         want_a = 0.5 * stack.A[0].median(0).values  # independent: torch's own median over K
         assert torch.equal(a, want_a)
         assert torch.equal(heads, stack.scaled_B[0]) and routing.tolist() == [0, 1, 2]
-    assert bundle.storage["bundle_params"] == sum(3 * m.d * m.r + m.r * m.k for m in aset.modules)
+    assert bundle.storage.bundle_params == sum(3 * m.d * m.r + m.r * m.k for m in aset.modules)
     assert main(["export", str(out), "--out", str(tmp_path / "peft")]) == 0
     meta = json.loads((tmp_path / "peft" / "task1" / "hydraopt_export.json").read_text())
     assert meta["method"] == NAME

@@ -38,10 +38,10 @@ def test_round_trip_is_bit_exact_in_float32(vera_set, tmp_path, method):
     assert isinstance(back, VeraBundle)
     assert back.tasks == bundle.tasks and back.modules == bundle.modules
     assert back.config == bundle.config and back.storage == bundle.storage
-    for name, (lam_b, lam_d, routing) in bundle.merged.items():
+    for name, m in bundle.merged.items():
         got = back.merged[name]
-        assert torch.equal(got[0], lam_b) and torch.equal(got[1], lam_d)
-        assert torch.equal(got[2], routing)
+        assert torch.equal(got.lambda_b, m.lambda_b) and torch.equal(got.lambda_d, m.lambda_d)
+        assert torch.equal(got.routing, m.routing)
     assert all(torch.equal(x, y) for x, y in zip(back.projections, bundle.projections, strict=True))
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert (meta["format_version"], meta["adapter_kind"]) == (2, "vera")
@@ -53,7 +53,7 @@ def test_projections_stay_float32_in_a_float16_bundle(vera_set, tmp_path):
     back = load_any_bundle(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(back.projections, bundle.projections, strict=True))
     name = bundle.modules[0].name
-    assert torch.equal(back.merged[name][0], bundle.merged[name][0].half().float())
+    assert torch.equal(back.merged[name].lambda_b, bundle.merged[name].lambda_b.half().float())
 
 
 def test_lora_reader_refuses_a_vera_bundle_and_lora_bundles_stay_version_1(

@@ -27,6 +27,7 @@ from hydraopt.io.container import (
     write_bundle_dir,
 )
 from hydraopt.io.keys import lora_key
+from hydraopt.results import MergedModule
 from hydraopt.types import Bundle, ModuleSpec
 
 
@@ -39,10 +40,10 @@ def save_lora_bundle(
     tensors: dict[str, torch.Tensor] = {}
     routing: dict[str, list[int]] = {}
     for spec in bundle.modules:
-        a, heads, route = bundle.merged[spec.name]
-        tensors[f"{spec.name}.A"] = a.to(DTYPES[dtype]).contiguous()
-        tensors[f"{spec.name}.heads"] = heads.to(DTYPES[dtype]).contiguous()
-        routing[spec.name] = [int(x) for x in route]
+        module = bundle.merged[spec.name]
+        tensors[f"{spec.name}.A"] = module.A.to(DTYPES[dtype]).contiguous()
+        tensors[f"{spec.name}.heads"] = module.heads.to(DTYPES[dtype]).contiguous()
+        routing[spec.name] = [int(x) for x in module.routing]
     meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -53,15 +54,15 @@ def save_lora_bundle(
                 "d": m.d,
                 "k": m.k,
                 "r": m.r,
-                "heads": int(bundle.merged[m.name][1].shape[0]),
+                "heads": bundle.merged[m.name].num_heads,
             }
             for m in bundle.modules
         ],
         "routing": routing,
-        "storage": bundle.storage,
+        "storage": bundle.storage.to_dict(),
         "scales": bundle.scales,
         "adapter_configs": bundle.adapter_configs,
-        "extra": bundle.extra,
+        "extra": bundle.provenance.to_dict(),
     }
     return write_bundle_dir(out, tensors, meta, force=force)
 
@@ -80,7 +81,7 @@ def load_lora_bundle_from_meta(path: Path, meta: dict[str, Any]) -> Bundle:
         except KeyError as e:
             raise HydraoptError(f"{tensor_path}: missing tensor {e}") from e
         routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
-        merged[spec.name] = (a, heads, routing)
+        merged[spec.name] = MergedModule(a, heads, routing)
     return Bundle(**bundle_fields(meta, modules, merged), scales=meta["scales"])
 
 

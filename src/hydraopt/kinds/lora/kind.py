@@ -17,6 +17,7 @@ from hydraopt.kinds.lora.bundle import (
 from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
 from hydraopt.merge.refine import FactorTargets
+from hydraopt.results import MergedModule, Provenance
 from hydraopt.storage import storage_report
 from hydraopt.types import Bundle, ModuleSpec
 
@@ -64,6 +65,7 @@ class LoraKind:
             targets=FactorTargets(stack.A, stack.scaled_B),
             lora_a=out.A,
             lora_heads=out.heads,
+            record_type=MergedModule,
             measured=out.measured,
         )
 
@@ -72,11 +74,11 @@ class LoraKind:
         aset: AdapterSet,
         method: str,
         config: dict[str, Any],
-        merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-        extra: dict[str, Any],
+        merged: dict[str, MergedModule],
+        provenance: Provenance,
         bytes_per_param: int,
     ) -> Bundle:
-        heads = {name: int(h.shape[0]) for name, (_, h, _) in merged.items()}
+        heads = {name: m.num_heads for name, m in merged.items()}
         return Bundle(
             method=method,
             config=config,
@@ -87,7 +89,7 @@ class LoraKind:
             adapter_configs={info.task: info.config for info in aset.adapters},
             scales=aset.scales,
             storage=storage_report(aset.modules, len(aset.tasks), heads, bytes_per_param),
-            extra=extra,
+            provenance=provenance,
         )
 
     def save_bundle(self, bundle: Bundle, out: str | Path, *, dtype: str, force: bool) -> Path:

@@ -26,6 +26,7 @@ from hydraopt.io.container import (
     write_bundle_dir,
 )
 from hydraopt.kinds.vera.load import PROJECTION_KEYS, lambda_key
+from hydraopt.results import MergedVeraModule
 from hydraopt.types import ModuleSpec, VeraBundle
 
 VERA_FORMAT_VERSION = 2
@@ -45,7 +46,8 @@ def save_vera_bundle(
     routing: dict[str, list[int]] = {}
     modules = []
     for spec in bundle.modules:
-        lam_b, lam_d, route = bundle.merged[spec.name]
+        module = bundle.merged[spec.name]
+        lam_b, lam_d, route = module.lambda_b, module.lambda_d, module.routing
         tensors[f"{spec.name}.lambda_b"] = lam_b.to(DTYPES[dtype]).contiguous()
         tensors[f"{spec.name}.lambda_d"] = lam_d.to(DTYPES[dtype]).contiguous()
         routing[spec.name] = [int(x) for x in route]
@@ -73,9 +75,9 @@ def save_vera_bundle(
         },
         "modules": modules,
         "routing": routing,
-        "storage": bundle.storage,
+        "storage": bundle.storage.to_dict(),
         "adapter_configs": bundle.adapter_configs,
-        "extra": bundle.extra,
+        "extra": bundle.provenance.to_dict(),
     }
     return write_bundle_dir(out, tensors, meta, force=force)
 
@@ -90,7 +92,7 @@ def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
             spec = ModuleSpec(name=m["name"], d=m["d"], k=m["k"], r=m["r"])
             modules.append(spec)
             routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
-            merged[spec.name] = (
+            merged[spec.name] = MergedVeraModule(
                 tensors[f"{spec.name}.lambda_b"].float(),
                 tensors[f"{spec.name}.lambda_d"].float(),
                 routing,

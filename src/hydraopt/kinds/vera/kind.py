@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hydraopt.kinds.vera.bundle import (
 )
 from hydraopt.kinds.vera.load import VeraAdapterSet, load_vera_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
+from hydraopt.results import MergedVeraModule, Provenance
 from hydraopt.storage import vera_storage_report
 from hydraopt.types import ModuleSpec, VeraBundle
 
@@ -68,6 +70,7 @@ class VeraKind:
             targets=delta,
             lora_a=a,
             lora_heads=heads,
+            record_type=MergedVeraModule,
         )
 
     def build_bundle(
@@ -75,13 +78,13 @@ class VeraKind:
         aset: VeraAdapterSet,
         method: str,
         config: dict[str, Any],
-        merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-        extra: dict[str, Any],
+        merged: dict[str, MergedVeraModule],
+        provenance: Provenance,
         bytes_per_param: int,
     ) -> VeraBundle:
         vera_a, vera_b = aset.projections
-        rows_b = {name: int(b.shape[0]) for name, (b, _, _) in merged.items()}
-        rows_d = {name: int(d.shape[0]) for name, (_, d, _) in merged.items()}
+        rows_b = {name: int(m.lambda_b.shape[0]) for name, m in merged.items()}
+        rows_d = {name: int(m.lambda_d.shape[0]) for name, m in merged.items()}
         storage = vera_storage_report(
             aset.modules,
             len(aset.tasks),
@@ -100,7 +103,7 @@ class VeraKind:
             projections=aset.projections,
             adapter_configs={info.task: info.config for info in aset.adapters},
             storage=storage,
-            extra={**extra, "in_features_source": aset.in_features_source},
+            provenance=dataclasses.replace(provenance, in_features_source=aset.in_features_source),
         )
 
     def save_bundle(self, bundle: VeraBundle, out: str | Path, *, dtype: str, force: bool) -> Path:
