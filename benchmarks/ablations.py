@@ -216,8 +216,9 @@ def reconstruction(bundle_dir: Path, adapters: Path = EXAMPLES) -> tuple[float, 
     bundle = load_bundle(bundle_dir)
     originals = {t: load_file(adapters / t / "adapter_model.safetensors") for t in bundle.tasks}
     sums = torch.zeros(4, dtype=torch.float64)  # |err|, |ΔW|, err², ΔW²
+    view = bundle.lora_view()
     for spec in bundle.modules:
-        a, heads, routing = bundle.merged[spec.name]  # (r, k), (M, d, r), (K,)
+        a, heads, routing = view[spec.name]  # (r, k), (M, d, r), (K,)
         key = f"base_model.model.{spec.name}.lora_"
         for i, task in enumerate(bundle.tasks):
             b_i = originals[task][key + "B.weight"].float()  # (d, r)
@@ -316,8 +317,9 @@ def magnitude(args: argparse.Namespace) -> None:
     for path in args.bundles:
         bundle = load_bundle(path)
         stats = {t: torch.zeros(3) for t in bundle.tasks}
+        view = bundle.lora_view()
         for spec in bundle.modules:
-            a, heads, routing = bundle.merged[spec.name]  # (r, k), (M, d, r), (K,)
+            a, heads, routing = view[spec.name]  # (r, k), (M, d, r), (K,)
             for i, task in enumerate(bundle.tasks):
                 key = f"base_model.model.{spec.name}.lora_"
                 b_i = originals[task][key + "B.weight"].float()  # (d, r)
@@ -350,13 +352,15 @@ def scale_heads(args: argparse.Namespace) -> None:
         return
     bundle = load_bundle(args.bundle)
     merged = {
-        name: (a, heads * args.factor, routing)  # (r, k), (M, d, r), (K,)
-        for name, (a, heads, routing) in bundle.merged.items()
+        name: dataclasses.replace(m, heads=m.heads * args.factor)  # (M, d, r) scaled
+        for name, m in bundle.merged.items()
     }
-    # The stored errors were measured on the unscaled heads: drop them rather than mislead.
-    extra = {k: v for k, v in bundle.extra.items() if k not in ("errors", "zero_errors")}
-    extra.update(heads_scaled_by=args.factor, scaled_from=str(args.bundle))
-    save_bundle(dataclasses.replace(bundle, merged=merged, extra=extra), args.out, force=True)
+    # The stored errors were measured on the unscaled heads: drop them rather than mislead (the
+    # directory name, e.g. m1-x1.5, says what the copy is).
+    provenance = dataclasses.replace(bundle.provenance, errors={}, zero_errors={})
+    save_bundle(
+        dataclasses.replace(bundle, merged=merged, provenance=provenance), args.out, force=True
+    )
 
 
 def cost_report() -> str:

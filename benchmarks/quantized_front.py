@@ -69,8 +69,9 @@ def separate_point(aset, targets, bits: int, group_size: int) -> Point:
 
 def bundle_point(bundle: Bundle, label: str, targets, bits: int, group_size: int) -> Point:
     errors, total = {}, 0
+    view = bundle.lora_view()
     for spec in bundle.modules:
-        a, heads, routing = bundle.merged[spec.name]
+        a, heads, routing = view[spec.name]
         a_s, na = stored(a, bits, group_size)
         h_s, nh = stored(heads, bits, group_size)
         total += na + nh + (len(routing) if heads.shape[0] > 1 else 0)
@@ -87,7 +88,7 @@ def tensor_bytes(numel: int, bits: int, group_size: int) -> int:
 
 
 def module_bytes(bundle: Bundle, name: str, bits: int, group_size: int) -> int:
-    a, heads, routing = bundle.merged[name]
+    a, heads, routing = bundle.lora_view()[name]
     routing_bytes = len(routing) if heads.shape[0] > 1 else 0
     return (
         tensor_bytes(a.numel(), bits, group_size)

@@ -180,7 +180,7 @@ def ours_points(aset: AdapterSet, heads: list[int] | None) -> list[dict[str, Any
             {
                 "method": method,
                 "label": label,
-                "storage_percent": bundle.storage["storage_percent"],
+                "storage_percent": bundle.storage.storage_percent,
                 "mae": mean_error(bundle),
                 "seconds": seconds,
             }

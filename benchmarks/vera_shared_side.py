@@ -30,7 +30,7 @@ from hydraopt import load_adapter_set, merge_adapter_set
 from hydraopt.analysis import mean_error, relative_error
 from hydraopt.engine import EngineOptions
 from hydraopt.io.atomic import atomic_dir
-from hydraopt.vera.load import VeraAdapterSet
+from hydraopt.kinds.vera.load import VeraAdapterSet
 
 SIDES = ("lambda_d", "lambda_b")
 BASELINES = ("task_arithmetic", "ties")

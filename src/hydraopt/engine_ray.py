@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from hydraopt.engine_chunks import merge_chunk, plan_chunks
 from hydraopt.errors import HydraoptError
-from hydraopt.io.peft import AdapterSet
-from hydraopt.vera.load import VeraAdapterSet
 
 
 def iter_merged_ray(
-    aset: AdapterSet | VeraAdapterSet, method_name: str, config: Any, options: Any
+    aset: Any, method_name: str, config: Any, options: Any
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (modules in chunk, chunk result) as Ray tasks finish.
 
@@ -30,7 +29,6 @@ def iter_merged_ray(
         import ray
     except ImportError as e:
         raise HydraoptError("the Ray engine needs Ray: pip install 'hydraopt[scale]'") from e
-    from hydraopt.engine import plan_chunks
 
     started_here = False
     if not ray.is_initialized():
@@ -62,12 +60,8 @@ def iter_merged_ray(
             ray.shutdown()
 
 
-def _merge_chunk_task(
-    aset: AdapterSet | VeraAdapterSet, chunk, method_name: str, config: Any, options: Any
-):
+def _merge_chunk_task(aset: Any, chunk, method_name: str, config: Any, options: Any):
     import torch
-
-    from hydraopt.engine import merge_chunk
 
     torch.set_num_threads(options.ray_threads)
     return merge_chunk(aset, chunk, method_name, config, options)

@@ -9,8 +9,8 @@ bundle Mb * d + Md * r (one of Mb, Md is 1); their frozen projections are not co
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
+from hydraopt.results import StorageReport
 from hydraopt.types import ModuleSpec
 
 
@@ -29,7 +29,7 @@ def storage_report(
     num_tasks: int,
     heads: Mapping[str, int],
     bytes_per_param: int = 2,
-) -> dict[str, Any]:
+) -> StorageReport:
     """Parameters, bytes and S % (bundle over separate adapters), exact.
 
     Args:
@@ -44,17 +44,24 @@ def storage_report(
     return _report(full, merged, bytes_per_param, num_tasks * len(mods))
 
 
-def _report(full: int, merged: int, bytes_per_param: int, routing_entries: int) -> dict[str, Any]:
-    return {
-        "adapters_params": full,
-        "bundle_params": merged,
-        "storage_percent": 100.0 * merged / full,
-        "saved_percent": 100.0 - 100.0 * merged / full,
-        "bytes_per_param": bytes_per_param,
-        "adapters_bytes": full * bytes_per_param,
-        "bundle_bytes": merged * bytes_per_param,
-        "routing_entries": routing_entries,
-    }
+def _report(
+    full: int,
+    merged: int,
+    bytes_per_param: int,
+    routing_entries: int,
+    projection_params: int | None = None,
+) -> StorageReport:
+    return StorageReport(
+        adapters_params=full,
+        bundle_params=merged,
+        storage_percent=100.0 * merged / full,
+        saved_percent=100.0 - 100.0 * merged / full,
+        bytes_per_param=bytes_per_param,
+        adapters_bytes=full * bytes_per_param,
+        bundle_bytes=merged * bytes_per_param,
+        routing_entries=routing_entries,
+        projection_params=projection_params,
+    )
 
 
 def vera_adapters_params(modules: Iterable[ModuleSpec], num_tasks: int) -> int:
@@ -76,8 +83,8 @@ def vera_storage_report(
     rows_d: Mapping[str, int],
     projection_params: int,
     bytes_per_param: int = 2,
-) -> dict[str, Any]:
-    """S % of a VeRA bundle over K separate VeRAs, exact; the same keys as :func:`storage_report`.
+) -> StorageReport:
+    """S % of a VeRA bundle over K separate VeRAs, exact, with ``projection_params`` reported.
 
     The frozen projections (``projection_params`` = r * (max_in + max_out)) are reported but not
     counted on either side: every task shares the same ones (one ``projection_prng_key``) and
@@ -87,7 +94,4 @@ def vera_storage_report(
     mods = list(modules)
     full = vera_adapters_params(mods, num_tasks)
     merged = vera_bundle_params(mods, rows_b, rows_d)
-    return {
-        **_report(full, merged, bytes_per_param, num_tasks * len(mods)),
-        "projection_params": projection_params,
-    }
+    return _report(full, merged, bytes_per_param, num_tasks * len(mods), projection_params)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
+
+from hydraopt.results import MergedModule, MergedVeraModule, Provenance, StorageReport
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,11 @@ class Bundle:
         tasks: task names, in routing order.
         base_model: ``base_model_name_or_path`` shared by every input adapter.
         modules: the adapted modules, in a stable order.
-        merged: module name -> (A' (r, k), heads (M, d, r), routing (K,)).
+        merged: module name -> its :class:`MergedModule` (A' (r, k), heads (M, d, r), routing).
         adapter_configs: task -> original ``adapter_config.json`` (for export).
         scales: task -> module -> the original LoRA scale (export divides heads by it).
-        storage: parameter accounting (see :mod:`hydraopt.storage`).
-        extra: free-form metadata (seed, library version, timings, errors).
+        storage: exact parameter accounting (:class:`StorageReport`).
+        provenance: seed, library version, timings, measured errors (:class:`Provenance`).
     """
 
     method: str
@@ -145,22 +147,44 @@ class Bundle:
     tasks: tuple[str, ...]
     base_model: str
     modules: tuple[ModuleSpec, ...]
-    merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    merged: dict[str, MergedModule]
     adapter_configs: dict[str, dict[str, Any]]
     scales: dict[str, dict[str, float]]
-    storage: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    storage: StorageReport
+    provenance: Provenance = field(default_factory=Provenance)
+
+    kind: ClassVar[str] = "lora"  # the adapter kind (hydraopt.kinds.registry.get_kind)
 
     @property
     def num_heads(self) -> int:
         """Largest number of heads over modules (every module has the same M for our methods)."""
-        return max(int(h.shape[0]) for _, h, _ in self.merged.values())
+        return max(m.num_heads for m in self.merged.values())
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The provenance as bundle.json's ``extra`` dict (plus ``dtype`` once loaded), for
+        readers of the format; code reads :attr:`provenance`."""
+        return {**self.provenance.to_dict(), "dtype": self.provenance.dtype}
+
+    def routing_of(self, task: str) -> dict[str, int]:
+        """The head index ``task`` uses in each module."""
+        i = self.tasks.index(task)
+        return {name: int(m.routing[i]) for name, m in self.merged.items()}
 
     def task_factors(self, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The routed (A', B') of one task per module, scale folded into B'."""
         i = self.tasks.index(task)
+        return {name: (m.A, m.heads[int(m.routing[i])]) for name, m in self.merged.items()}
+
+    def lora_view(self) -> dict[str, LoraView]:
+        """Per module the merge in LoRA form: A' (r, k), heads (M, d, r) scale folded in, routing.
+
+        A LoRA bundle already is that form (float32 as loaded). Every bundle kind has this
+        method, so a reader that applies ΔW'_i = heads[routing[i]] @ A' serves any kind.
+        """
         return {
-            name: (a, heads[int(routing[i])]) for name, (a, heads, routing) in self.merged.items()
+            name: LoraView(m.A.float(), m.heads.float(), m.routing)
+            for name, m in self.merged.items()
         }
 
 
@@ -253,11 +277,11 @@ class VeraBundle:
         tasks: task names, in routing order.
         base_model: ``base_model_name_or_path`` shared by every input adapter.
         modules: the adapted modules (d = len λb, k = input features, r).
-        merged: module name -> (λb rows (Mb, d), λd rows (Md, r), routing (K,)).
+        merged: module name -> its :class:`MergedVeraModule` (λb rows, λd rows, routing).
         projections: (``vera_A`` (r, max_in), ``vera_B`` (max_out, r)), as PEFT stores them.
         adapter_configs: task -> original ``adapter_config.json`` (for export).
-        storage: parameter accounting (see :func:`hydraopt.storage.vera_storage_report`).
-        extra: free-form metadata (seed, library version, timings, errors).
+        storage: exact parameter accounting (:class:`StorageReport`, projections reported).
+        provenance: seed, library version, timings, measured errors (:class:`Provenance`).
     """
 
     method: str
@@ -265,25 +289,74 @@ class VeraBundle:
     tasks: tuple[str, ...]
     base_model: str
     modules: tuple[ModuleSpec, ...]
-    merged: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    merged: dict[str, MergedVeraModule]
     projections: tuple[torch.Tensor, torch.Tensor]
     adapter_configs: dict[str, dict[str, Any]]
-    storage: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    storage: StorageReport
+    provenance: Provenance = field(default_factory=Provenance)
+
+    kind: ClassVar[str] = "vera"  # the adapter kind (hydraopt.kinds.registry.get_kind)
 
     @property
     def num_heads(self) -> int:
         """M: the most rows either vector has in any module."""
-        return max(max(int(b.shape[0]), int(d.shape[0])) for b, d, _ in self.merged.values())
+        return max(m.num_heads for m in self.merged.values())
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The provenance as bundle.json's ``extra`` dict (see :attr:`Bundle.extra`)."""
+        return {**self.provenance.to_dict(), "dtype": self.provenance.dtype}
+
+    def routing_of(self, task: str) -> dict[str, int]:
+        """The row index ``task`` uses in each module (0 where M = 1)."""
+        i = self.tasks.index(task)
+        return {name: int(m.routing[i]) for name, m in self.merged.items()}
 
     def task_vectors(self, task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The routed (λb (d,), λd (r,)) of one task per module."""
         i = self.tasks.index(task)
         out = {}
-        for name, (lam_b, lam_d, routing) in self.merged.items():
-            route = int(routing[i])
+        for name, m in self.merged.items():
+            route = int(m.routing[i])
             out[name] = (
-                lam_b[route if lam_b.shape[0] > 1 else 0],
-                lam_d[route if lam_d.shape[0] > 1 else 0],
+                m.lambda_b[route if m.lambda_b.shape[0] > 1 else 0],
+                m.lambda_d[route if m.lambda_d.shape[0] > 1 else 0],
             )
         return out
+
+    def lora_view(self) -> dict[str, LoraView]:
+        """Per module the merge in LoRA form: A' (r, k), heads (M, d, r), routing (K,).
+
+        Through :meth:`MergedVeraStack.as_lora` with the module's projection slices
+        ``vera_A[:, :k]`` and ``vera_B[:d, :]`` (PEFT's slices), so ΔW'_i = heads[routing[i]] @ A'
+        is the task's VeRA update diag(λb) B diag(λd) A.
+        """
+        vera_a, vera_b = self.projections
+        out = {}
+        for spec in self.modules:
+            m = self.merged[spec.name]
+            routing = m.routing
+            merged = MergedVeraStack(
+                m.lambda_b[None].float(), m.lambda_d[None].float(), routing[None]
+            )
+            a, heads = merged.as_lora(
+                vera_a[:, : spec.k].float(), vera_b[: spec.d, :].float()
+            )  # (1, r, k), (1, M, d, r)
+            out[spec.name] = LoraView(a[0].contiguous(), heads[0].contiguous(), routing)
+        return out
+
+
+class LoraView(NamedTuple):
+    """One module of a bundle in LoRA form, whatever the bundle's kind (see ``lora_view``).
+
+    A named tuple: ``a, heads, routing = bundle.lora_view()[name]`` works as well as the names.
+
+    Attributes:
+        A: (r, k) float32 shared A'.
+        heads: (M, d, r) float32, any scale folded in.
+        routing: (K,) int64 head index per task.
+    """
+
+    A: torch.Tensor
+    heads: torch.Tensor
+    routing: torch.Tensor

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import hydraopt
-import hydraopt.engine
 import hydraopt.eval.harness as harness
+import hydraopt.sweep
 from hydraopt.cli.main import main
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.generate import applied_adapter, generate
@@ -150,7 +150,7 @@ def test_evaluate_cli_writes_table_json_plot_and_reruns_from_cache(
 ) -> None:
     monkeypatch.setattr(harness, "load_base_model", lambda *a, **k: base_model)
     calls = {"generate": 0, "merge": 0}
-    real_generate, real_merge = harness.generate, hydraopt.engine.merge_adapter_set
+    real_generate, real_merge = harness.generate, hydraopt.sweep.merge_adapter_set
 
     def counting_generate(*args, **kwargs):
         calls["generate"] += 1
@@ -161,7 +161,7 @@ def test_evaluate_cli_writes_table_json_plot_and_reruns_from_cache(
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(harness, "generate", counting_generate)
-    monkeypatch.setattr(hydraopt.engine, "merge_adapter_set", counting_merge)
+    monkeypatch.setattr(hydraopt.sweep, "merge_adapter_set", counting_merge)
     out = tmp_path / "eval"
     argv = [
         "evaluate", "--tasks", "en-qa", "en-gc", "--system", "zero-shot",

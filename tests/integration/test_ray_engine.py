@@ -38,8 +38,10 @@ def test_ray_engine_bundle_equals_local(make_adapter, method, options):
         aset, method, options, engine=EngineOptions(**base, engine="ray", ray_cpus=2)
     )
     assert list(remote.merged) == list(local.merged)
-    for name, (a, heads, routing) in local.merged.items():
-        a2, h2, r2 = remote.merged[name]
+    for name, m in local.merged.items():
+        a, heads, routing = m.A, m.heads, m.routing
+        m2 = remote.merged[name]
+        a2, h2, r2 = m2.A, m2.heads, m2.routing
         assert torch.equal(routing, r2), name
         assert torch.equal(a, a2) and torch.equal(heads, h2), name
     assert remote.storage == local.storage

@@ -35,8 +35,8 @@ from hydraopt.eval.vera_adapter import (
     vera_layers,
     vera_projections,
 )
+from hydraopt.kinds.vera.load import VeraAdapterSet
 from hydraopt.types import VeraBundle
-from hydraopt.vera.load import VeraAdapterSet
 
 WORDS = ["fix", "this", "text", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "big", "red"]
 PEFT_PREFIX = "base_model.model."

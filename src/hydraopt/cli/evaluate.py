@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.tasks import TASKS_ENV_VAR
@@ -81,7 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=list(DEFAULT_METHODS),
         help=f"baseline merge methods (default {' '.join(DEFAULT_METHODS)})",
     )
-    g.add_argument("--heads", type=int, nargs="*", help="HydraOpt M values (default 1..K)")
+    g.add_argument(
+        "--heads",
+        type=int,
+        nargs="*",
+        help="M values of the methods that take M, i.e. HydraOpt (default 1..K; none: skip them)",
+    )
     g.add_argument("--seed", type=int, default=0, help="merge seed (DARE's drop mask; default 0)")
     p.set_defaults(func=run)
 
@@ -144,7 +149,7 @@ def parse_system(spec: str) -> System:
     Raises:
         HydraoptError: For another kind, a missing dir, or an unreadable bundle.
     """
-    from hydraopt.eval.systems import PerTaskLora, PerTaskVera, ZeroShot, bundle_system
+    from hydraopt.eval.systems import PER_TASK_SYSTEMS, ZeroShot, bundle_system
 
     kind, _, value = spec.partition("=")
     if not value:
@@ -164,7 +169,7 @@ def parse_system(spec: str) -> System:
         raise HydraoptError(f"--system {spec!r}: {path} is not a directory")
     if kind == "bundle":
         return bundle_system(path, label)
-    per_task = {"lora": PerTaskLora, "vera": PerTaskVera}[kind]
+    per_task = PER_TASK_SYSTEMS[kind]
     return per_task(root=path, label=label or per_task.label)
 
 
@@ -184,10 +189,10 @@ def merged_systems(args: argparse.Namespace, given: list[System]) -> list[System
     Zero-shot and the separate adapters of ``--merge-from`` are added unless ``given`` already
     has them.
     """
-    from hydraopt.eval.systems import PerTaskLora, PerTaskVera, ZeroShot, bundle_system
+    from hydraopt.eval.systems import PER_TASK_SYSTEMS, ZeroShot, bundle_system
 
     root = args.merge_from
-    separate = {"lora": PerTaskLora, "vera": PerTaskVera}[merge_kind(args)]
+    separate = PER_TASK_SYSTEMS[merge_kind(args)]
     zero_shot: list[System] = [s for s in given if isinstance(s, ZeroShot)] or [ZeroShot()]
     systems: list[System] = [*zero_shot]
     if not any(isinstance(s, separate) and s.root == root for s in given):
@@ -229,10 +234,11 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
         HydraoptError: For a missing adapter, a bad method or M, or a cached bundle made from
             other tasks, another seed or another adapter kind.
     """
-    from hydraopt.engine import EngineOptions, merge_adapter_set, resolve_config
+    from hydraopt.engine import EngineOptions
     from hydraopt.io.bundle import load_any_bundle, save_bundle
     from hydraopt.io.peft import load_adapter_set
-    from hydraopt.merge.registry import list_methods
+    from hydraopt.merge.registry import get_method, list_methods
+    from hydraopt.sweep import plan_sweep, sweep
 
     root: Path = args.merge_from
     tasks = list(args.tasks)
@@ -241,49 +247,45 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise HydraoptError(f"unknown --methods {unknown}; known: {known}")
-    runs: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in args.methods]
-    heads = args.heads if args.heads is not None else range(1, len(tasks) + 1)
-    runs += [("hydraopt", {"heads": m}) for m in heads]
-    for method, options in runs:  # refuse a bad M before spending time on any merge
-        resolve_config(method, dict(options), len(tasks), kind)
+    methods = list(dict.fromkeys(args.methods))
+    methods += [m for m in known if get_method(m).takes_heads and m not in methods]
+    # Refuses a bad M before spending time on any merge.
+    runs = plan_sweep(methods, len(tasks), kind, heads=args.heads)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    aset = None
-    paths = []
-    for method, options in runs:
-        name = f"hydraopt_M{options['heads']}" if method == "hydraopt" else method
-        path = args.out / "bundles" / name
+    paths, todo = [], []
+    for run in runs:
+        path = args.out / "bundles" / run.dirname
         if (path / "bundle.json").is_file():
             _check_cached_bundle(load_any_bundle(path), path, tasks, args.seed, kind)
         else:
-            if aset is None:
-                aset = load_adapter_set([root / t for t in tasks], tasks)
-            print(f"merging {name} ...", file=sys.stderr)
-            bundle = merge_adapter_set(
-                aset,
-                method,
-                dict(options),
-                engine=EngineOptions(seed=args.seed),
-                progress=not args.quiet,
-            )
-            save_bundle(bundle, path)
+            todo.append(run)
         paths.append(path)
+    if todo:
+        aset = load_adapter_set([root / t for t in tasks], tasks)
+        for run, bundle in sweep(
+            aset,
+            todo,
+            engine=EngineOptions(seed=args.seed),
+            progress=not args.quiet,
+            on_start=lambda run: print(f"merging {run.dirname} ...", file=sys.stderr),
+        ):
+            save_bundle(bundle, args.out / "bundles" / run.dirname)
     return paths
 
 
 def _check_cached_bundle(
     bundle: Bundle | VeraBundle, path: Path, tasks: list[str], seed: int, kind: str
 ) -> None:
-    if list(bundle.tasks) != tasks or bundle.extra.get("seed", seed) != seed:
+    merged_seed = bundle.provenance.seed
+    if list(bundle.tasks) != tasks or (merged_seed is not None and merged_seed != seed):
         raise HydraoptError(
             f"{path} was merged from tasks {list(bundle.tasks)} with seed "
-            f"{bundle.extra.get('seed')}, not {tasks} with seed {seed}; delete it or use another --out"
+            f"{merged_seed}, not {tasks} with seed {seed}; delete it or use another --out"
         )
-    from hydraopt.types import VeraBundle
-
-    found = "vera" if isinstance(bundle, VeraBundle) else "lora"
+    found = bundle.kind
     if found != kind:
         raise HydraoptError(
             f"{path} was merged from {found.upper()} adapters, but --merge-from holds "

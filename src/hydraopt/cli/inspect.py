@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,10 +22,10 @@ from hydraopt.cli.merge import print_summary
 from hydraopt.cli.options import adapter_dirs
 from hydraopt.io.bundle import META_NAME, load_any_bundle
 from hydraopt.io.peft import AdapterSet, load_adapter_set
+from hydraopt.kinds.vera.analysis import vector_similarity
+from hydraopt.kinds.vera.load import VeraAdapterSet
 from hydraopt.storage import storage_report, vera_storage_report
 from hydraopt.types import Bundle, VeraBundle
-from hydraopt.vera.analysis import vector_similarity
-from hydraopt.vera.load import VeraAdapterSet
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,11 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report: dict = {}
-    aset: AdapterSet | VeraAdapterSet | None = None
+    aset: Any = None
     if len(args.paths) == 1 and (Path(args.paths[0]) / META_NAME).is_file():
         bundle = load_any_bundle(args.paths[0])
         report["bundle"] = show_bundle(bundle, args.top)
-        sources = bundle.extra.get("sources", {})
+        sources = bundle.provenance.sources
         paths = [sources.get(t) for t in bundle.tasks]
         if paths and all(p and Path(p).is_dir() for p in paths):
             aset = load_adapter_set(paths, list(bundle.tasks), check_values=False)
@@ -61,13 +63,9 @@ def run(args: argparse.Namespace) -> int:
             print("(source adapters not found on disk: A/B similarity skipped)")
     else:
         aset = load_adapter_set(adapter_dirs(args.paths), check_values=False)
-        report["storage"] = (
-            show_vera_storage(aset) if isinstance(aset, VeraAdapterSet) else show_storage(aset)
-        )
-    if isinstance(aset, VeraAdapterSet):
-        report["similarity"] = show_vera_similarity(aset, args.module_filter)
-    elif aset is not None:
-        report["similarity"] = show_similarity(aset, args.module_filter, args.plot)
+        report["storage"] = REPORTS[aset.kind][0](aset)
+    if aset is not None:
+        report["similarity"] = REPORTS[aset.kind][1](aset, args.module_filter, args.plot)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"JSON written to {args.json}")
@@ -76,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
 
 def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
     print_summary(bundle)
-    errors = bundle.extra.get("errors", {})
-    dist = bundle.extra.get("error_distance", "mae")
+    errors = bundle.provenance.errors
+    dist = bundle.provenance.error_distance
     worst = sorted(errors.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))[:top]
     rows = []
     for name, errs in worst:
-        routing = bundle.merged[name][2].tolist()
+        routing = bundle.merged[name].routing.tolist()
         rows.append([name, sum(errs) / len(errs), max(errs), " ".join(map(str, routing))])
     print_table(
         f"worst {len(rows)} modules ({dist}); routing = head per task {list(bundle.tasks)}",
@@ -91,10 +89,10 @@ def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
     return {
         "method": bundle.method,
         "config": bundle.config,
-        "storage": bundle.storage,
+        "storage": bundle.storage.to_dict(),
         "error_by_task": error_by_task(bundle),
         "errors": errors,
-        "routing": {n: r.tolist() for n, (_, _, r) in bundle.merged.items()},
+        "routing": {n: m.routing.tolist() for n, m in bundle.merged.items()},
     }
 
 
@@ -103,11 +101,11 @@ def show_storage(aset: AdapterSet) -> list[dict]:
     rows, out = [], []
     for m in range(1, K + 1):
         s = storage_report(aset.modules, K, {mod.name: m for mod in aset.modules})
-        rows.append([f"hydraopt M={m}", s["bundle_params"], s["storage_percent"]])
-        out.append({"heads": m, **s})
+        rows.append([f"hydraopt M={m}", s.bundle_params, s.storage_percent])
+        out.append({"heads": m, **s.to_dict()})
     print_table(
         f"storage of {K} adapters over {len(aset.modules)} modules "
-        f"({storage_report(aset.modules, K, {mod.name: 1 for mod in aset.modules})['adapters_params']} parameters)",
+        f"({storage_report(aset.modules, K, {mod.name: 1 for mod in aset.modules}).adapters_params} parameters)",
         ["bundle", "parameters", "S %"],
         rows,
     )
@@ -145,10 +143,8 @@ def show_vera_storage(aset: VeraAdapterSet) -> list[dict]:
             s = vera_storage_report(
                 aset.modules, K, dict.fromkeys(names, rows_b), dict.fromkeys(names, rows_d), proj
             )
-            rows.append(
-                [f"hydraopt M={m} (shared {shared})", s["bundle_params"], s["storage_percent"]]
-            )
-            out.append({"heads": m, "shared": shared, **s})
+            rows.append([f"hydraopt M={m} (shared {shared})", s.bundle_params, s.storage_percent])
+            out.append({"heads": m, "shared": shared, **s.to_dict()})
     print_table(
         f"storage of {K} VeRA adapters over {len(aset.modules)} modules "
         f"({out[0]['adapters_params']} trained parameters; the {proj} projection parameters are "
@@ -159,8 +155,10 @@ def show_vera_storage(aset: VeraAdapterSet) -> list[dict]:
     return out
 
 
-def show_vera_similarity(aset: VeraAdapterSet, module_filter: str | None) -> dict:
-    """How alike the tasks' λd and λb are (relative mean absolute differences)."""
+def show_vera_similarity(
+    aset: VeraAdapterSet, module_filter: str | None, plot: Path | None = None
+) -> dict:
+    """How alike the tasks' λd and λb are (relative mean absolute differences); no plot yet."""
     mods = [m for m in aset.modules if module_filter is None or module_filter in m.name]
     sim = vector_similarity(aset, mods)
     tasks = list(aset.tasks)
@@ -183,3 +181,10 @@ def print_similarity_tables(
             ["", *tasks],
             [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
         )
+
+
+# What inspect shows of adapters, per adapter kind: (storage for every M, task similarity).
+REPORTS: dict[str, tuple[Callable[..., list[dict]], Callable[..., dict]]] = {
+    "lora": (show_storage, show_similarity),
+    "vera": (show_vera_storage, show_vera_similarity),
+}

@@ -17,7 +17,6 @@ from hydraopt.cli.options import (
     method_options,
 )
 from hydraopt.engine import merge_adapter_set, resolve_config
-from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
 from hydraopt.types import Bundle, VeraBundle
@@ -34,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out, force=args.force, inputs=args.adapters, force_hint="--force")
-    if args.method == "hydraopt" and args.heads is None:
-        raise HydraoptError("hydraopt needs --heads M (1 = smallest, K = most faithful)")
+    check_output_dir(
+        args.out, force=args.force, inputs=args.adapters, force_hint="--force"
+    )  # fail before any work, not after
     aset = load_selected(args)
     config = resolve_config(
         args.method, method_options(args, args.method), len(aset.tasks), aset.kind
@@ -60,21 +59,18 @@ def run(args: argparse.Namespace) -> int:
 def print_summary(bundle: Bundle | VeraBundle) -> None:
     """Storage and per-task hard-routed error of a bundle (LoRA or VeRA)."""
     s = bundle.storage
-    dist = bundle.extra.get("error_distance", "mae")
+    dist = bundle.provenance.error_distance
     print_table(
         f"{bundle.method} over {len(bundle.tasks)} adapters, {len(bundle.modules)} modules "
-        f"({bundle.extra.get('merge_seconds', 0):.1f} s)",
+        f"({bundle.provenance.merge_seconds or 0:.1f} s)",
         ["", "parameters", "bytes", "S %"],
         [
-            ["separate adapters", s["adapters_params"], human_bytes(s["adapters_bytes"]), 100.0],
-            ["bundle", s["bundle_params"], human_bytes(s["bundle_bytes"]), s["storage_percent"]],
+            ["separate adapters", s.adapters_params, human_bytes(s.adapters_bytes), 100.0],
+            ["bundle", s.bundle_params, human_bytes(s.bundle_bytes), s.storage_percent],
         ],
     )
     per_task = error_by_task(bundle)
-    heads_used = {
-        t: len({int(r[i]) for _, _, r in bundle.merged.values()})
-        for i, t in enumerate(bundle.tasks)
-    }
+    heads_used = {t: len(set(bundle.routing_of(t).values())) for t in bundle.tasks}
     print_table(
         f"hard-routed error per task ({dist}, mean over modules); routing is per module: each "
         "module sends each task to one of its heads, so a task may use different heads in "

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hydraopt.cli.config_flags import add_config_flags, config_options, heads_help
 from hydraopt.engine import EngineOptions
 from hydraopt.io.validate import check_option_values
-from hydraopt.merge.distances import DISTANCES
-from hydraopt.merge.registry import list_methods
+from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.threads import check_threads
 
 
@@ -36,7 +36,12 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
-    g = p.add_argument_group("merge method")
+    """``--method``, ``--heads`` and one flag per method-config field (from the registry)."""
+    g = p.add_argument_group(
+        "merge method",
+        "Each option below is a field of a method's config (docs/methods.md), in [brackets] the "
+        "methods that take it; the chosen method ignores the others' options.",
+    )
     if with_method:
         g.add_argument(
             "--method",
@@ -44,52 +49,8 @@ def add_method_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> 
             choices=list_methods(),
             help="registry name (default hydraopt)",
         )
-        g.add_argument("--heads", type=int, help="M, number of B heads (hydraopt: required, 1..K)")
-    g.add_argument("--distance", choices=DISTANCES, help="hydraopt distance (default mae)")
-    g.add_argument("--solver", choices=("fast", "paper"), help="hydraopt solver (default fast)")
-    g.add_argument("--epochs", type=int, help="paper solver epochs (default 1000)")
-    g.add_argument("--lr", type=float, help="paper solver learning rate (default 0.01)")
-    g.add_argument("--temperature", type=float, help="paper solver T in softmax(C/T) (default 0.2)")
-    g.add_argument("--restarts", type=int, help="fast solver k-means++ restarts (default 8)")
-    g.add_argument(
-        "--refine-steps",
-        type=int,
-        help="fast solver refinement steps (default 100, 20 at M = K; 0 = closed form)",
-    )
-    g.add_argument(
-        "--refine-lr",
-        type=float,
-        help="fast solver refinement learning rate (default 1.0, 0.05 at M = K)",
-    )
-    g.add_argument(
-        "--refine-precision",
-        choices=("auto", "float32", "bfloat16"),
-        help="fast solver: dtype of the MAE refinement's dense products (default auto: "
-        "bfloat16 on CUDA and CPUs with fast bf16, else float32)",
-    )
-    g.add_argument(
-        "--refine-tasks",
-        type=int,
-        help="fast solver: tasks per refinement step; more adapters are sampled (default 8)",
-    )
-    g.add_argument(
-        "--start",
-        choices=("auto", "closed_form"),
-        help="fast solver, MAE: refine from the better of closed form and per-head medians "
-        "(auto, default) or from the closed form only",
-    )
-    g.add_argument(
-        "--shared",
-        choices=("lambda_d", "lambda_b"),
-        help="hydraopt on VeRA adapters: the vector all tasks share (default lambda_d)",
-    )
-    g.add_argument("--density", type=float, help="TIES/DARE fraction kept (default 0.5)")
-    g.add_argument(
-        "--weights", type=float, nargs="+", help="classic merges: one weight per adapter"
-    )
-    g.add_argument(
-        "--majority-sign-method", choices=("total", "frequency"), help="TIES sign election"
-    )
+        g.add_argument("--heads", type=int, help=heads_help())
+    add_config_flags(g)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -114,30 +75,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-HYDRAOPT_ONLY = (
-    "distance",
-    "solver",
-    "epochs",
-    "lr",
-    "temperature",
-    "restarts",
-    "refine_steps",
-    "refine_lr",
-    "refine_precision",
-    "refine_tasks",
-    "start",
-    "shared",
-)
-CLASSIC_ONLY = ("density", "weights", "majority_sign_method")
-
-
 def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The method-config fields the user gave (None = not given, left to the config default)."""
-    keys = ("heads",) + (HYDRAOPT_ONLY if method == "hydraopt" else CLASSIC_ONLY)
-    given = {k: getattr(args, k, None) for k in keys}
-    weights = given.get("weights")
-    if weights is not None:
-        given["weights"] = tuple(weights)
+    given = config_options(args, get_method(method))
     check_option_values(given)
     return given
 

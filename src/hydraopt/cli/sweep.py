@@ -1,7 +1,8 @@
 """``hydraopt sweep ADAPTER_DIR... --out DIR``: the whole storage/error trade-off.
 
-Runs HydraOpt for M = 1..K and every classic baseline (full and A-only) on the same adapters
-(LoRA or VeRA) and writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` (storage % against
+Runs HydraOpt for M = 1..K and every baseline (the methods that fix M themselves: the classic
+merges, full and A-only) on the same adapters (LoRA or VeRA), planned by
+:func:`hydraopt.sweep.plan_sweep`, and writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` (storage % against
 hard-routed error).
 """
 
@@ -22,23 +23,31 @@ from hydraopt.cli.options import (
     load_selected,
     method_options,
 )
-from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import atomic_dir, check_output_dir
 from hydraopt.io.bundle import save_bundle
-from hydraopt.merge.classic import A_ONLY_METHODS, CLASSIC_METHODS
+from hydraopt.merge.registry import get_method, list_methods
+from hydraopt.sweep import plan_sweep, sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    take_heads = [n for n in list_methods() if get_method(n).takes_heads]
+    baselines = [n for n in list_methods() if not get_method(n).takes_heads]
     p = sub.add_parser("sweep", help="HydraOpt M=1..K and every baseline -> JSON + PNG trade-off")
     add_adapter_args(p)
     p.add_argument("--out", required=True, type=Path, help="directory to create for the results")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.add_argument("--heads", type=int, nargs="+", help="HydraOpt M values (default 1..K)")
+    p.add_argument(
+        "--heads",
+        type=int,
+        nargs="+",
+        help=f"M values of the methods that take M ({', '.join(take_heads)}; default 1..K)",
+    )
     p.add_argument(
         "--baselines",
         nargs="*",
-        default=list(CLASSIC_METHODS + A_ONLY_METHODS),
-        help="baseline methods to include (default: all classic and A-only)",
+        default=baselines,
+        help="methods that fix M themselves to include (default: all of them: "
+        f"{' '.join(baselines)})",
     )
     p.add_argument(
         "--save-bundles", action="store_true", help="also write every bundle under OUT/bundles/"
@@ -53,47 +62,37 @@ def run(args: argparse.Namespace) -> int:
     aset = load_selected(args)
     K = len(aset.tasks)
     engine = engine_options(args)
-    runs = [("hydraopt", m) for m in (args.heads or range(1, K + 1))]
-    runs += [(name, None) for name in args.baselines]
-    configs = []
-    for method, heads in runs:  # validate every run before spending time on any
-        options = method_options(args, method)
-        options["heads"] = heads
-        configs.append(resolve_config(method, options, K, aset.kind))
-    points, bundles = [], {}
+    # Methods that take M (HydraOpt) first, each over --heads, then the baselines.
+    first = [n for n in list_methods() if get_method(n).takes_heads]
+    methods = first + [n for n in args.baselines if n not in first]
+    runs = plan_sweep(  # every run's config is checked before any merge starts
+        methods,
+        K,
+        aset.kind,
+        heads=args.heads,
+        options={name: method_options(args, name) for name in methods},
+    )
+    points = []
     with atomic_dir(args.out, force=args.force) as tmp:
         with progress_bar(len(runs) * len(aset.modules), "sweep") as advance:
-            for method, heads in runs:
-                options = method_options(args, method)
-                options["heads"] = heads
-                bundle = merge_adapter_set(
-                    aset,
-                    method,
-                    options,
-                    engine=engine,
-                    progress=advance,
-                    bytes_per_param=BYTES[args.dtype],
-                )
-                label = f"hydraopt M={heads}" if method == "hydraopt" else method
+            merged = sweep(
+                aset, runs, engine=engine, progress=advance, bytes_per_param=BYTES[args.dtype]
+            )
+            for run, bundle in merged:
                 points.append(
                     {
-                        "label": label,
-                        "method": method,
+                        "label": run.label,
+                        "method": run.method,
                         "heads": bundle.num_heads,
-                        "storage_percent": bundle.storage["storage_percent"],
+                        "storage_percent": bundle.storage.storage_percent,
                         "error": mean_error(bundle),
                         "relative_error": relative_error(bundle),
-                        "seconds": bundle.extra["merge_seconds"],
+                        "seconds": bundle.provenance.merge_seconds,
                         "config": bundle.config,
                     }
                 )
                 if args.save_bundles:
-                    bundles[label] = bundle
-                    save_bundle(
-                        bundle,
-                        tmp / "bundles" / label.replace(" ", "_").replace("=", ""),
-                        dtype=args.dtype,
-                    )
+                    save_bundle(bundle, tmp / "bundles" / run.dirname, dtype=args.dtype)
         result = {
             "tasks": list(aset.tasks),
             "distance": engine.error_distance,

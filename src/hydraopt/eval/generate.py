@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -28,12 +28,19 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from hydraopt.progress import Progress
 
-if TYPE_CHECKING:
-    from hydraopt.eval.vera_adapter import VeraWeights
-
 # module name (as in `base_model.named_modules()`) -> (A (r, k), B (d, r), scale); the LoRA delta
 # of that module is scale * B @ A, as in PEFT where scale = lora_alpha / r.
 LoraFactorMap = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class AppliedWeights(Protocol):
+    """In-memory adapter weights that know how to wrap a base model (e.g. VeRA's
+    :class:`~hydraopt.eval.vera_adapter.VeraWeights`)."""
+
+    def apply(self, model: PreTrainedModel) -> PeftModel:
+        """Wrap ``model`` (a bare base model) in a ``PeftModel`` carrying these weights."""
+        ...
+
 
 # PEFT state-dict keys start with this; accepted on module names so raw PEFT keys work too.
 _PEFT_PREFIX = "base_model.model."
@@ -247,15 +254,15 @@ def remove_adapters(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
 
 @contextmanager
 def applied_adapter(
-    model: PreTrainedModel, adapter: str | Path | LoraFactorMap | VeraWeights | None
+    model: PreTrainedModel, adapter: str | Path | LoraFactorMap | AppliedWeights | None
 ) -> Iterator[torch.nn.Module]:
     """Run a block with an adapter applied, then restore the bare base model.
 
     Args:
         model: A base model (not a ``PeftModel``).
         adapter: ``None`` (the base model itself), a PEFT adapter dir (LoRA or VeRA), in-memory
-            LoRA factors (see :func:`apply_lora_factors`) or VeRA weights (see
-            :func:`hydraopt.eval.vera_adapter.apply_vera_weights`).
+            LoRA factors (see :func:`apply_lora_factors`) or weights with an ``apply`` method
+            (VeRA's, see :func:`hydraopt.eval.vera_adapter.apply_vera_weights`).
 
     Yields:
         The model to generate with.
@@ -263,15 +270,12 @@ def applied_adapter(
     if adapter is None:
         yield model
         return
-    # Imported here: vera_adapter builds on this module (module_name).
-    from hydraopt.eval.vera_adapter import VeraWeights, apply_vera_weights
-
     if isinstance(adapter, (str, Path)):
         adapted = apply_peft_adapter(model, adapter)
-    elif isinstance(adapter, VeraWeights):
-        adapted = apply_vera_weights(model, adapter)
-    else:
+    elif isinstance(adapter, Mapping):
         adapted = apply_lora_factors(model, adapter)
+    else:
+        adapted = adapter.apply(model)
     try:
         yield adapted
     finally:

@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
+from hydraopt.kinds.registry import get_kind
+from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.types import Bundle, VeraBundle
 
 if TYPE_CHECKING:
-    from hydraopt.eval.generate import LoraFactorMap
-    from hydraopt.eval.vera_adapter import VeraWeights
+    from hydraopt.eval.generate import AppliedWeights, LoraFactorMap
 
 # Fields of adapter_config.json that do not change what the adapter computes at inference.
 # `hydraopt export` sets inference_mode=True on a copy of the original config; leaving it out of
@@ -89,7 +90,7 @@ class System(Protocol):
         """Hex digest of everything (besides the base model) that decides the task's outputs."""
         ...
 
-    def adapter(self, task: str) -> None | Path | LoraFactorMap | VeraWeights:
+    def adapter(self, task: str) -> None | Path | LoraFactorMap | AppliedWeights:
         """What :func:`hydraopt.eval.generate.applied_adapter` applies for ``task``."""
         ...
 
@@ -235,6 +236,12 @@ class PerTaskVera(PerTaskAdapters):
     method = "vera"
 
 
+# Separate adapters per task, by adapter kind (``--system KIND=ROOT``).
+PER_TASK_SYSTEMS: dict[str, type[PerTaskAdapters]] = {
+    cls.kind: cls for cls in (PerTaskLora, PerTaskVera)
+}
+
+
 def adapter_kind(directory: str | Path) -> str:
     """The system kind (``"lora"`` / ``"vera"``) of a PEFT adapter dir, from its config.
 
@@ -282,7 +289,7 @@ class BundleSystem:
     @property
     def storage_percent(self) -> float:
         """From the bundle's own storage accounting."""
-        return float(self.bundle.storage["storage_percent"])
+        return float(self.bundle.storage.storage_percent)
 
     def check_tasks(self, tasks: Iterable[str]) -> None:
         """Every task must be one the bundle was merged from."""
@@ -299,24 +306,17 @@ class BundleSystem:
         Routing lives in ``bundle.json``, not in the tensor file, and picks the head, so it is
         part of the id; the rest of ``bundle.json`` (timings, provenance) is not.
         """
-        i = self.bundle.tasks.index(task)
-        route = {name: int(routing[i]) for name, (_, _, routing) in self.bundle.merged.items()}
+        route = self.bundle.routing_of(task)
         return text_sha256("bundle", task, self.tensors_sha256, json.dumps(route, sort_keys=True))
 
-    def adapter(self, task: str) -> LoraFactorMap | VeraWeights:
+    def adapter(self, task: str) -> LoraFactorMap | AppliedWeights:
         """The task's weights as :func:`~hydraopt.eval.generate.applied_adapter` takes them.
 
         LoRA: ``{module: (A', B', 1.0)}`` (the bundle's heads already carry the LoRA scale).
         VeRA: the shared projections and the task's routed (λb, λd) per module, the very numbers
-        the bundle's PEFT export holds (its projections are float32 in both).
+        the bundle's PEFT export holds (see the kind's ``task_weights``).
         """
-        if isinstance(self.bundle, VeraBundle):
-            # Imported here: vera_adapter needs peft, which building systems does not.
-            from hydraopt.eval.vera_adapter import VeraWeights
-
-            vera_a, vera_b = self.bundle.projections
-            return VeraWeights(vera_a, vera_b, self.bundle.task_vectors(task))
-        return {name: (a, b, 1.0) for name, (a, b) in self.bundle.task_factors(task).items()}
+        return get_kind(self.bundle.kind).task_weights(self.bundle, task)
 
     def describe(self) -> dict[str, Any]:
         """Label, kind, storage, path and the merge method with its config."""
@@ -333,8 +333,11 @@ class BundleSystem:
 
 
 def bundle_label(bundle: Bundle | VeraBundle) -> str:
-    """Default row label: ``"hydraopt M=2"`` for HydraOpt, else the method's registry name."""
-    return f"hydraopt M={bundle.num_heads}" if bundle.method == "hydraopt" else bundle.method
+    """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``); the bare method
+    name for a method this version does not know."""
+    if bundle.method not in list_methods():
+        return bundle.method
+    return get_method(bundle.method).label(bundle.num_heads)
 
 
 def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:

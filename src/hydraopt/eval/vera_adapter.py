@@ -41,6 +41,10 @@ class VeraWeights:
     vera_B: torch.Tensor
     lambdas: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
+    def apply(self, model: PreTrainedModel) -> PeftModel:
+        """:func:`apply_vera_weights` (what :func:`~hydraopt.eval.generate.applied_adapter` calls)."""
+        return apply_vera_weights(model, self)
+
 
 def apply_vera_weights(
     model: PreTrainedModel, weights: VeraWeights, *, adapter_name: str = "default"

@@ -1,11 +1,8 @@
-"""Checks on PEFT adapter configs and weights, before any merge work starts.
+"""Checks on adapter configs and tensors shared by every adapter kind, and on user options.
 
-Each check raises :class:`HydraoptError` naming the adapter and what to do. Config values are
-checked as strictly as a bundle (:mod:`hydraopt.io.check_bundle`): a config is a file from
-anywhere, and a string or NaN ``lora_alpha`` must not reach the arithmetic. Features whose
-weights do not merge as a plain B @ A (DoRA's magnitude vector, ``modules_to_save`` copies,
-trained biases) are refused by name: PEFT's own ``add_weighted_adapter`` silently drops or
-mis-merges them today, and a silent wrong merge is worse than a clear refusal.
+Config values are checked as strictly as a bundle (:mod:`hydraopt.io.check_bundle`): a config
+is a file from anywhere, and a string or NaN ``lora_alpha`` must not reach the arithmetic. Each
+check raises :class:`HydraoptError` in one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -21,39 +18,6 @@ import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.check_bundle import JSON_NAMES, is_int, is_number
-from hydraopt.io.keys import match_pattern_key
-
-SUPPORTED_PEFT_TYPES = ("LORA",)
-
-
-def check_lora_config(config: dict[str, Any], path: Path) -> None:
-    """Refuse configs whose adapters are not plain LoRA factor pairs, or whose values are not
-    what PEFT itself would accept (see :func:`check_config_values`)."""
-    check_config_object(config, path)
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise HydraoptError(
-            f"{path}: peft_type is {peft_type or 'missing'}; hydraopt merges LORA adapters"
-        )
-    if config.get("use_dora"):
-        raise HydraoptError(
-            f"{path}: DoRA adapters are not supported (the magnitude vector does not merge as B @ A)"
-        )
-    if config.get("modules_to_save"):
-        raise HydraoptError(
-            f"{path}: modules_to_save={config['modules_to_save']} is not supported "
-            "(full module copies cannot be shared through A'); retrain without it"
-        )
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise HydraoptError(f"{path}: trained biases (bias/lora_bias) are not supported")
-    if config.get("target_parameters"):
-        raise HydraoptError(f"{path}: target_parameters adapters are not supported")
-    if config.get("trainable_token_indices"):
-        raise HydraoptError(f"{path}: trainable_token_indices adapters are not supported")
-    r = config.get("r")
-    if not is_int(r) or r <= 0:
-        raise HydraoptError(f"{path}: adapter_config.json has no valid rank r (got {r!r})")
-    check_config_values(config, path)
 
 
 def check_config_object(config: Any, path: Path) -> None:
@@ -71,12 +35,12 @@ def check_config_values(config: dict[str, Any], path: Path) -> None:
     integers. Pattern keys: regexes PEFT can compile. Flags: booleans; the base model: a string.
     """
     if "lora_alpha" in config:
-        _check_alpha(config["lora_alpha"], "lora_alpha", path)
+        check_alpha(config["lora_alpha"], "lora_alpha", path)
     for key in ("use_rslora", "fan_in_fan_out"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise HydraoptError(f"{path}: {key} must be true or false, got {config[key]!r}")
     check_base_model_field(config, path)
-    for key, check_value in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+    for key, check_value in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
         pattern = config.get(key)
         if pattern is None:
             continue
@@ -99,12 +63,12 @@ def check_base_model_field(config: dict[str, Any], path: Path) -> None:
         raise HydraoptError(f"{path}: base_model_name_or_path must be a string, got {base!r}")
 
 
-def _check_alpha(value: Any, what: str, path: Path) -> None:
+def check_alpha(value: Any, what: str, path: Path) -> None:
     if not is_number(value) or not math.isfinite(value) or value == 0:
         raise HydraoptError(f"{path}: {what} must be a finite non-zero number, got {value!r}")
 
 
-def _check_rank(value: Any, what: str, path: Path) -> None:
+def check_rank(value: Any, what: str, path: Path) -> None:
     if not is_int(value) or value <= 0:
         raise HydraoptError(f"{path}: {what} must be a positive integer, got {value!r}")
 
@@ -171,37 +135,3 @@ def check_option_values(options: dict[str, Any]) -> None:
                 raise HydraoptError(f"{name} must be a finite number, got {v}")
             if name in POSITIVE_OPTIONS and v is not None and not v > 0:
                 raise HydraoptError(f"{name} must be > 0, got {v}")
-
-
-def module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
-    """The (r, lora_alpha) PEFT uses for ``module``, honouring rank_pattern/alpha_pattern."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r_key = match_pattern_key(rank_pattern, module)
-    a_key = match_pattern_key(alpha_pattern, module)
-    r = int(rank_pattern[r_key]) if r_key is not None else int(config["r"])
-    alpha = float(alpha_pattern[a_key]) if a_key is not None else float(config.get("lora_alpha", 8))
-    return r, alpha
-
-
-def lora_scale(config: dict[str, Any], module: str) -> float:
-    """PEFT's scaling for ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    r, alpha = module_rank_alpha(config, module)
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Refuse NaN/Inf weights: they would poison every shared factor they touch."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise HydraoptError(f"{what} contains NaN or Inf values; the adapter is corrupt")
-
-
-def first_difference(a: set[str], b: set[str]) -> str:
-    """A short description of how two name sets differ, for error messages."""
-    only_a, only_b = sorted(a - b), sorted(b - a)
-    parts = []
-    if only_a:
-        parts.append(f"only in the first: {only_a[:3]}{' ...' if len(only_a) > 3 else ''}")
-    if only_b:
-        parts.append(f"only in the other: {only_b[:3]}{' ...' if len(only_b) > 3 else ''}")
-    return "; ".join(parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from hydraopt.merge.kernels import BLOCK, MEDIAN_BLOCK
+from hydraopt.merge.kernel_blocks import BLOCK, MEDIAN_BLOCK
 
 
 @numba.njit(inline="always", cache=True)

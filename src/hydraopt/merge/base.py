@@ -6,7 +6,8 @@ opens files or parses key names; randomness comes only from the ``torch.Generato
 
 A method that also merges VeRA adapters names a ``vera_config_class`` and implements
 ``merge_vera`` (:class:`~hydraopt.types.VeraStack` -> :class:`~hydraopt.types.MergedVeraStack`);
-the engine picks the entry point from the adapter set's kind, never from the method's name.
+the adapter set's kind (:mod:`hydraopt.kinds`) picks the entry point and the config class, never
+the method's name.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ class MergeMethod(Protocol):
     config_class: ClassVar[type]
     space: ClassVar[str]  # "factors" (A and B merged separately) or "delta" (fits B @ A)
     vera_config_class: ClassVar[type | None]  # None: the method does not merge VeRA adapters
+    # True: the user chooses M (config field ``heads``, required; a sweep runs M = 1..K).
+    # False: the method fixes M itself (``num_heads``); a given ``heads`` must equal it.
+    takes_heads: ClassVar[bool]
 
     def num_heads(self, config: Any, num_tasks: int) -> int:
         """M, the number of B heads stored per module."""
+        ...
+
+    def label(self, num_heads: int) -> str:
+        """How results of this method are labelled in tables and plots (e.g. ``hydraopt M=2``)."""
         ...
 
     def merge(
@@ -65,17 +73,33 @@ class MergeMethod(Protocol):
         ...
 
 
-def config_class_for(method: MergeMethod, kind: str) -> type:
-    """The config class of ``method`` for adapters of ``kind`` (``lora`` or ``vera``).
+def check_heads(heads: int, num_tasks: int | None = None) -> None:
+    """The one check of M: 1 <= M, and M <= K once the number of adapters K is known.
+
+    Configs call it without K when built; the engine and the methods call it with K.
 
     Raises:
-        HydraoptError: if the method does not merge that kind of adapter.
+        HydraoptError: for an M out of range.
     """
-    if kind == "lora":
-        return method.config_class
-    if kind == "vera" and method.vera_config_class is not None:
-        return method.vera_config_class
-    raise HydraoptError(f"method {method.name!r} does not merge {kind.upper()} adapters")
+    if heads < 1:
+        raise HydraoptError(f"heads must be >= 1, got {heads}")
+    if num_tasks is not None and heads > num_tasks:
+        raise HydraoptError(f"heads = {heads} exceeds the number of adapters K = {num_tasks}")
+
+
+def method_heads(method: MergeMethod, config: Any, num_tasks: int) -> int:
+    """M that ``method`` stores with ``config`` for K = ``num_tasks``, checked.
+
+    Raises:
+        HydraoptError: for an M out of 1..K, or a ``heads`` that a method which fixes M itself
+            (``takes_heads = False``) does not store.
+    """
+    heads = method.num_heads(config, num_tasks)
+    check_heads(heads, num_tasks)
+    asked = getattr(config, "heads", None)
+    if asked is not None and asked != heads:
+        raise HydraoptError(f"{method.name} stores {heads} head(s); got heads = {asked}")
+    return heads
 
 
 def build_config(config_class: type, options: dict[str, Any]) -> Any:

@@ -33,7 +33,7 @@ from typing import ClassVar, Literal
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.base import MergeContext
+from hydraopt.merge.base import MergeContext, method_heads
 from hydraopt.merge.consensus import Consensus, MajoritySign, combine
 from hydraopt.merge.registry import register
 from hydraopt.merge.sparsify import Sparsify, sparsify
@@ -45,10 +45,11 @@ class ClassicConfig:
     """Options of the classic merges.
 
     Attributes:
-        weights: one coefficient per task; default uniform 1/K or unary 1 (see module doc).
+        weights: one coefficient per task; default uniform 1/K (task_arithmetic, magnitude_prune,
+            dare_linear) or unary 1 (ties, dare_ties), as in the paper.
         density: fraction of entries kept by the sparsification (ignored by task_arithmetic).
         majority_sign_method: TIES sign election, ``total`` (sum) or ``frequency`` (count).
-        heads: accepted only to reject a wrong ``--heads``; the method fixes M itself.
+        heads: accepted only to refuse a wrong M; the method fixes M itself (1, or K for A-only).
     """
 
     weights: tuple[float, ...] | None = None
@@ -71,6 +72,7 @@ class GeneralizedTaskArithmetic:
     config_class: ClassVar[type] = ClassicConfig
     space: ClassVar[str] = "factors"
     vera_config_class: ClassVar[type | None] = ClassicConfig
+    takes_heads: ClassVar[bool] = False
     name: str
 
     def __init__(
@@ -87,6 +89,9 @@ class GeneralizedTaskArithmetic:
 
     def num_heads(self, config: ClassicConfig, num_tasks: int) -> int:
         return num_tasks if self.a_only else 1
+
+    def label(self, num_heads: int) -> str:
+        return self.name
 
     def task_weights(self, config: ClassicConfig, num_tasks: int) -> torch.Tensor:
         """(K,) coefficients: the given ones, or the method's default."""
@@ -107,11 +112,7 @@ class GeneralizedTaskArithmetic:
     ) -> MergedStack:
         G, K, r, k = stack.A.shape
         d = stack.B.shape[2]
-        expected = self.num_heads(config, K)
-        if config.heads is not None and config.heads != expected:
-            raise HydraoptError(
-                f"{self.name} stores {expected} head(s); got --heads {config.heads}"
-            )
+        method_heads(self, config, K)
         w = self.task_weights(config, K).to(stack.A.device)  # (K,)
 
         def merge_factor(t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -153,11 +154,7 @@ class GeneralizedTaskArithmetic:
     ) -> MergedVeraStack:
         """λd and λb merged separately (see module doc): M = 1, or M = K λb rows for A-only."""
         G, K, _ = stack.lambda_b.shape
-        expected = self.num_heads(config, K)
-        if config.heads is not None and config.heads != expected:
-            raise HydraoptError(
-                f"{self.name} stores {expected} head(s); got --heads {config.heads}"
-            )
+        method_heads(self, config, K)
         w = self.task_weights(config, K).to(stack.lambda_b.device).expand(G, K)  # (G, K)
         if self.a_only:
             lam_d = self.merge_tensors(stack.lambda_d, w, config, generator)  # (G, r)
@@ -183,8 +180,9 @@ _CLASSIC = {
 CLASSIC_METHODS: tuple[str, ...] = tuple(_CLASSIC)
 A_ONLY_METHODS: tuple[str, ...] = tuple(f"{n}_a_only" for n in _CLASSIC)
 
-for _name, (_sp, _co, _w) in _CLASSIC.items():
-    for _a_only in (False, True):
+# Full merges first, then the A-only variants: the order of CLI choices and sweep baselines.
+for _a_only in (False, True):
+    for _name, (_sp, _co, _w) in _CLASSIC.items():
         _method = GeneralizedTaskArithmetic(_sp, _co, _w, _a_only)  # type: ignore[arg-type]
         _method.name = f"{_name}_a_only" if _a_only else _name
         register(_method.name, _method)

@@ -18,7 +18,8 @@ from typing import ClassVar, Literal
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.base import MergeContext
+from hydraopt.kinds.vera.config import VeraHydraOptConfig
+from hydraopt.merge.base import MergeContext, check_heads, method_heads
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.distances import DISTANCES, Distance
 from hydraopt.merge.median_start import median_start
@@ -35,7 +36,6 @@ from hydraopt.merge.refine import (
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
 from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, VeraStack
-from hydraopt.vera.config import VeraHydraOptConfig
 
 # Default refinement schedules (see HydraOptConfig.refine_schedule).
 SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
@@ -48,17 +48,17 @@ class HydraOptConfig:
 
     Attributes:
         heads: M, number of B' heads per module (1 <= M <= K).
-        distance: f, ``mae`` (paper default), ``mse``, ``fro`` or ``cos``.
+        distance: f, the distance minimised: ``mae`` (paper default), ``mse``, ``fro`` or ``cos``.
         solver: ``fast`` (closed form + hard routing + refinement) or ``paper``.
         epochs: paper solver: AdamW steps (paper: 1000).
         lr: paper solver: learning rate (paper: 0.01).
         weight_decay: paper solver: AdamW weight decay (torch's default, as the paper's code).
         temperature: paper solver: T in softmax(C'/T); 0.2 here = the appendix code's T = 5.
         restarts: fast solver: k-means++ starts for the routing (M < K).
-        refine_steps: fast solver: AdamW steps on the hard-routed distance (0 = closed form only;
-            None: 100 for M < K, 20 for M = K, see :meth:`refine_schedule`).
-        refine_lr: fast solver: learning rate relative to the factors' RMS (None: 1.0 for M < K,
-            0.05 for M = K).
+        refine_steps: fast solver: AdamW steps on the hard-routed distance, 0 = closed form only
+            (default 100 for M < K, 20 for M = K, see :meth:`refine_schedule`; VeRA: 100).
+        refine_lr: fast solver: learning rate relative to the factors' RMS (default 1.0 for
+            M < K, 0.05 for M = K; VeRA: 0.05).
         refine_precision: fast solver: dtype of the refinement's dense products; ``auto`` =
             bfloat16 where it is fast (AVX-512 BF16 / AMX CPUs, CUDA), else float32.
         refine_tasks: fast solver: tasks per refinement step; with more adapters than this each
@@ -83,8 +83,7 @@ class HydraOptConfig:
     start: Literal["auto", "closed_form"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.heads < 1:
-            raise HydraoptError(f"--heads must be >= 1, got {self.heads}")
+        check_heads(self.heads)
         if self.distance not in DISTANCES:
             raise HydraoptError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.solver not in ("fast", "paper"):
@@ -129,10 +128,14 @@ class HydraOpt:
     config_class: ClassVar[type] = HydraOptConfig
     space: ClassVar[str] = "delta"
     vera_config_class: ClassVar[type | None] = VeraHydraOptConfig
+    takes_heads: ClassVar[bool] = True
     name: ClassVar[str]
 
     def num_heads(self, config: HydraOptConfig, num_tasks: int) -> int:
         return config.heads
+
+    def label(self, num_heads: int) -> str:
+        return f"{self.name} M={num_heads}"
 
     def merge(
         self,
@@ -143,9 +146,7 @@ class HydraOpt:
         context: MergeContext,
     ) -> MergedStack:
         G, K, r, k = stack.A.shape
-        M = config.heads
-        if M > K:
-            raise HydraoptError(f"--heads {M} exceeds the number of adapters K = {K}")
+        M = method_heads(self, config, K)
         if config.solver == "paper":
             a, heads, routing = paper_solve(
                 stack.delta(),
@@ -206,8 +207,9 @@ class HydraOpt:
         generator: torch.Generator,
         context: MergeContext,
     ) -> MergedVeraStack:
-        """One shared VeRA vector and M heads of the other (see :mod:`hydraopt.vera.merge`)."""
-        # Imported here: hydraopt.vera.merge imports this package's modules, which import this one.
-        from hydraopt.vera.merge import merge_vera_hydraopt
+        """One shared VeRA vector and M heads of the other (see :mod:`hydraopt.kinds.vera.merge`)."""
+        # Imported here: hydraopt.kinds.vera.merge imports this package's modules, which import this one.
+        from hydraopt.kinds.vera.merge import merge_vera_hydraopt
 
+        method_heads(self, config, stack.lambda_b.shape[1])
         return merge_vera_hydraopt(stack, config, generator=generator)

@@ -27,8 +27,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-BLOCK = 8192  # elements per parallel work item (its buffers stay small: see the kernel)
-MEDIAN_BLOCK = 2048  # the median holds one row per task of its head
+from hydraopt.merge.kernel_blocks import BLOCK
 
 _BITS = {torch.bfloat16: (torch.int16, 16, 0x7FFF), torch.float32: (torch.int32, 0, 0x7FFFFFFF)}
 

@@ -3,8 +3,8 @@
 Whatever a bundle stores (HydraOpt's A' and M heads, a classic merge's single head, an A-only
 merge's K heads, VeRA's λ rows over frozen projections), its update of module ``n`` for task ``i``
 is ``ΔW_i = heads[routing[i]] @ A'``. The runtime needs only that view, so this module is the
-adapter between bundle internals and the serving layers; a new bundle kind adds a branch here
-(or a ``lora_view()`` on the bundle) and nothing else in runtime/ or serve/ changes.
+adapter between bundle internals and the serving layers; a new bundle kind gives its bundle a
+``lora_view()`` and nothing in runtime/ or serve/ changes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from hydraopt.io.bundle import load_any_bundle
-from hydraopt.types import Bundle, MergedVeraStack, VeraBundle
+from hydraopt.types import Bundle, VeraBundle
 
 
 @dataclass(frozen=True)
@@ -68,27 +68,12 @@ def shared_factors(bundle: Bundle | VeraBundle | str | Path) -> SharedFactors:
         bundle: a :class:`Bundle`, a :class:`VeraBundle`, or the path of a bundle dir.
 
     Returns:
-        The :class:`SharedFactors` of every module, float32.
+        The :class:`SharedFactors` of every module, float32 — from the bundle's own
+        ``lora_view()``, which every bundle kind has.
     """
-    if isinstance(bundle, (str, Path)):
-        bundle = load_any_bundle(bundle)
-    if isinstance(bundle, VeraBundle):
-        return _vera_factors(bundle)
+    loaded = load_any_bundle(bundle) if isinstance(bundle, (str, Path)) else bundle
     modules = {
-        name: ModuleFactors(a.float(), heads.float(), routing.long())
-        for name, (a, heads, routing) in bundle.merged.items()
+        name: ModuleFactors(view.A.float(), view.heads.float(), view.routing.long())
+        for name, view in loaded.lora_view().items()
     }
-    return SharedFactors(bundle.tasks, bundle.base_model, modules, "lora", bundle.method)
-
-
-def _vera_factors(bundle: VeraBundle) -> SharedFactors:
-    # A module uses the slices vera_A[:, :k] and vera_B[:d, :] of PEFT's shared projections;
-    # as_lora folds the shared λ side into A' (or keeps A' = the slice), exactly as in the merge.
-    vera_a, vera_b = bundle.projections  # (r, max_in), (max_out, r)
-    modules = {}
-    for spec in bundle.modules:
-        lam_b, lam_d, routing = bundle.merged[spec.name]
-        stack = MergedVeraStack(lam_b.float()[None], lam_d.float()[None], routing[None])
-        a, heads = stack.as_lora(vera_a[:, : spec.k].float(), vera_b[: spec.d, :].float())
-        modules[spec.name] = ModuleFactors(a[0].contiguous(), heads[0].contiguous(), routing.long())
-    return SharedFactors(bundle.tasks, bundle.base_model, modules, "vera", bundle.method)
+    return SharedFactors(loaded.tasks, loaded.base_model, modules, loaded.kind, loaded.method)

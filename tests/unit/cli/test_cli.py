@@ -75,7 +75,7 @@ def test_merge_holds_the_result_in_the_bundle_dtype(adapters, tmp_path, monkeypa
     save = cli_merge.save_bundle
 
     def spy(bundle, out, **kwargs):
-        held.update(t.dtype for a, heads, _ in bundle.merged.values() for t in (a, heads))
+        held.update(t.dtype for m in bundle.merged.values() for t in (m.A, m.heads))
         return save(bundle, out, **kwargs)
 
     monkeypatch.setattr(cli_merge, "save_bundle", spy)
@@ -83,12 +83,12 @@ def test_merge_holds_the_result_in_the_bundle_dtype(adapters, tmp_path, monkeypa
     assert main(["merge", *adapters, "--heads", "3", "--out", str(out), "--dtype", "bfloat16"]) == 0
     assert held == {torch.bfloat16}
     written = load_bundle(out).merged
-    for name, (a, heads, routing) in merge_adapter_set(
+    for name, m in merge_adapter_set(
         load_adapter_set(adapters), "hydraopt", {"heads": 3}
     ).merged.items():
-        assert torch.equal(written[name][0].to(torch.bfloat16), a.to(torch.bfloat16))
-        assert torch.equal(written[name][1].to(torch.bfloat16), heads.to(torch.bfloat16))
-        assert torch.equal(written[name][2], routing)
+        assert torch.equal(written[name].A.to(torch.bfloat16), m.A.to(torch.bfloat16))
+        assert torch.equal(written[name].heads.to(torch.bfloat16), m.heads.to(torch.bfloat16))
+        assert torch.equal(written[name].routing, m.routing)
 
 
 def test_fast_solver_options_are_checked(adapters, tmp_path, capsys):
@@ -180,7 +180,7 @@ def test_bad_inputs_exit_nonzero_with_one_line_and_write_nothing(
     adapters, make_adapter, tmp_path, capsys
 ):
     out = tmp_path / "never"
-    assert "needs --heads" in bad_exit(["merge", *adapters, "--out", str(out)], capsys)
+    assert "needs heads" in bad_exit(["merge", *adapters, "--out", str(out)], capsys)
     assert "exceeds" in bad_exit(["merge", *adapters, "--heads", "4", "--out", str(out)], capsys)
     assert "stores 1 head" in bad_exit(
         ["merge", *adapters, "--method", "ties", "--heads", "2", "--out", str(out)], capsys

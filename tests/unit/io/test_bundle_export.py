@@ -30,8 +30,10 @@ def test_bundle_round_trip_is_bit_exact_in_float32(three_adapters, tmp_path):
     back = load_bundle(tmp_path / "b")
     assert back.tasks == bundle.tasks and back.method == "hydraopt"
     assert back.config == bundle.config and back.storage == bundle.storage
-    for name, (a, heads, routing) in bundle.merged.items():
-        a2, h2, r2 = back.merged[name]
+    for name, m in bundle.merged.items():
+        a, heads, routing = m.A, m.heads, m.routing
+        m2 = back.merged[name]
+        a2, h2, r2 = m2.A, m2.heads, m2.routing
         assert torch.equal(a, a2) and torch.equal(heads, h2) and torch.equal(routing, r2)
     meta = json.loads((tmp_path / "b" / META_NAME).read_text())
     assert meta["format_version"] == FORMAT_VERSION and meta["library_version"]
@@ -105,3 +107,16 @@ def test_corrupt_or_foreign_bundles_are_refused(tmp_path):
     (tmp_path / "tensors.safetensors").write_bytes(b"")
     with pytest.raises(HydraoptError, match="not a hydraopt bundle"):
         load_bundle(tmp_path)
+
+
+def test_lora_view_of_a_lora_bundle_is_its_factors_in_float32(tmp_path, make_adapter):
+    aset = load_adapter_set([make_adapter(f"t{i}", seed=i + 1) for i in range(3)])
+    save_bundle(merge_adapter_set(aset, "hydraopt", {"heads": 2}), tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")  # float16 on disk, float32 in memory
+    view = bundle.lora_view()
+    assert list(view) == [m.name for m in bundle.modules]
+    for i, task in enumerate(bundle.tasks):
+        for name, (a, head) in bundle.task_factors(task).items():
+            v = view[name]
+            assert v.A.dtype == v.heads.dtype == torch.float32 and v.routing.dtype == torch.long
+            assert torch.equal(v.A, a) and torch.equal(v.heads[int(v.routing[i])], head)

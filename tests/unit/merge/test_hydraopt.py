@@ -190,7 +190,7 @@ def test_bundle_errors_equal_a_plain_recomputation(make_adapter, monkeypatch, er
     """The errors a bundle reports, whether the refinement measured them (mae: the engine must
     not form the updates again) or the engine did (fro), are f(ΔW_i, heads[route] A') and
     f(ΔW_i, 0) computed the plain way."""
-    from hydraopt import engine, load_adapter_set, merge_adapter_set
+    from hydraopt import engine, engine_chunks, load_adapter_set, merge_adapter_set
     from hydraopt.merge.distances import get_distance
 
     aset = load_adapter_set(
@@ -201,17 +201,18 @@ def test_bundle_errors_equal_a_plain_recomputation(make_adapter, monkeypatch, er
         def refuse(*args, **kwargs):
             raise AssertionError("the engine recomputed errors the refinement had measured")
 
-        monkeypatch.setattr(engine, "hard_routed_error", refuse)
-        monkeypatch.setattr(engine, "distance_to_zero", refuse)
+        monkeypatch.setattr(engine_chunks, "hard_routed_error", refuse)
+        monkeypatch.setattr(engine_chunks, "distance_to_zero", refuse)
     options = engine.EngineOptions(error_distance=error_distance)
     bundle = merge_adapter_set(aset, "hydraopt", {"heads": 2, "refine_steps": 5}, engine=options)
     f = get_distance(error_distance)
     for spec in aset.modules:
         delta = aset.load_stack([spec]).delta()[0]  # (K, d, k)
-        a, heads, routing = bundle.merged[spec.name]
-        got = torch.tensor(bundle.extra["errors"][spec.name])
+        m = bundle.merged[spec.name]
+        a, heads, routing = m.A, m.heads, m.routing
+        got = torch.tensor(bundle.provenance.errors[spec.name])
         assert torch.allclose(got, f(delta, heads[routing] @ a), rtol=1e-5, atol=1e-9)
-        zero = torch.tensor(bundle.extra["zero_errors"][spec.name])
+        zero = torch.tensor(bundle.provenance.zero_errors[spec.name])
         assert torch.allclose(zero, f(delta, torch.zeros_like(delta)), rtol=1e-5)
 
 
@@ -228,9 +229,11 @@ def test_result_dtype_holds_the_same_bits_as_casting_at_the_save(make_adapter, r
     kept = merge_adapter_set(
         aset, "hydraopt", config, engine=engine.EngineOptions(result_dtype=result_dtype)
     )
-    assert kept.extra["errors"] == full.extra["errors"]
-    for name, (a, heads, routing) in full.merged.items():
-        k_a, k_heads, k_routing = kept.merged[name]
+    assert kept.provenance.errors == full.provenance.errors
+    for name, m in full.merged.items():
+        a, heads, routing = m.A, m.heads, m.routing
+        k = kept.merged[name]
+        k_a, k_heads, k_routing = k.A, k.heads, k.routing
         assert a.dtype == torch.float32 and k_a.dtype == k_heads.dtype == DTYPES[result_dtype]
         assert torch.equal(k_a, a.to(k_a.dtype)) and torch.equal(k_heads, heads.to(k_a.dtype))
         assert torch.equal(k_routing, routing)

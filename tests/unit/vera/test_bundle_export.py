@@ -38,10 +38,10 @@ def test_round_trip_is_bit_exact_in_float32(vera_set, tmp_path, method):
     assert isinstance(back, VeraBundle)
     assert back.tasks == bundle.tasks and back.modules == bundle.modules
     assert back.config == bundle.config and back.storage == bundle.storage
-    for name, (lam_b, lam_d, routing) in bundle.merged.items():
+    for name, m in bundle.merged.items():
         got = back.merged[name]
-        assert torch.equal(got[0], lam_b) and torch.equal(got[1], lam_d)
-        assert torch.equal(got[2], routing)
+        assert torch.equal(got.lambda_b, m.lambda_b) and torch.equal(got.lambda_d, m.lambda_d)
+        assert torch.equal(got.routing, m.routing)
     assert all(torch.equal(x, y) for x, y in zip(back.projections, bundle.projections, strict=True))
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert (meta["format_version"], meta["adapter_kind"]) == (2, "vera")
@@ -53,7 +53,7 @@ def test_projections_stay_float32_in_a_float16_bundle(vera_set, tmp_path):
     back = load_any_bundle(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(back.projections, bundle.projections, strict=True))
     name = bundle.modules[0].name
-    assert torch.equal(back.merged[name][0], bundle.merged[name][0].half().float())
+    assert torch.equal(back.merged[name].lambda_b, bundle.merged[name].lambda_b.half().float())
 
 
 def test_lora_reader_refuses_a_vera_bundle_and_lora_bundles_stay_version_1(
@@ -127,3 +127,30 @@ def test_export_of_unsaved_projection_adapters_is_self_contained(
         ours, original = peft_deltas(path), peft_deltas(d)
         for name in original:
             assert torch.allclose(ours[name], original[name], atol=1e-5), (task, name)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("hydraopt", {"heads": 2, "shared": "lambda_d", "refine_steps": 0}),
+        ("hydraopt", {"heads": 2, "shared": "lambda_b", "refine_steps": 0}),
+        ("ties", {}),
+        ("ties_a_only", {}),
+    ],
+)
+def test_lora_view_gives_each_tasks_vera_update(vera_set, tmp_path, method, options):
+    # The serving runtime reads every bundle kind through lora_view: heads[route] @ A' must be
+    # the task's diag(λb) B diag(λd) A, computed here from task_vectors and the projections.
+    save_bundle(merge_adapter_set(vera_set, method, options), tmp_path / "b", dtype="float32")
+    bundle = load_any_bundle(tmp_path / "b")
+    view = bundle.lora_view()
+    assert list(view) == [m.name for m in bundle.modules]
+    for spec in bundle.modules:
+        a, heads, routing = view[spec.name]
+        assert a.dtype == heads.dtype == torch.float32 and routing.dtype == torch.long
+        assert a.shape == (spec.r, spec.k) and heads.shape[1:] == (spec.d, spec.r)
+        assert heads.shape[0] == bundle.num_heads
+        for i, task in enumerate(bundle.tasks):
+            want = routed_delta(bundle, task, spec.name)
+            got = heads[int(routing[i])] @ a
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import load_adapter_set
-from hydraopt.vera.load import VeraAdapterSet, load_vera_adapter_set
-from hydraopt.vera.projections import vera_projections
+from hydraopt.kinds.vera.load import VeraAdapterSet, load_vera_adapter_set
+from hydraopt.kinds.vera.projections import vera_projections
 
 
 def test_projections_are_bit_exact_with_peft(tiny_base):

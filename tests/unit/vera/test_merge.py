@@ -11,14 +11,15 @@ from helpers import peft_merge
 
 from hydraopt.engine import resolve_config
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.base import MergeContext, config_class_for
+from hydraopt.kinds.registry import get_kind
+from hydraopt.kinds.vera.config import VeraHydraOptConfig
+from hydraopt.kinds.vera.merge import assemble
+from hydraopt.kinds.vera.solve import fit_shared, solve_vera
+from hydraopt.merge.base import MergeContext
 from hydraopt.merge.classic import A_ONLY_METHODS, CLASSIC_METHODS, ClassicConfig
 from hydraopt.merge.refine import hard_routed_error
 from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.types import VeraStack
-from hydraopt.vera.config import VeraHydraOptConfig
-from hydraopt.vera.merge import assemble
-from hydraopt.vera.solve import fit_shared, solve_vera
 
 CTX = MergeContext(num_tasks=3, num_factor_tensors=2)
 SIDES = ("lambda_d", "lambda_b")
@@ -226,7 +227,7 @@ def test_a_only_merges_lambda_d_and_keeps_every_lambda_b(name):
 
 def test_every_registered_method_merges_vera_with_its_own_config():
     for name in list_methods():
-        cls = config_class_for(get_method(name), "vera")
+        cls = get_kind("vera").config_class(get_method(name))
         assert cls is (VeraHydraOptConfig if name == "hydraopt" else ClassicConfig)
     config = resolve_config("hydraopt", {"heads": 2, "shared": "lambda_b"}, 3, "vera")
     assert config == VeraHydraOptConfig(heads=2, shared="lambda_b")
@@ -243,7 +244,7 @@ def test_every_registered_method_merges_vera_with_its_own_config():
 @pytest.mark.parametrize("shared", SIDES)
 @pytest.mark.parametrize("num_heads", [1, 2, 4])
 def test_hand_written_vera_mae_gradient_equals_autograd(shared, num_heads):
-    from hydraopt.vera.merge import routed_error, vera_mae_value_and_grads
+    from hydraopt.kinds.vera.merge import routed_error, vera_mae_value_and_grads
 
     stack = random_vera(G=2, K=4, seed=31)
     stack = VeraStack(*(t.double() for t in (stack.lambda_b, stack.lambda_d, stack.A, stack.B)))

@@ -1,6 +1,6 @@
 """The typed config of HydraOpt on VeRA adapters.
 
-Kept apart from :mod:`hydraopt.vera.merge` (and free of ``hydraopt.merge`` imports at module
+Kept apart from :mod:`hydraopt.kinds.vera.merge` (and free of ``hydraopt.merge`` imports at module
 level) because the registered HydraOpt class names it as its ``vera_config_class`` while
 ``hydraopt.merge`` is still being imported.
 """
@@ -22,7 +22,7 @@ class VeraHydraOptConfig:
 
     Attributes:
         heads: M, rows of the routed vector per module (1 <= M <= K).
-        distance: f, ``mae`` (paper default), ``mse``, ``fro`` or ``cos``.
+        distance: f, the distance minimised: ``mae`` (paper default), ``mse``, ``fro`` or ``cos``.
         shared: the vector one row of which all tasks share; the other gets M rows.
             ``lambda_d`` (the paper's choice: λd starts from the same constant in every task, as
             LoRA's A is shared) or ``lambda_b``. See docs/methods.md for the measurement.
@@ -39,10 +39,10 @@ class VeraHydraOptConfig:
     refine_lr: float = 0.05
 
     def __post_init__(self) -> None:
-        from hydraopt.merge.distances import DISTANCES  # here: see the module doc
+        from hydraopt.merge.base import check_heads  # here: see the module doc
+        from hydraopt.merge.distances import DISTANCES
 
-        if self.heads < 1:
-            raise HydraoptError(f"--heads must be >= 1, got {self.heads}")
+        check_heads(self.heads)
         if self.distance not in DISTANCES:
             raise HydraoptError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.shared not in SHARED_SIDES:

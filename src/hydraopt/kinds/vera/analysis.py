@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from hydraopt.kinds.vera.config import SHARED_SIDES
+from hydraopt.kinds.vera.load import VeraAdapterSet
 from hydraopt.types import ModuleSpec
-from hydraopt.vera.config import SHARED_SIDES
-from hydraopt.vera.load import VeraAdapterSet
 
 
 def vector_similarity(

@@ -4,7 +4,7 @@ PEFT saves a VeRA adapter as ``base_model.model.<module>.vera_lambda_b`` (d,) an
 ``.vera_lambda_d`` (r,) per module, plus the shared projections ``base_model.vera_A``
 (r, max_in) and ``base_model.vera_B`` (max_out, r) when ``save_projection`` is true (PEFT's
 default). Without them the projections are regenerated from ``projection_prng_key`` exactly as
-PEFT does (:mod:`hydraopt.vera.projections`), which needs max_in and max_out.
+PEFT does (:mod:`hydraopt.kinds.vera.projections`), which needs max_in and max_out.
 
 Input features per module are not stored in the adapter. They come, in this order, from the base
 model's safetensors headers (``base_model=`` or the adapters' ``base_model_name_or_path`` when it
@@ -25,18 +25,19 @@ from typing import Any, ClassVar
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.keys import PEFT_PREFIX, module_sort_key
-from hydraopt.io.peft import (
+from hydraopt.io.adapter_dir import (
+    check_finite,
     check_same_modules,
     read_adapter_files,
     read_adapter_tensor,
     select_modules,
     task_names,
 )
-from hydraopt.io.validate import check_finite, check_vera_config_values
+from hydraopt.io.keys import PEFT_PREFIX, module_sort_key
+from hydraopt.io.validate import check_vera_config_values
+from hydraopt.kinds.vera.projections import vera_projections
+from hydraopt.kinds.vera.shapes import module_shapes
 from hydraopt.types import AdapterInfo, ModuleSpec, VeraStack
-from hydraopt.vera.projections import vera_projections
-from hydraopt.vera.shapes import module_shapes
 
 PROJECTION_KEYS = {"A": "base_model.vera_A", "B": "base_model.vera_B"}
 _LAMBDA_KEY = re.compile(r"^(?P<module>.+)\.vera_lambda_(?P<vec>b|d)$")

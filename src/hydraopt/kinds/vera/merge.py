@@ -1,7 +1,7 @@
 """HydraOpt on VeRA vectors: the registered ``hydraopt`` method's VeRA entry point (pure tensors).
 
 Steps, as for LoRA (docs/methods.md): the exact squared-Frobenius solution with hard routing
-(:mod:`hydraopt.vera.solve`), then Adam on the *hard-routed* chosen distance over the dense
+(:mod:`hydraopt.kinds.vera.solve`), then Adam on the *hard-routed* chosen distance over the dense
 ΔW of the chunk's modules, keeping the best iterate per module (never worse than its start).
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from hydraopt.errors import HydraoptError
+from hydraopt.kinds.vera.config import Shared, VeraHydraOptConfig
+from hydraopt.kinds.vera.solve import solve_vera
+from hydraopt.merge.base import check_heads
 from hydraopt.merge.refine import Adam, cosine_lr, hard_routed_error
 from hydraopt.types import MergedVeraStack, VeraStack
-from hydraopt.vera.config import Shared, VeraHydraOptConfig
-from hydraopt.vera.solve import solve_vera
 
 
 def assemble(shared: Shared, s: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor):
@@ -36,9 +36,7 @@ def merge_vera_hydraopt(
     Returns:
         A :class:`MergedVeraStack` (float32).
     """
-    K = stack.lambda_b.shape[1]
-    if config.heads > K:
-        raise HydraoptError(f"--heads {config.heads} exceeds the number of adapters K = {K}")
+    check_heads(config.heads, stack.lambda_b.shape[1])
     s, heads, routing, _ = solve_vera(
         stack.lambda_b,
         stack.lambda_d,

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.io.bundle import (
+from hydraopt.io.adapter_dir import write_task_adapters
+from hydraopt.io.container import (
     DTYPES,
     FORMAT_NAME,
     bundle_fields,
@@ -24,10 +25,9 @@ from hydraopt.io.bundle import (
     read_bundle_tensors,
     write_bundle_dir,
 )
-from hydraopt.io.check_bundle import check_bundle
-from hydraopt.io.export import write_task_adapters
+from hydraopt.kinds.vera.load import PROJECTION_KEYS, lambda_key
+from hydraopt.results import MergedVeraModule
 from hydraopt.types import ModuleSpec, VeraBundle
-from hydraopt.vera.load import PROJECTION_KEYS, lambda_key
 
 VERA_FORMAT_VERSION = 2
 
@@ -46,7 +46,8 @@ def save_vera_bundle(
     routing: dict[str, list[int]] = {}
     modules = []
     for spec in bundle.modules:
-        lam_b, lam_d, route = bundle.merged[spec.name]
+        module = bundle.merged[spec.name]
+        lam_b, lam_d, route = module.lambda_b, module.lambda_d, module.routing
         tensors[f"{spec.name}.lambda_b"] = lam_b.to(DTYPES[dtype]).contiguous()
         tensors[f"{spec.name}.lambda_d"] = lam_d.to(DTYPES[dtype]).contiguous()
         routing[spec.name] = [int(x) for x in route]
@@ -74,17 +75,16 @@ def save_vera_bundle(
         },
         "modules": modules,
         "routing": routing,
-        "storage": bundle.storage,
+        "storage": bundle.storage.to_dict(),
         "adapter_configs": bundle.adapter_configs,
-        "extra": bundle.extra,
+        "extra": bundle.provenance.to_dict(),
     }
     return write_bundle_dir(out, tensors, meta, force=force)
 
 
 def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
     """The VeRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
-    tensors = read_bundle_tensors(path)
-    check_bundle(meta, tensors, path)
+    tensors = read_bundle_tensors(path, meta)
     try:
         projections = (tensors["vera_A"].float(), tensors["vera_B"].float())
         modules, merged = [], {}
@@ -92,7 +92,7 @@ def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
             spec = ModuleSpec(name=m["name"], d=m["d"], k=m["k"], r=m["r"])
             modules.append(spec)
             routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
-            merged[spec.name] = (
+            merged[spec.name] = MergedVeraModule(
                 tensors[f"{spec.name}.lambda_b"].float(),
                 tensors[f"{spec.name}.lambda_d"].float(),
                 routing,

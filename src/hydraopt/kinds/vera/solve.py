@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from hydraopt.kinds.vera.config import Shared
 from hydraopt.merge.routing import kmeans_pp, lloyd
-from hydraopt.vera.config import Shared
 
 _EPS = 1e-30
 

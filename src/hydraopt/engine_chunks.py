@@ -1,0 +1,160 @@
+"""The local engine's unit of work: plan same-shaped module chunks and merge one of them.
+
+Modules are grouped by shape and merged in chunks whose dense size stays under a memory budget, so
+memory is bounded by a few modules at a time whatever K and the model size. Each chunk gets its own
+generator seeded from (seed, first module name), so results do not depend on which process or in
+what order chunks run. Both engines (this process, :mod:`hydraopt.engine_ray`) run these
+functions; the adapter set's kind reads the chunk and picks the method's entry point.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from hydraopt.devices import check_device
+from hydraopt.errors import HydraoptError
+from hydraopt.io.container import DTYPES
+from hydraopt.kinds.base import GroupMerge
+from hydraopt.kinds.registry import get_kind
+from hydraopt.merge.base import MergeContext
+from hydraopt.merge.refine import distance_to_zero, hard_routed_error
+from hydraopt.merge.registry import get_method
+from hydraopt.results import MergedModule, MergedVeraModule
+from hydraopt.types import ModuleSpec
+
+DEFAULT_CHUNK_ELEMENTS = 2**22  # dense (G, K, d, k) floats per chunk: 16 MiB in float32; larger
+# chunks were measured slower on CPU (allocator churn and cache misses in the refinement loop)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to run a merge (not what to compute: that is the method's config).
+
+    Attributes:
+        seed: root of every generator.
+        device: ``cpu`` or ``cuda``.
+        chunk_elements: memory budget of one chunk, counted as G * K * d * k.
+        error_distance: distance used for the hard-routed error stored in the bundle.
+        engine: ``local`` (this process) or ``ray`` (module groups as Ray tasks).
+        address: Ray cluster address (``None``: start a local Ray instance).
+        ray_cpus: CPUs of a local Ray instance.
+        ray_threads: torch threads inside each Ray task.
+        result_dtype: dtype the merged factors are kept in as chunks finish (``float16``,
+            ``bfloat16``, ``float32``; ``None``: as computed, float32). The CLI keeps them in
+            the bundle's storage dtype: at M = K the result grows with K and, held in float32,
+            would be the largest thing in memory (twice what gets written).
+    """
+
+    seed: int = 0
+    device: str = "cpu"
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    error_distance: str = "mae"
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    ray_cpus: int | None = None
+    ray_threads: int = 1
+    result_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.result_dtype is not None and self.result_dtype not in DTYPES:
+            raise HydraoptError(
+                f"result_dtype must be one of {sorted(DTYPES)} or None, got {self.result_dtype!r}"
+            )
+
+
+def plan_chunks(
+    modules: Sequence[ModuleSpec], num_tasks: int, chunk_elements: int
+) -> list[list[ModuleSpec]]:
+    """Same-shaped modules, in order, cut so that G * K * d * k <= chunk_elements (G >= 1)."""
+    groups: dict[tuple[int, int, int], list[ModuleSpec]] = {}
+    for m in modules:
+        groups.setdefault(m.shape_key, []).append(m)
+    chunks: list[list[ModuleSpec]] = []
+    for mods in groups.values():
+        per = max(1, chunk_elements // (num_tasks * mods[0].d * mods[0].k))
+        chunks.extend(mods[i : i + per] for i in range(0, len(mods), per))
+    return chunks
+
+
+def chunk_generator(seed: int, first_module: str, device: str) -> torch.Generator:
+    """A generator that depends only on the seed and the chunk's first module."""
+    derived = (seed * 1_000_003 + zlib.crc32(first_module.encode())) % (2**63)
+    return torch.Generator(device=device).manual_seed(derived)
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    """One merged module as a chunk returns it.
+
+    Attributes:
+        merged: the kind's record (:class:`~hydraopt.results.MergedModule` or
+            :class:`~hydraopt.results.MergedVeraModule`), float32 on the CPU.
+        errors: per task, the hard-routed error f(ΔW_i, ΔW'_i).
+        zero_errors: per task, f(ΔW_i, 0).
+    """
+
+    merged: MergedModule | MergedVeraModule
+    errors: list[float]
+    zero_errors: list[float]
+
+
+ChunkResult = dict[str, ModuleResult]
+
+
+def merge_chunk(
+    aset: Any,
+    chunk: Sequence[ModuleSpec],
+    method_name: str,
+    config: Any,
+    options: EngineOptions,
+) -> ChunkResult:
+    """Merge one chunk; returns module -> its :class:`ModuleResult` (record and errors)."""
+    method = get_method(method_name)
+    context = MergeContext(num_tasks=len(aset.tasks), num_factor_tensors=2 * len(aset.modules))
+    gen = chunk_generator(options.seed, chunk[0].name, options.device)
+    group = get_kind(aset.kind).merge_group(
+        method, aset, chunk, config, generator=gen, context=context, device=options.device
+    )
+    measured = group.measured
+    if measured is not None and measured.distance == options.error_distance:
+        return _chunk_result(chunk, group, measured.error, measured.zero)
+    with torch.no_grad():
+        err = hard_routed_error(
+            group.targets, group.lora_a, group.lora_heads, group.routing, options.error_distance
+        )
+        # f(ΔW, 0): the error of storing nothing, the yardstick for "relative error".
+        zero = distance_to_zero(group.targets, options.error_distance)
+    return _chunk_result(chunk, group, err, zero)
+
+
+def _chunk_result(
+    chunk: Sequence[ModuleSpec], group: GroupMerge, err: torch.Tensor, zero: torch.Tensor
+) -> ChunkResult:
+    """Per module: the kind's record (G-batched tensors split here, on the CPU), errors as floats."""
+    first, second, routing = group.stored
+    return {
+        spec.name: ModuleResult(
+            group.record_type(
+                first[g].detach().float().cpu().contiguous(),
+                second[g].detach().float().cpu().contiguous(),
+                routing[g].cpu().contiguous(),
+            ),
+            [float(e) for e in err[g].cpu()],
+            [float(z) for z in zero[g].cpu()],
+        )
+        for g, spec in enumerate(chunk)
+    }
+
+
+def iter_merged(
+    aset: Any, method_name: str, config: Any, options: EngineOptions
+) -> Iterator[tuple[int, ChunkResult]]:
+    """Yield (modules done in this chunk, chunk result) chunk by chunk (local engine)."""
+    for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements):
+        yield len(chunk), merge_chunk(aset, chunk, method_name, config, options)

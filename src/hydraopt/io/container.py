@@ -1,0 +1,106 @@
+"""The bundle container, whatever the adapter kind: ``bundle.json`` + ``tensors.safetensors``.
+
+Versioned; documented in docs/bundle-format.md. This module knows the directory layout, the
+format name and version checks and the metadata fields every kind writes alike; which tensors a
+bundle holds is the kind's business (:mod:`hydraopt.kinds.lora.bundle`,
+:mod:`hydraopt.kinds.vera.bundle`). Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hydraopt.errors import HydraoptError
+from hydraopt.io.atomic import atomic_dir
+from hydraopt.io.check_bundle import check_bundle, check_bundle_header
+from hydraopt.results import Provenance, StorageReport
+from hydraopt.types import ModuleSpec
+
+FORMAT_NAME = "hydraopt-bundle"
+FORMAT_VERSION = 1  # what LoRA bundles are written as (unchanged since version 1)
+NEWEST_FORMAT_VERSION = 2  # version 2 adds ``adapter_kind`` (VeRA bundles); readers take both
+META_NAME = "bundle.json"
+TENSORS_NAME = "tensors.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def provenance_meta(bundle: Any, dtype: str) -> dict[str, Any]:
+    """The ``bundle.json`` fields every bundle kind writes alike, in the format's key order."""
+    return {
+        "library_version": bundle.provenance.library_version,
+        "method": bundle.method,
+        "config": bundle.config,
+        "tasks": list(bundle.tasks),
+        "base_model": bundle.base_model,
+        "dtype": dtype,
+    }
+
+
+def write_bundle_dir(
+    out: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, force: bool
+) -> Path:
+    """Write ``tensors.safetensors`` and ``bundle.json`` into the directory ``out`` atomically."""
+    with atomic_dir(Path(out), force=force) as tmp:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def read_bundle_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of the bundle dir ``path`` (as stored), validated with its ``meta``.
+
+    Bundles are files people share: the one validation layer (:func:`check_bundle`) runs here,
+    for every kind, before any tensor is used.
+    """
+    tensor_path = path / TENSORS_NAME
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as e:
+        raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
+    check_bundle(meta, tensors, path)
+    return tensors
+
+
+def bundle_fields(
+    meta: dict[str, Any], modules: list[ModuleSpec], merged: dict[str, Any]
+) -> dict[str, Any]:
+    """The constructor arguments every bundle kind reads alike from its ``bundle.json``."""
+    return {
+        "method": meta["method"],
+        "config": meta["config"],
+        "tasks": tuple(meta["tasks"]),
+        "base_model": meta["base_model"],
+        "modules": tuple(modules),
+        "merged": merged,
+        "adapter_configs": meta["adapter_configs"],
+        "storage": StorageReport.from_dict(meta["storage"]),
+        "provenance": Provenance.from_dict(meta.get("extra", {}), meta.get("dtype")),
+    }
+
+
+def read_bundle_meta(path: str | Path) -> dict[str, Any]:
+    """The checked ``bundle.json`` of a bundle dir (format name and version)."""
+    path = Path(path)
+    meta_path, tensor_path = path / META_NAME, path / TENSORS_NAME
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise HydraoptError(f"{path}: not a hydraopt bundle (needs {META_NAME} and {TENSORS_NAME})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
+        raise HydraoptError(f"{meta_path}: corrupt bundle metadata ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise HydraoptError(f"{meta_path}: not a hydraopt bundle (format={found!r})")
+    check_bundle_header(meta, meta_path)
+    if int(meta.get("format_version", 0)) > NEWEST_FORMAT_VERSION:
+        raise HydraoptError(
+            f"{path}: bundle format {meta['format_version']} is newer than this hydraopt "
+            f"({NEWEST_FORMAT_VERSION}); upgrade hydraopt"
+        )
+    return meta

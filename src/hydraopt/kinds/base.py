@@ -1,0 +1,125 @@
+"""The one interface every adapter kind implements (PEFT's one-package-per-tuner, for merging).
+
+A kind (LoRA, VeRA) knows its PEFT config and key layout, how to read K adapter dirs into a lazy
+adapter set, which config a merge method takes for it and which of the method's entry points to
+call, what its bundle tensors and PEFT export look like, how its storage is counted and how a
+bundle's task is applied to a model in memory. Everything outside :mod:`hydraopt.kinds` talks to
+the kind through :func:`hydraopt.kinds.registry.get_kind`, never by ``isinstance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from hydraopt.merge.base import MergeContext, MergeMethod
+from hydraopt.merge.refine import Targets
+from hydraopt.results import MergedModule, MergedVeraModule, Provenance
+from hydraopt.types import Measured, ModuleSpec
+
+
+@dataclass(frozen=True)
+class GroupMerge:
+    """What the engine gets back from merging one chunk of G same-shaped modules.
+
+    Attributes:
+        stored: the kind's bundle tensors, G-batched, routing last: LoRA (A' (G, r, k),
+            heads (G, M, d, r), routing (G, K)); VeRA (λb rows (G, Mb, d), λd rows (G, Md, r),
+            routing (G, K)).
+        targets: the K original updates, dense (G, K, d, k) or factored, for error measurement.
+        lora_a: (G, r, k) the merge in LoRA form (every kind reduces to it): ΔW'_i =
+            lora_heads[routing[i]] @ lora_a.
+        lora_heads: (G, M, d, r).
+        record_type: the kind's per-module record, built from one module's slice of ``stored``.
+        measured: errors the method measured itself, or None.
+    """
+
+    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    targets: Targets
+    lora_a: torch.Tensor
+    lora_heads: torch.Tensor
+    record_type: type[MergedModule] | type[MergedVeraModule]
+    measured: Measured | None = None
+
+    @property
+    def routing(self) -> torch.Tensor:
+        """(G, K) head index per module and task."""
+        return self.stored[2]
+
+
+class AdapterKind(Protocol):
+    """One adapter kind. ``name`` is the adapter set's ``kind`` and a bundle's ``adapter_kind``."""
+
+    name: str
+    display_name: str  # as users write it: "LoRA", "VeRA"
+    peft_type: str  # adapter_config.json's peft_type
+
+    def load_adapter_set(
+        self,
+        dirs: Sequence[Path],
+        tasks: Sequence[str],
+        *,
+        allow_pickle: bool,
+        check_values: bool,
+        base_model: str | Path | None,
+    ) -> Any:
+        """K validated adapter dirs of this kind as a lazy adapter set."""
+        ...
+
+    def config_class(self, method: MergeMethod) -> type:
+        """The config class ``method`` takes for this kind (refuses a method that has none)."""
+        ...
+
+    def merge_group(
+        self,
+        method: MergeMethod,
+        aset: Any,
+        chunk: Sequence[ModuleSpec],
+        config: Any,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+        device: str,
+    ) -> GroupMerge:
+        """Read ``chunk``'s tensors and run the method's entry point for this kind."""
+        ...
+
+    def build_bundle(
+        self,
+        aset: Any,
+        method: str,
+        config: dict[str, Any],
+        merged: dict[str, Any],
+        provenance: Provenance,
+        bytes_per_param: int,
+    ) -> Any:
+        """The in-memory bundle of a finished merge (with its storage accounting)."""
+        ...
+
+    def save_bundle(self, bundle: Any, out: str | Path, *, dtype: str, force: bool) -> Path:
+        """Write the bundle dir atomically."""
+        ...
+
+    def load_bundle(self, path: Path, meta: dict[str, Any]) -> Any:
+        """Read the bundle dir whose checked ``bundle.json`` is ``meta``."""
+        ...
+
+    def export_adapters(
+        self,
+        bundle: Any,
+        out: str | Path,
+        *,
+        tasks: list[str] | None,
+        force: bool,
+        dtype: str | None,
+    ) -> dict[str, Path]:
+        """One PEFT adapter dir of this kind per task."""
+        ...
+
+    def task_weights(self, bundle: Any, task: str) -> Any:
+        """What :func:`hydraopt.eval.generate.applied_adapter` applies for ``task`` in memory."""
+        ...

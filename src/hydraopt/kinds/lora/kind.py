@@ -1,0 +1,117 @@
+"""The LoRA adapter kind: ΔW = scale · B A per module, merged into a shared A' and M heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hydraopt.kinds.base import GroupMerge
+from hydraopt.kinds.lora.bundle import (
+    export_lora_adapters,
+    load_lora_bundle_from_meta,
+    save_lora_bundle,
+)
+from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
+from hydraopt.merge.base import MergeContext, MergeMethod
+from hydraopt.merge.refine import FactorTargets
+from hydraopt.results import MergedModule, Provenance
+from hydraopt.storage import storage_report
+from hydraopt.types import Bundle, ModuleSpec
+
+
+class LoraKind:
+    """PEFT LoRA adapters (``peft_type: "LORA"``); see :class:`hydraopt.kinds.base.AdapterKind`."""
+
+    name = "lora"
+    display_name = "LoRA"
+    peft_type = "LORA"
+
+    def load_adapter_set(
+        self,
+        dirs: Sequence[Path],
+        tasks: Sequence[str],
+        *,
+        allow_pickle: bool,
+        check_values: bool,
+        base_model: str | Path | None,
+    ) -> AdapterSet:
+        # base_model is a VeRA need (input features); LoRA's A already has them.
+        return load_lora_adapter_set(
+            dirs, tasks, allow_pickle=allow_pickle, check_values=check_values
+        )
+
+    def config_class(self, method: MergeMethod) -> type:
+        return method.config_class
+
+    def merge_group(
+        self,
+        method: MergeMethod,
+        aset: AdapterSet,
+        chunk: Sequence[ModuleSpec],
+        config: Any,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+        device: str,
+    ) -> GroupMerge:
+        stack = aset.load_stack(chunk).to(device)
+        out = method.merge(stack, config, generator=generator, context=context)
+        # The updates stay factored: errors are formed a few tasks at a time (memory flat in K).
+        return GroupMerge(
+            stored=(out.A, out.heads, out.routing),
+            targets=FactorTargets(stack.A, stack.scaled_B),
+            lora_a=out.A,
+            lora_heads=out.heads,
+            record_type=MergedModule,
+            measured=out.measured,
+        )
+
+    def build_bundle(
+        self,
+        aset: AdapterSet,
+        method: str,
+        config: dict[str, Any],
+        merged: dict[str, MergedModule],
+        provenance: Provenance,
+        bytes_per_param: int,
+    ) -> Bundle:
+        heads = {name: m.num_heads for name, m in merged.items()}
+        return Bundle(
+            method=method,
+            config=config,
+            tasks=aset.tasks,
+            base_model=aset.base_model,
+            modules=aset.modules,
+            merged={m.name: merged[m.name] for m in aset.modules},
+            adapter_configs={info.task: info.config for info in aset.adapters},
+            scales=aset.scales,
+            storage=storage_report(aset.modules, len(aset.tasks), heads, bytes_per_param),
+            provenance=provenance,
+        )
+
+    def save_bundle(self, bundle: Bundle, out: str | Path, *, dtype: str, force: bool) -> Path:
+        return save_lora_bundle(bundle, out, dtype=dtype, force=force)
+
+    def load_bundle(self, path: Path, meta: dict[str, Any]) -> Bundle:
+        return load_lora_bundle_from_meta(path, meta)
+
+    def export_adapters(
+        self,
+        bundle: Bundle,
+        out: str | Path,
+        *,
+        tasks: list[str] | None,
+        force: bool,
+        dtype: str | None,
+    ) -> dict[str, Path]:
+        return export_lora_adapters(bundle, out, tasks=tasks, force=force, dtype=dtype)
+
+    def task_weights(self, bundle: Bundle, task: str) -> dict[str, tuple[Any, Any, float]]:
+        """``{module: (A', B', 1.0)}``: the bundle's heads already carry the LoRA scale."""
+        return {name: (a, b, 1.0) for name, (a, b) in bundle.task_factors(task).items()}
+
+
+LORA = LoraKind()

@@ -1,0 +1,152 @@
+"""Typed results of a merge: one record per merged module, the storage report, the provenance.
+
+They replace anonymous tuples and free-form dicts: a merged LoRA module is ``MergedModule(A,
+heads, routing)``, a VeRA one ``MergedVeraModule(lambda_b, lambda_d, routing)`` (not a tuple
+whose first two entries mean different things per kind); storage and provenance are dataclasses
+whose ``to_dict`` gives the bundle.json entries, key for key, in the format's order
+(docs/bundle-format.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class MergedModule:
+    """One module of a LoRA bundle.
+
+    Attributes:
+        A: (r, k) shared A'.
+        heads: (M, d, r) the B' heads, LoRA scale folded in.
+        routing: (K,) int64 head index per task.
+    """
+
+    A: torch.Tensor
+    heads: torch.Tensor
+    routing: torch.Tensor
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.heads.shape[0])
+
+    def cast(self, dtype: torch.dtype) -> MergedModule:
+        """The factors in ``dtype`` (the routing stays int64)."""
+        return MergedModule(self.A.to(dtype), self.heads.to(dtype), self.routing)
+
+
+@dataclass(frozen=True)
+class MergedVeraModule:
+    """One module of a VeRA bundle: one vector shared by every task, M rows of the other.
+
+    Attributes:
+        lambda_b: (Mb, d) λb rows.
+        lambda_d: (Md, r) λd rows; Mb == 1 or Md == 1.
+        routing: (K,) int64 index into the side with M rows (all zeros when M = 1).
+    """
+
+    lambda_b: torch.Tensor
+    lambda_d: torch.Tensor
+    routing: torch.Tensor
+
+    @property
+    def num_heads(self) -> int:
+        """M: the rows of the routed vector."""
+        return max(int(self.lambda_b.shape[0]), int(self.lambda_d.shape[0]))
+
+    def cast(self, dtype: torch.dtype) -> MergedVeraModule:
+        """The vectors in ``dtype`` (the routing stays int64)."""
+        return MergedVeraModule(self.lambda_b.to(dtype), self.lambda_d.to(dtype), self.routing)
+
+
+@dataclass(frozen=True)
+class StorageReport:
+    """Exact parameter and byte accounting of a bundle against K separate adapters.
+
+    Attributes:
+        adapters_params: parameters of the K separate adapters.
+        bundle_params: parameters of the bundle (the routing table is not counted, as in the paper).
+        storage_percent: S = 100 * bundle_params / adapters_params.
+        saved_percent: 100 - S.
+        bytes_per_param: the storage dtype's size.
+        adapters_bytes: adapters_params * bytes_per_param.
+        bundle_bytes: bundle_params * bytes_per_param.
+        routing_entries: K per module.
+        projection_params: VeRA only: the shared frozen projections (reported, not counted).
+    """
+
+    adapters_params: int
+    bundle_params: int
+    storage_percent: float
+    saved_percent: float
+    bytes_per_param: int
+    adapters_bytes: int
+    bundle_bytes: int
+    routing_entries: int
+    projection_params: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle.json ``storage`` entry (``projection_params`` only where there is one)."""
+        out = dataclasses.asdict(self)
+        if self.projection_params is None:
+            del out["projection_params"]
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        """``report["storage_percent"]``: the bundle.json key, for code that reads the JSON form."""
+        if key not in self.to_dict():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StorageReport:
+        """Read a bundle.json ``storage`` entry."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a bundle was made, and the errors measured on the way (bundle.json ``extra``).
+
+    Attributes:
+        library_version: hydraopt version that merged it.
+        seed: root of every generator.
+        device: where it was merged.
+        merge_seconds: wall time of the merge.
+        error_distance: the distance of ``errors`` and ``zero_errors``.
+        errors: module -> per task f(ΔW_i, ΔW'_i), the hard-routed error.
+        zero_errors: module -> per task f(ΔW_i, 0), the error of storing nothing.
+        sources: task -> the adapter dir it was merged from.
+        in_features_source: VeRA only: where each module's input features came from.
+        dtype: the storage dtype a loaded bundle was read from (None in memory; not written).
+    """
+
+    library_version: str | None = None
+    seed: int | None = None
+    device: str | None = None
+    merge_seconds: float | None = None
+    error_distance: str = "mae"
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    zero_errors: dict[str, list[float]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    in_features_source: str | None = None
+    dtype: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle.json ``extra`` entry, in the format's key order."""
+        out = dataclasses.asdict(self)
+        del out["dtype"]
+        if self.in_features_source is None:
+            del out["in_features_source"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], dtype: str | None = None) -> Provenance:
+        """Read a bundle.json ``extra`` entry (unknown keys of other versions are dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        return cls(**{k: v for k, v in data.items() if k in names}, dtype=dtype)
