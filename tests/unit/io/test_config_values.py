@@ -14,12 +14,11 @@ from hydraopt.devices import check_device
 from hydraopt.errors import HydraoptError
 from hydraopt.io.validate import (
     check_floating,
-    check_lora_config,
     check_option_values,
     check_vera_config_values,
     load_pickled_tensors,
-    lora_scale,
 )
+from hydraopt.kinds.lora.config import check_lora_config, lora_scale
 from hydraopt.threads import check_threads
 
 GOOD = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": "tiny"}
