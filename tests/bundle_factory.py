@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hydraopt.io.bundle import META_NAME, TENSORS_NAME, save_bundle
+from hydraopt.results import MergedModule, MergedVeraModule, Provenance, StorageReport
 from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 
 TASKS = ("alpha", "beta", "gamma")
@@ -18,8 +19,11 @@ STORAGE = {
     "adapters_params": 100,
     "bundle_params": 50,
     "storage_percent": 50.0,
+    "saved_percent": 50.0,
+    "bytes_per_param": 4,
     "adapters_bytes": 400,
     "bundle_bytes": 200,
+    "routing_entries": 6,
 }
 MODULES = (ModuleSpec("layers.0.q", d=4, k=3, r=2), ModuleSpec("layers.0.k", d=2, k=3, r=2))
 
@@ -29,7 +33,7 @@ def lora_bundle(heads: int = 2) -> Bundle:
     gen = torch.Generator().manual_seed(0)
     route = torch.tensor([0, 1, 1] if heads > 1 else [0, 0, 0])
     merged = {
-        m.name: (
+        m.name: MergedModule(
             torch.randn(m.r, m.k, generator=gen),
             torch.randn(heads, m.d, m.r, generator=gen),
             route,
@@ -45,8 +49,8 @@ def lora_bundle(heads: int = 2) -> Bundle:
         merged=merged,
         adapter_configs={t: {"peft_type": "LORA", "r": 2, "lora_alpha": 4} for t in TASKS},
         scales={t: {m.name: 2.0 for m in MODULES} for t in TASKS},
-        storage=STORAGE,
-        extra={"library_version": "test"},
+        storage=StorageReport.from_dict(STORAGE),
+        provenance=Provenance(library_version="test"),
     )
 
 
@@ -55,7 +59,9 @@ def vera_bundle(heads: int = 2) -> VeraBundle:
     gen = torch.Generator().manual_seed(1)
     route = torch.tensor([0, 1, 1] if heads > 1 else [0, 0, 0])
     merged = {
-        m.name: (torch.randn(heads, m.d, generator=gen), torch.randn(1, m.r, generator=gen), route)
+        m.name: MergedVeraModule(
+            torch.randn(heads, m.d, generator=gen), torch.randn(1, m.r, generator=gen), route
+        )
         for m in MODULES
     }
     return VeraBundle(
@@ -67,8 +73,8 @@ def vera_bundle(heads: int = 2) -> VeraBundle:
         merged=merged,
         projections=(torch.randn(2, 3, generator=gen), torch.randn(4, 2, generator=gen)),
         adapter_configs={t: {"peft_type": "VERA", "r": 2} for t in TASKS},
-        storage=STORAGE,
-        extra={"library_version": "test"},
+        storage=StorageReport.from_dict(STORAGE),
+        provenance=Provenance(library_version="test"),
     )
 
 

@@ -20,7 +20,7 @@ from hydraopt.engine_chunks import (
     plan_chunks,
 )
 from hydraopt.errors import HydraoptError
-from hydraopt.io.container import DTYPES
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.base import build_config, config_to_dict, method_heads
 from hydraopt.merge.registry import get_method

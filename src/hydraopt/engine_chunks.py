@@ -18,7 +18,7 @@ import torch
 
 from hydraopt.devices import check_device
 from hydraopt.errors import HydraoptError
-from hydraopt.io.container import DTYPES
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.base import GroupMerge
 from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.base import MergeContext

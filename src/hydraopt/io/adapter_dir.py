@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir, mark_export
-from hydraopt.io.container import DTYPES
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.names import check_task_names, select_tasks
 from hydraopt.io.validate import check_floating, load_pickled_tensors
 from hydraopt.types import AdapterInfo, Bundle, ModuleSpec, VeraBundle

@@ -12,7 +12,6 @@ from typing import Any
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.container import (
-    DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_NAME,
@@ -20,6 +19,7 @@ from hydraopt.io.container import (
     TENSORS_NAME,
     read_bundle_meta,
 )
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.registry import get_kind
 from hydraopt.types import Bundle
 

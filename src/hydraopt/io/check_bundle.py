@@ -19,6 +19,7 @@ from typing import Any, TypeGuard
 import torch
 
 from hydraopt.errors import HydraoptError
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.names import check_task_names
 
 ADAPTER_KINDS = ("lora", "vera")
@@ -96,19 +97,18 @@ def _check_common_fields(meta: dict[str, Any], where: Any) -> list[str]:
             raise HydraoptError(f"{where}: adapter_configs has no object for task {task!r}")
     if "extra" in meta:
         _require(meta, "extra", dict, where)
-    if "dtype" in meta:
-        from hydraopt.io.bundle import DTYPES  # it imports this module
-
-        if meta["dtype"] not in DTYPES:
-            raise HydraoptError(
-                f"{where}: dtype must be one of {sorted(DTYPES)}, got {meta['dtype']!r}"
-            )
+    if "dtype" in meta and meta["dtype"] not in DTYPES:
+        raise HydraoptError(
+            f"{where}: dtype must be one of {sorted(DTYPES)}, got {meta['dtype']!r}"
+        )
     return tasks
 
 
 STORAGE_NUMBERS: tuple[str, ...] = ("adapters_params", "bundle_params", "storage_percent")
-STORAGE_NUMBERS += ("adapters_bytes", "bundle_bytes")
+STORAGE_NUMBERS += ("saved_percent", "bytes_per_param", "adapters_bytes", "bundle_bytes")
+STORAGE_NUMBERS += ("routing_entries",)  # every field the typed StorageReport is built from
 EXTRA_TYPES: dict[str, type] = {"merge_seconds": float, "error_distance": str, "seed": int}
+OPTIONAL_EXTRA = ("merge_seconds", "seed")  # null in a bundle built in memory without them
 
 
 def _check_report_fields(meta: dict[str, Any], K: int, where: Any) -> None:
@@ -127,6 +127,8 @@ def _check_report_fields(meta: dict[str, Any], K: int, where: Any) -> None:
     for key, kind in EXTRA_TYPES.items():
         value = extra.get(key)
         ok = is_number(value) if kind is float else isinstance(value, kind)
+        if value is None and key in OPTIONAL_EXTRA:
+            continue
         if key in extra and (not ok or isinstance(value, bool)):
             raise HydraoptError(f"{where}: extra.{key} must be {JSON_NAMES[kind]}, got {value!r}")
     for key in ("errors", "zero_errors"):

@@ -27,7 +27,6 @@ FORMAT_VERSION = 1  # what LoRA bundles are written as (unchanged since version 
 NEWEST_FORMAT_VERSION = 2  # version 2 adds ``adapter_kind`` (VeRA bundles); readers take both
 META_NAME = "bundle.json"
 TENSORS_NAME = "tensors.safetensors"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def provenance_meta(bundle: Any, dtype: str) -> dict[str, Any]:

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from hydraopt.runtime.model import RuntimeModel
+
+class RuntimeModel(Protocol):
+    """What decoding needs of :class:`hydraopt.runtime.model.RuntimeModel` (a protocol, so that
+    this module and the model's module do not import each other)."""
+
+    model: Any  # a transformers causal LM with the routed layers installed
+    tokenizer: Any
+
+    def routed(self, tasks: Sequence[str] | torch.Tensor) -> AbstractContextManager[None]: ...
+
 
 FinishReason = Literal["stop", "length"]
 

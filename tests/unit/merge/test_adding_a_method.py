@@ -89,7 +89,7 @@ def adapters(make_adapter, tmp_path):
 
 
 def subcommand_help(name: str) -> str:
-    parser = build_parser()
+    parser = build_parser(name)  # the lazy CLI registers only the named subcommand
     sub = next(a for a in parser._actions if a.dest == "command")
     return sub.choices[name].format_help()  # type: ignore[attr-defined]
 

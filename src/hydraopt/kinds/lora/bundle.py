@@ -17,7 +17,6 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.io.adapter_dir import write_task_adapters
 from hydraopt.io.container import (
-    DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
     TENSORS_NAME,
@@ -26,6 +25,7 @@ from hydraopt.io.container import (
     read_bundle_tensors,
     write_bundle_dir,
 )
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.keys import lora_key
 from hydraopt.results import MergedModule
 from hydraopt.types import Bundle, ModuleSpec

@@ -18,13 +18,13 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.io.adapter_dir import write_task_adapters
 from hydraopt.io.container import (
-    DTYPES,
     FORMAT_NAME,
     bundle_fields,
     provenance_meta,
     read_bundle_tensors,
     write_bundle_dir,
 )
+from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.vera.load import PROJECTION_KEYS, lambda_key
 from hydraopt.results import MergedVeraModule
 from hydraopt.types import ModuleSpec, VeraBundle
