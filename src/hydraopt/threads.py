@@ -4,7 +4,7 @@ PyTorch's CPU kernels run on OpenMP. Left to its default wait policy, every Open
 spinning for a while after each parallel region, waiting for the next one; when other processes
 want the same cores, those spinning threads steal their time slices from the threads doing the
 work, and a merge on a busy machine ran 4-5x slower than with ``OMP_WAIT_POLICY=PASSIVE``
-(workers sleep at once; benchmarks/HARDENING.md). The Makefile set it; users' shells do not.
+(workers sleep at once; benchmarks/RESULTS.md section 10). The Makefile set it; users' shells do not.
 OpenMP reads the variable once, when torch loads its runtime, so it has to be set before the
 first ``import torch``: this module must not import torch.
 """
