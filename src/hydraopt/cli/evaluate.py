@@ -93,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build systems (merging first if asked), evaluate, write the report; returns 0."""
+    from hydraopt.threads import check_threads
+
+    check_threads(args.threads)  # before minutes of model loading, not inside torch
     from hydraopt.cli.display import print_table
     from hydraopt.eval.harness import EvalConfig, evaluate
     from hydraopt.eval.report import write_report

@@ -124,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
         0 on success, 2 for a problem the user can fix (bad flag value, missing task, existing
         output dir); the message goes to stderr.
     """
+    from pathlib import Path
+
+    from hydraopt.io.atomic import check_output_dir
+    from hydraopt.threads import check_threads
+
+    check_threads(args.threads)
+    check_output_dir(Path(args.out), force=args.force, force_hint="--force")
     try:
         config = config_from_args(args)
         task_dir = resolve_task_dir(args.task, args.tasks_root)

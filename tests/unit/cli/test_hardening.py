@@ -277,3 +277,27 @@ def test_an_adapter_given_as_dot_needs_explicit_names(adapters, tmp_path, capsys
     err = refused(argv, tmp_path, capsys, expect="task name '' is empty")
     assert "pass names" in err
     assert main([*map(str, argv), "--names", "first", "second"]) == 0
+
+
+@pytest.mark.parametrize(
+    "command", [["evaluate", "--tasks", "en-qa", "--system", "zero-shot"], ["finetune", "en-qa"]]
+)
+def test_eval_commands_refuse_bad_threads_in_one_line(command, tmp_path, capsys):
+    from hydraopt.cli.main import main
+
+    assert main([*command, "--out", str(tmp_path / "o"), "--threads", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "threads must be a positive integer" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_refuses_a_user_dir_naming_the_cli_flag(tmp_path, capsys):
+    from hydraopt.cli.main import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert main(["finetune", "en-qa", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "force=True" not in err
+    assert (out / "notes.txt").read_text() == "keep"
