@@ -9,8 +9,13 @@ runs, then runs the same merge once per setup, one after another, while the loop
 
 Prints one markdown table of wall seconds and the ratio to ``passive``. Outputs go to a temp dir.
 
-Usage: python benchmarks/busy_machine.py [--adapters DIR] [--modules REGEX] [--heads M]
-           [--before-src DIR] [--load N] [--nice N] [--timeout S]
+``--command sweep`` times ``hydraopt sweep`` (HydraOpt M = 1, 2 and every baseline) on the same
+slice instead, ``--command evaluate`` ``hydraopt evaluate --tasks en-qa --system zero-shot
+--limit 8`` with a fresh generation cache per run; ``--skip-before`` drops the ``before`` run.
+
+Usage: python benchmarks/busy_machine.py [--command merge|sweep|evaluate] [--adapters DIR]
+           [--modules REGEX] [--heads M] [--before-src DIR] [--skip-before] [--load N]
+           [--nice N] [--timeout S]
 """
 
 from __future__ import annotations
@@ -33,8 +38,7 @@ def run_merge(src: Path, policy: str | None, args: argparse.Namespace, out: Path
     env["PYTHONPATH"] = str(src)
     if policy is not None:
         env["OMP_WAIT_POLICY"] = policy
-    cmd = [sys.executable, "-m", "hydraopt.cli.main", "merge", args.adapters, "--heads"]
-    cmd += [str(args.heads), "--modules", args.modules, "--out", str(out)]
+    cmd = [sys.executable, "-m", "hydraopt.cli.main", *command_args(args, out)]
     start = time.perf_counter()
     try:
         subprocess.run(
@@ -49,8 +53,38 @@ def run_merge(src: Path, policy: str | None, args: argparse.Namespace, out: Path
     return time.perf_counter() - start
 
 
+def command_args(args: argparse.Namespace, out: Path) -> list[str]:
+    """The hydraopt arguments of one timed run (writes only under ``out``)."""
+    if args.command == "sweep":
+        return [
+            "sweep",
+            args.adapters,
+            "--heads",
+            "1",
+            "2",
+            "--modules",
+            args.modules,
+            "--out",
+            str(out),
+        ]
+    if args.command == "evaluate":
+        return ["evaluate", "--tasks", "en-qa", "--system", "zero-shot", "--limit", "8"] + [
+            "--cache",
+            str(out) + "-cache",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    return ["merge", args.adapters, "--heads", str(args.heads), "--modules", args.modules] + [
+        "--out",
+        str(out),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--command", choices=("merge", "sweep", "evaluate"), default="merge")
+    p.add_argument("--skip-before", action="store_true", help="time only this checkout")
     p.add_argument("--adapters", default=str(REPO.parent / "shared" / "adapters"))
     p.add_argument("--modules", default=r"layers\.[0-3]\.")
     p.add_argument("--heads", type=int, default=2)
@@ -63,8 +97,12 @@ def main() -> None:
         subprocess.Popen(["nice", "-n", str(args.nice), sys.executable, "-c", "while True: pass"])
         for _ in range(args.load)
     ]
-    setups = [
-        ("before (OMP_WAIT_POLICY unset)", Path(args.before_src), None),
+    setups = (
+        []
+        if args.skip_before
+        else [("before (OMP_WAIT_POLICY unset)", Path(args.before_src), None)]
+    )
+    setups += [
         ("after (OMP_WAIT_POLICY unset)", REPO / "src", None),
         ("after, OMP_WAIT_POLICY=PASSIVE by the user", REPO / "src", "PASSIVE"),
     ]
@@ -83,7 +121,7 @@ def main() -> None:
     print(
         f"{platform.node()}, {os.cpu_count()} CPUs, load: {args.load} busy loops at nice {args.nice}"
     )
-    print(f"merge {args.adapters} --heads {args.heads} --modules '{args.modules}'\n")
+    print("hydraopt " + " ".join(command_args(args, Path("OUT"))) + "\n")
     print("| setup | wall s | / PASSIVE |\n| --- | ---: | ---: |")
     for label, s in seconds.items():
         if s is None:
