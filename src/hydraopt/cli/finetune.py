@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
     from hydraopt.io.atomic import check_output_dir
     from hydraopt.threads import check_threads
 
-    check_threads(args.threads)
-    check_output_dir(Path(args.out), force=args.force, force_hint="--force")
     try:
+        check_threads(args.threads)
+        check_output_dir(Path(args.out), force=args.force, force_hint="--force")
         config = config_from_args(args)
         task_dir = resolve_task_dir(args.task, args.tasks_root)
         from hydraopt.eval.finetune import finetune  # heavy (transformers): only when used
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.force,
             progress=not args.quiet,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # HydraoptError is a ValueError
         print(f"hydraopt finetune: error: {error}", file=sys.stderr)
         return 2
     print(out)
