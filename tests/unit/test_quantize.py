@@ -3,7 +3,11 @@ as torchao's own quantization primitives (an independent implementation)."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from hydraopt.quantize import (
     quantize,
     quantized_nbytes,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tensor(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -108,11 +114,22 @@ def test_refuses_non_finite_integer_and_huge() -> None:
         quantize(torch.tensor([1e9, 0.0]), 8, 2)
 
 
+def _torchao_primitives():
+    """torchao's quant primitives from ``.venv/reference`` (the Makefile puts torchao there, beside
+    the venv: installed in it, peft would import it everywhere and print warnings)."""
+    reference = Path(os.environ.get("HYDRAOPT_REFERENCE", REPO / ".venv" / "reference"))
+    if not (reference / "torchao").is_dir():
+        pytest.skip(f"torchao not found in {reference} (make test installs it there)")
+    sys.path.insert(0, str(reference))
+    try:
+        return importlib.import_module("torchao.quantization.quant_primitives")
+    finally:
+        sys.path.remove(str(reference))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_codes_match_torchao_primitives(bits: int) -> None:
-    ao = pytest.importorskip(
-        "torchao.quantization.quant_primitives", reason="torchao (dev extra) not installed"
-    )
+    ao = _torchao_primitives()
     group = 32
     x = _tensor((16, 96), seed=3)
     q = quantize(x, bits, group)
