@@ -16,11 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from unit.runtime.tiny_chat import CONTEXT, build_adapter, build_tiny_chat_model
-
-import hydraopt
-from hydraopt.eval.generate import generate as peft_generate
-from hydraopt.eval.model import load_base_model
+from unit.runtime.tiny_chat import CONTEXT, build_bundle_and_export, peft_answers
 
 TASKS = ("t0", "t1", "t2")
 PROMPTS = ["hello there", "What is 2+2?", "Fix: she go home", "abc"]
@@ -29,33 +25,14 @@ MAX = 10
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = build_tiny_chat_model(root / "base")
-    dirs = [build_adapter(base, root / t, seed=i) for i, t in enumerate(TASKS)]
-    bundle = hydraopt.merge_adapter_set(hydraopt.load_adapter_set(dirs), "hydraopt", {"heads": 2})
-    hydraopt.save_bundle(bundle, root / "bundle")
-    hydraopt.export_peft_adapters(hydraopt.load_any_bundle(root / "bundle"), root / "export")
-    return base, root / "bundle", root / "export"
+    return build_bundle_and_export(tmp_path_factory.mktemp("serve"), TASKS)
 
 
 @pytest.fixture(scope="module")
 def expected(setup):
     """task -> PEFT's greedy answers to PROMPTS (chat template) with the exported adapter."""
-    from peft import PeftModel
-
     base, _, export = setup
-    out = {}
-    for task in TASKS:
-        model, tokenizer = load_base_model(base)
-        peft = PeftModel.from_pretrained(model, str(export / task)).eval()
-        chat = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in PROMPTS
-        ]
-        out[task] = peft_generate(peft, tokenizer, chat, max_new_tokens=MAX, progress=False)
-    return out
+    return {task: peft_answers(base, export / task, PROMPTS, MAX) for task in TASKS}
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from unit.runtime.tiny_chat import build_adapter, build_tiny_chat_model
+from unit.runtime.tiny_chat import build_bundle_and_export, build_tiny_chat_model, peft_answers
 
-import hydraopt
 from hydraopt.cli.main import main
-from hydraopt.eval.generate import generate as peft_generate
-from hydraopt.eval.model import load_base_model
 
 TASKS = ("t0", "t1")
 PROMPTS = ["hello there", "What is 2+2?", "abc"]
@@ -18,32 +15,12 @@ PROMPTS = ["hello there", "What is 2+2?", "abc"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    base = build_tiny_chat_model(root / "base")
-    dirs = [build_adapter(base, root / t, seed=i) for i, t in enumerate(TASKS)]
-    bundle = hydraopt.merge_adapter_set(hydraopt.load_adapter_set(dirs), "hydraopt", {"heads": 2})
-    hydraopt.save_bundle(bundle, root / "bundle")
-    hydraopt.export_peft_adapters(hydraopt.load_any_bundle(root / "bundle"), root / "export")
-    return base, root / "bundle", root / "export"
-
-
-def peft_answers(base, export, task):
-    from peft import PeftModel
-
-    model, tokenizer = load_base_model(base)
-    peft = PeftModel.from_pretrained(model, str(export / task)).eval()
-    chat = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in PROMPTS
-    ]
-    return peft_generate(peft, tokenizer, chat, max_new_tokens=8, progress=False)
+    return build_bundle_and_export(tmp_path_factory.mktemp("cli"), TASKS)
 
 
 def test_generate_prompt_and_mixed_task_input_equal_peft(setup, tmp_path, capsys):
     base, bundle, export = setup
-    want = {t: peft_answers(base, export, t) for t in TASKS}
+    want = {t: peft_answers(base, export / t, PROMPTS, 8) for t in TASKS}
     args = ["generate", str(bundle), "--base-model", str(base), "--max-tokens", "8"]
     assert main([*args, "--task", "t1", "--prompt", PROMPTS[0]]) == 0
     assert capsys.readouterr().out == want["t1"][0] + "\n"

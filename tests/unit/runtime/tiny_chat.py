@@ -80,3 +80,37 @@ def build_adapter(base: Path, out: Path, *, kind: str = "lora", seed: int = 0, r
                 )
     peft_model.save_pretrained(out)
     return out
+
+
+def build_bundle_and_export(root: Path, tasks: tuple[str, ...]) -> tuple[Path, Path, Path]:
+    """A tiny base, one LoRA per task, their HydraOpt M = 2 bundle and its PEFT export.
+
+    Returns:
+        (base model dir, bundle dir, export dir).
+    """
+    import hydraopt
+
+    base = build_tiny_chat_model(root / "base")
+    dirs = [build_adapter(base, root / t, seed=i) for i, t in enumerate(tasks)]
+    bundle = hydraopt.merge_adapter_set(hydraopt.load_adapter_set(dirs), "hydraopt", {"heads": 2})
+    hydraopt.save_bundle(bundle, root / "bundle")
+    hydraopt.export_peft_adapters(hydraopt.load_any_bundle(root / "bundle"), root / "export")
+    return base, root / "bundle", root / "export"
+
+
+def peft_answers(base: Path, adapter: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """PEFT's greedy answers to ``prompts`` (as chat user turns) with the adapter dir loaded."""
+    from peft import PeftModel
+
+    from hydraopt.eval.generate import generate
+    from hydraopt.eval.model import load_base_model
+
+    model, tokenizer = load_base_model(base)
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    chat = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    return generate(peft, tokenizer, chat, max_new_tokens=max_new_tokens, progress=False)
