@@ -22,7 +22,7 @@ The appendix code initialises C' as softmax(randn(M) / 5), its text says "Gaussi
 ``c_init`` picks either, default Gaussian (as the text and our ``--solver paper``).
 
 Nothing here imports our solver code; only the error of the result is measured with the library's
-:func:`hydraopt.merge.refine.hard_routed_error`.
+:func:`hydraopt.merge.measure.hard_routed_error`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hydraopt.io.peft import AdapterSet
-from hydraopt.merge.refine import hard_routed_error
+from hydraopt.merge.measure import hard_routed_error
 
 PAPER_LR = 0.01
 PAPER_TEMPERATURE = 0.2  # softmax(C'/T); the appendix writes softmax(C' * 5)

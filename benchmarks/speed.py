@@ -200,7 +200,7 @@ def estimate_peak_bytes(module_shapes: Sequence[tuple[int, int]], num_tasks: int
     """
     from hydraopt.engine import DEFAULT_CHUNK_ELEMENTS
     from hydraopt.merge.hydraopt import HydraOptConfig
-    from hydraopt.merge.refine import ERROR_BLOCK
+    from hydraopt.merge.measure import ERROR_BLOCK
 
     sampled = num_tasks > HydraOptConfig.refine_tasks
     dense_tasks = max(HydraOptConfig.refine_tasks, ERROR_BLOCK) if sampled else num_tasks

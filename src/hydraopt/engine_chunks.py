@@ -22,7 +22,7 @@ from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.base import GroupMerge
 from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.base import MergeContext
-from hydraopt.merge.refine import distance_to_zero, hard_routed_error
+from hydraopt.merge.measure import distance_to_zero, hard_routed_error
 from hydraopt.merge.registry import get_method
 from hydraopt.results import MergedModule, MergedVeraModule
 from hydraopt.types import ModuleSpec

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from hydraopt.merge.base import MergeContext, MergeMethod
-from hydraopt.merge.refine import Targets
+from hydraopt.merge.targets import Targets
 from hydraopt.results import MergedModule, MergedVeraModule, Provenance
 from hydraopt.types import Measured, ModuleSpec
 

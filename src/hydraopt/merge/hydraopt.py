@@ -17,24 +17,20 @@ from typing import ClassVar, Literal
 
 import torch
 
+from hydraopt.devices import resolve_precision
 from hydraopt.errors import HydraoptError
 from hydraopt.kinds.vera.config import VeraHydraOptConfig
 from hydraopt.merge.base import MergeContext, check_heads, method_heads
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.distances import DISTANCES, Distance
+from hydraopt.merge.head_scales import fit_head_scales
+from hydraopt.merge.measure import distance_to_zero
 from hydraopt.merge.median_start import median_start
 from hydraopt.merge.paper import paper_solve
-from hydraopt.merge.refine import (
-    FactorTargets,
-    Targets,
-    distance_to_zero,
-    fit_head_scales,
-    refine,
-    resolve_precision,
-    take_targets,
-)
+from hydraopt.merge.refine import refine
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
+from hydraopt.merge.targets import FactorTargets, Targets, take_targets
 from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, VeraStack
 
 # Default refinement schedules (see HydraOptConfig.refine_schedule).

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from hydraopt.merge.kernels import fused_available, medians
-from hydraopt.merge.refine import hard_routed_error
+from hydraopt.merge.measure import hard_routed_error
 
 
 def median_targets(delta: torch.Tensor, routing: torch.Tensor, num_heads: int) -> torch.Tensor:

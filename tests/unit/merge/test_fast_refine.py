@@ -7,15 +7,12 @@ import pytest
 import torch
 from helpers import random_stack
 
+from hydraopt.devices import fast_bfloat16, resolve_precision
 from hydraopt.merge.closed_form import projected_heads, routed_heads, shared_a
+from hydraopt.merge.gradients import MaeWorkspace, mae_value_and_grads
+from hydraopt.merge.measure import hard_routed_error
 from hydraopt.merge.median_start import fit_shared_factors, median_start, median_targets
-from hydraopt.merge.refine import (
-    fast_bfloat16,
-    hard_routed_error,
-    mae_value_and_grads,
-    refine,
-    resolve_precision,
-)
+from hydraopt.merge.refine import refine
 
 
 def closed_form_start(stack, routing, M):
@@ -29,9 +26,13 @@ def test_bfloat16_gradients_follow_float32():
     routing = torch.tensor([[0, 0, 1, 1], [1, 0, 0, 0]])
     a, heads = closed_form_start(stack, routing, 2)
     heads = heads * 1.3  # away from the optimum, so the gradient is not tiny noise
-    ref = mae_value_and_grads(delta, a, heads, routing, torch.empty_like(delta))
+    ref = mae_value_and_grads(
+        delta, a, heads, routing, MaeWorkspace(torch.empty_like(delta), fused=False)
+    )
     low = delta.to(torch.bfloat16)
-    got = mae_value_and_grads(low, a, heads, routing, torch.empty_like(low))
+    got = mae_value_and_grads(
+        low, a, heads, routing, MaeWorkspace(torch.empty_like(low), fused=False)
+    )
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert torch.allclose(got[0], ref[0], rtol=2e-2)
     for g, r in zip(got[1:], ref[1:], strict=True):
@@ -44,9 +45,16 @@ def test_loss_can_be_skipped_without_changing_gradients():
     delta = stack.delta()
     routing = torch.tensor([[0, 1, 0]])
     a, heads = closed_form_start(stack, routing, 2)
-    with_loss = mae_value_and_grads(delta, a, heads, routing, torch.empty_like(delta))
+    with_loss = mae_value_and_grads(
+        delta, a, heads, routing, MaeWorkspace(torch.empty_like(delta), fused=False)
+    )
     without = mae_value_and_grads(
-        delta, a, heads, routing, torch.empty_like(delta), with_loss=False
+        delta,
+        a,
+        heads,
+        routing,
+        MaeWorkspace(torch.empty_like(delta), fused=False),
+        with_loss=False,
     )
     assert without[0] is None
     assert torch.equal(with_loss[1], without[1]) and torch.equal(with_loss[2], without[2])
@@ -194,7 +202,7 @@ def test_float32_routing_search_of_many_adapters_matches_float64(monkeypatch):
 
 
 def test_factor_targets_stand_in_for_the_dense_updates():
-    from hydraopt.merge.refine import FactorTargets
+    from hydraopt.merge.targets import FactorTargets
 
     stack = random_stack(G=2, K=11, d=9, k=8, r=2, seed=19)
     dense = stack.delta()
@@ -257,7 +265,8 @@ def test_best_start_is_the_lowest_kmeans_objective():
 @pytest.mark.parametrize("distance", ["mae", "mse", "fro", "cos"])
 def test_distance_to_zero_is_the_error_of_storing_nothing(distance):
     from hydraopt.merge.distances import get_distance
-    from hydraopt.merge.refine import FactorTargets, distance_to_zero
+    from hydraopt.merge.measure import distance_to_zero
+    from hydraopt.merge.targets import FactorTargets
 
     stack = random_stack(G=2, K=11, d=7, k=6, r=2, seed=23)  # K > ERROR_BLOCK: several blocks
     dense = stack.delta()

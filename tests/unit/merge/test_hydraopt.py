@@ -12,8 +12,9 @@ from hydraopt.errors import HydraoptError
 from hydraopt.merge.base import MergeContext
 from hydraopt.merge.distances import cos, fro, mae, mse
 from hydraopt.merge.hydraopt import HydraOptConfig
+from hydraopt.merge.measure import hard_routed_error
 from hydraopt.merge.paper import init_params, paper_solve
-from hydraopt.merge.refine import hard_routed_error, refine
+from hydraopt.merge.refine import refine
 from hydraopt.merge.registry import get_method
 
 CTX = MergeContext(num_tasks=3, num_factor_tensors=8)
@@ -51,6 +52,18 @@ def test_distances_by_hand():
     # <t, a> = 0 + 4 + 0 + 3 = 7, |t| = sqrt(14), |a| = sqrt(6)
     assert cos(t, a).item() == pytest.approx(1 - 7 / math.sqrt(14 * 6))
     assert cos(t, 2 * t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", ["mae", "mse", "fro"])
+def test_separable_forms_equal_the_distances(name):
+    """The in-place reductions of E alone (measure.py's blocked path) equal the plain formulas."""
+    from hydraopt.merge.distances import SEPARABLE, get_distance
+
+    gen = torch.Generator().manual_seed(4)
+    t, a = torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 3, 5, 4, generator=gen)
+    want = get_distance(name)(t, a)  # (2, 3)
+    assert torch.allclose(SEPARABLE[name](a - t, 5 * 4), want, rtol=1e-6)
+    assert set(SEPARABLE) == {"mae", "mse", "fro"}  # cos needs both norms: not separable
 
 
 @pytest.mark.parametrize("distance", ["mae", "fro", "cos"])
@@ -152,7 +165,7 @@ def test_fast_solver_beats_paper_soft_routing_on_hard_routed_error():
 @pytest.mark.parametrize("num_heads", [1, 2, 3])
 @pytest.mark.parametrize("path", ["per_task", "per_head", "fused"])
 def test_hand_written_mae_gradient_equals_autograd(num_heads, path):
-    from hydraopt.merge.refine import mae_value_and_grads, mae_workspace
+    from hydraopt.merge.gradients import MaeWorkspace, mae_value_and_grads, mae_workspace
 
     stack = random_stack(G=2, K=4, d=6, k=5, r=2, seed=12)
     delta = stack.delta().double()
@@ -178,7 +191,7 @@ def test_hand_written_mae_gradient_equals_autograd(num_heads, path):
         a.detach(),
         heads.detach(),
         routing,
-        torch.empty_like(delta),
+        MaeWorkspace(torch.empty_like(delta), fused=False),
         per_head=path == "per_head",
     )
     assert torch.allclose(value, loss.detach())

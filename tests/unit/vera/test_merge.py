@@ -17,7 +17,7 @@ from hydraopt.kinds.vera.merge import assemble
 from hydraopt.kinds.vera.solve import fit_shared, solve_vera
 from hydraopt.merge.base import MergeContext
 from hydraopt.merge.classic import A_ONLY_METHODS, CLASSIC_METHODS, ClassicConfig
-from hydraopt.merge.refine import hard_routed_error
+from hydraopt.merge.measure import hard_routed_error
 from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.types import VeraStack
 

@@ -16,7 +16,7 @@ from hydraopt.kinds.lora.bundle import (
 )
 from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
-from hydraopt.merge.refine import FactorTargets
+from hydraopt.merge.targets import FactorTargets
 from hydraopt.results import MergedModule, Provenance
 from hydraopt.storage import storage_report
 from hydraopt.types import Bundle, ModuleSpec

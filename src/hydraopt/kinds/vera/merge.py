@@ -3,6 +3,11 @@
 Steps, as for LoRA (docs/methods.md): the exact squared-Frobenius solution with hard routing
 (:mod:`hydraopt.kinds.vera.solve`), then Adam on the *hard-routed* chosen distance over the dense
 ΔW of the chunk's modules, keeping the best iterate per module (never worse than its start).
+
+The refinement uses LoRA's pieces (:mod:`~hydraopt.merge.adam`'s optimiser, schedule and
+best-iterate keeping, :mod:`~hydraopt.merge.measure`'s errors, the least-squares head
+magnitudes of :mod:`~hydraopt.merge.head_scales`); VeRA supplies only its parametrisation (a
+shared vector and M head vectors) and its MAE gradient chained to those vectors.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import torch
 
 from hydraopt.kinds.vera.config import Shared, VeraHydraOptConfig
 from hydraopt.kinds.vera.solve import solve_vera
+from hydraopt.merge.adam import Adam, BestIterate, cosine_lr, module_rms
 from hydraopt.merge.base import check_heads
-from hydraopt.merge.refine import Adam, cosine_lr, hard_routed_error
+from hydraopt.merge.head_scales import head_scale_factors
+from hydraopt.merge.measure import hard_routed_error
 from hydraopt.types import MergedVeraStack, VeraStack
 
 
@@ -98,22 +105,17 @@ def refine_vera(
     Both vectors are optimised as unit-RMS copies (one scale per module and vector), so one
     relative learning rate suits modules and vectors of any magnitude.
     """
-    with torch.no_grad():
-        best_err = routed_error(delta, stack, shared, s, heads, routing, distance).mean(1)
-    best_s, best_h = s.clone(), heads.clone()
-    sc_s = s.square().mean(1).sqrt().clamp_min(1e-30)[:, None]  # (G, 1)
-    sc_h = heads.square().mean((1, 2)).sqrt().clamp_min(1e-30)[:, None, None]  # (G, 1, 1)
+    with torch.no_grad():  # the start is the error to beat: never worse than it
+        start_err = routed_error(delta, stack, shared, s, heads, routing, distance).mean(1)
+    best = BestIterate([s, heads], start_err)
+    sc_s = module_rms(s)[:, None]  # (G, 1)
+    sc_h = module_rms(heads)[:, None, None]  # (G, 1, 1)
     p_s = (s / sc_s).requires_grad_(True)
     p_h = (heads / sc_h).requires_grad_(True)
     adam = Adam([p_s, p_h])  # the LoRA refinement's optimiser (no torch.optim start-up cost)
 
     def keep_better(err: torch.Tensor) -> None:
-        nonlocal best_err
-        better = err < best_err
-        if bool(better.any()):
-            best_err = torch.where(better, err, best_err)
-            best_s[better] = (p_s.detach() * sc_s)[better]
-            best_h[better] = (p_h.detach() * sc_h)[better]
+        best.offer(err, lambda: [p_s.detach() * sc_s, p_h.detach() * sc_h])
 
     work = torch.empty_like(delta) if distance == "mae" else None
     for step in range(steps):
@@ -139,6 +141,7 @@ def refine_vera(
         keep_better(
             routed_error(delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance).mean(1)
         )
+    best_s, best_h = best.tensors
     return best_s, best_h
 
 
@@ -203,15 +206,10 @@ def fit_head_magnitudes(
 ) -> torch.Tensor:
     """Rescale each head by its least-squares magnitude (cosine ignores it; the deployed ΔW' not).
 
-    ΔW' is linear in the head vector, so alpha_c = Σ_{i->c} <ΔW_i, ΔW'_c> / (n_c ||ΔW'_c||²)
-    scales the head itself and leaves every cosine unchanged.
+    ΔW' is linear in the head vector, so the factor of
+    :func:`~hydraopt.merge.head_scales.head_scale_factors` scales the head itself and leaves
+    every cosine unchanged.
     """
-    M = heads.shape[1]
     a, lora_heads = assemble(shared, s, heads, routing).as_lora(stack.A, stack.B)
-    approx = lora_heads @ a[:, None]  # (G, M, d, k)
-    onehot = torch.nn.functional.one_hot(routing, M).to(delta.dtype)  # (G, K, M)
-    inner = torch.einsum("gkdx,gmdx->gkm", delta, approx)
-    num = (inner * onehot).sum(1)  # (G, M)
-    den = onehot.sum(1) * approx.square().sum((2, 3))  # (G, M)
-    alpha = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(num))
+    alpha = head_scale_factors(delta, lora_heads @ a[:, None], routing)  # (G, M)
     return heads * alpha[:, :, None]
