@@ -17,13 +17,8 @@ from safetensors.torch import load_file
 
 import hydraopt.eval.finetune as finetune_module
 from hydraopt.cli import finetune as finetune_cli
-from hydraopt.eval.finetune import (
-    FinetuneConfig,
-    finetune,
-    init_lora_model,
-    lora_A_fingerprint,
-    target_loss,
-)
+from hydraopt.eval.finetune import FinetuneConfig, finetune
+from hydraopt.eval.finetune_loop import target_loss
 from hydraopt.eval.generate import (
     applied_adapter,
     apply_lora_factors,
@@ -39,6 +34,7 @@ from hydraopt.eval.tasks import (
     load_task,
     measure_max_new_tokens,
 )
+from hydraopt.kinds.lora.finetune import init_lora_model, lora_A_fingerprint
 
 QUESTION = (
     "Context: The Eiffel Tower was finished in 1889 in Paris.\nQuestion: When was it finished?"

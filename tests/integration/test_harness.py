@@ -21,14 +21,9 @@ import hydraopt.sweep
 from hydraopt.cli.main import main
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.generate import applied_adapter, generate
-from hydraopt.eval.harness import (
-    EvalConfig,
-    EvalResults,
-    GenerationCache,
-    SystemResult,
-    TaskResult,
-)
+from hydraopt.eval.generation_cache import GenerationCache
 from hydraopt.eval.report import markdown_table
+from hydraopt.eval.results import EvalConfig, EvalResults, SystemResult, TaskResult
 from hydraopt.eval.systems import PerTaskLora, ZeroShot, bundle_system
 from hydraopt.eval.tasks import build_prompt, load_split, load_task
 

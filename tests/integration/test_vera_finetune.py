@@ -26,7 +26,7 @@ from hydraopt.cli import evaluate as evaluate_cli
 from hydraopt.cli import finetune as finetune_cli
 from hydraopt.cli.main import main
 from hydraopt.errors import HydraoptError
-from hydraopt.eval.finetune import FinetuneConfig, finetune, init_vera_model
+from hydraopt.eval.finetune import FinetuneConfig, finetune
 from hydraopt.eval.generate import applied_adapter, generate, lora_layers, remove_adapters
 from hydraopt.eval.systems import BundleSystem, PerTaskLora, PerTaskVera
 from hydraopt.eval.vera_adapter import (
@@ -35,6 +35,7 @@ from hydraopt.eval.vera_adapter import (
     vera_layers,
     vera_projections,
 )
+from hydraopt.kinds.vera.finetune import init_vera_model
 from hydraopt.kinds.vera.load import VeraAdapterSet
 from hydraopt.types import VeraBundle
 

@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_threads(args.threads)  # before minutes of model loading, not inside torch
     from hydraopt.cli.display import print_table
-    from hydraopt.eval.harness import EvalConfig, evaluate
+    from hydraopt.eval.harness import evaluate
     from hydraopt.eval.report import write_report
+    from hydraopt.eval.results import EvalConfig
 
     config = EvalConfig(
         tasks=tuple(args.tasks),

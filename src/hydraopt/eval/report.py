@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydraopt.analysis import plot_tradeoff
-from hydraopt.eval.harness import EvalResults
+from hydraopt.eval.results import EvalResults
 
 # Secondary scores shown beside a task's primary one but left out of Avg: the paper reports
 # grammar correction as F0.5 and also gives JFLEG's own GLEU.

@@ -9,7 +9,7 @@ the kind through :func:`hydraopt.kinds.registry.get_kind`, never by ``isinstance
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +49,26 @@ class GroupMerge:
     def routing(self) -> torch.Tensor:
         """(G, K) head index per module and task."""
         return self.stored[2]
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """What fine-tuning (:mod:`hydraopt.eval.finetune`) needs from a kind: how to start an
+    adapter and which of its weights to save; the data, loss, optimiser and saving are shared.
+
+    Attributes:
+        init: ``(model, FinetuneConfig) -> PeftModel``: wraps the base model in a fresh
+            trainable adapter.
+        fingerprint_key: ``training.json`` key of ``fingerprint``'s digest.
+        fingerprint: ``PeftModel -> str``: digest of what every task must share (LoRA's
+            initial A, VeRA's projections).
+        saves: whether a ``state_dict`` key is one of the adapter's saved tensors.
+    """
+
+    init: Callable[[Any, Any], Any]
+    fingerprint_key: str
+    fingerprint: Callable[[Any], str]
+    saves: Callable[[str], bool]
 
 
 class AdapterKind(Protocol):
@@ -122,4 +142,8 @@ class AdapterKind(Protocol):
 
     def task_weights(self, bundle: Any, task: str) -> Any:
         """What :func:`hydraopt.eval.generate.applied_adapter` applies for ``task`` in memory."""
+        ...
+
+    def finetune_recipe(self) -> FinetuneRecipe:
+        """How :func:`hydraopt.eval.finetune.finetune` starts, fingerprints and saves this kind."""
         ...

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from hydraopt.kinds.base import GroupMerge
+from hydraopt.kinds.base import FinetuneRecipe, GroupMerge
 from hydraopt.kinds.lora.bundle import (
     export_lora_adapters,
     load_lora_bundle_from_meta,
@@ -112,6 +112,12 @@ class LoraKind:
     def task_weights(self, bundle: Bundle, task: str) -> dict[str, tuple[Any, Any, float]]:
         """``{module: (A', B', 1.0)}``: the bundle's heads already carry the LoRA scale."""
         return {name: (a, b, 1.0) for name, (a, b) in bundle.task_factors(task).items()}
+
+    def finetune_recipe(self) -> FinetuneRecipe:
+        # Imported here: fine-tuning needs peft and transformers, which merging does not.
+        from hydraopt.kinds.lora.finetune import RECIPE
+
+        return RECIPE
 
 
 LORA = LoraKind()

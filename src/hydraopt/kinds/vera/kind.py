@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.kinds.base import GroupMerge
+from hydraopt.kinds.base import FinetuneRecipe, GroupMerge
 from hydraopt.kinds.vera.bundle import (
     export_vera_adapters,
     load_vera_bundle_from_meta,
@@ -131,6 +131,12 @@ class VeraKind:
 
         vera_a, vera_b = bundle.projections
         return VeraWeights(vera_a, vera_b, bundle.task_vectors(task))
+
+    def finetune_recipe(self) -> FinetuneRecipe:
+        # Imported here: fine-tuning needs peft and transformers, which merging does not.
+        from hydraopt.kinds.vera.finetune import RECIPE
+
+        return RECIPE
 
 
 VERA = VeraKind()
