@@ -45,7 +45,7 @@ def test_storage_on_smollm2_shapes_is_exact(real_set):
 
 def test_a_matrices_are_more_alike_than_b(real_set):
     """The premise of the method (paper Fig. 2), on real adapters from one seed."""
-    from hydraopt.analysis import factor_similarity
+    from hydraopt.kinds.lora.analysis import factor_similarity
 
     mods = [m for m in real_set.modules if ".layers.17." in m.name]
     sim = factor_similarity(real_set, mods)

@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from hydraopt.analysis import SERIES, place_labels, plot_tradeoff, series_of, text_color  # noqa: E402
+from hydraopt.analysis import SERIES, place_labels, plot_tradeoff, series_of  # noqa: E402
+from hydraopt.kinds.lora.analysis import text_color  # noqa: E402
 
 
 def test_text_color_follows_the_cell_luminance() -> None:
@@ -72,8 +73,24 @@ def test_the_legend_names_every_series(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_series_of() -> None:
     assert [series_of(m) for m in ("hydraopt", "dare_ties", "dare_ties_a_only", "vera")] == [
-        "hydraopt",
+        "heads",
         "classic",
         "a_only",
         "separate",
     ]
+
+
+def test_series_of_reads_the_registry(monkeypatch) -> None:
+    """A method that takes M joins the joined series by what the registry says, not its name."""
+    from hydraopt.merge import registry
+
+    class TakesHeads:
+        takes_heads = True
+
+    class FixesHeads:
+        takes_heads = False
+
+    monkeypatch.setitem(registry._METHODS, "test_heads_method", TakesHeads())
+    monkeypatch.setitem(registry._METHODS, "test_fixed_method", FixesHeads())
+    assert series_of("test_heads_method") == "heads"
+    assert series_of("test_fixed_method") == "classic"

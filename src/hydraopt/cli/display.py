@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from hydraopt.progress import Progress
+
+if TYPE_CHECKING:
+    import torch
 
 # Away from a terminal rich assumes 80 columns and wraps table titles mid phrase; a log has no
 # width, so give it room (a table still takes only the width it needs).
@@ -50,3 +53,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def print_similarity_tables(
+    sim: dict[str, torch.Tensor], keys: tuple[str, ...], tasks: list[str], num_modules: int
+) -> None:
+    """One task x task table per factor: its relative mean absolute difference (0 = identical)."""
+    for key in keys:
+        print_table(
+            f"mean |{key}_i - {key}_j| / mean |{key}| over {num_modules} modules (0 = identical)",
+            ["", *tasks],
+            [[t, *[float(v) for v in sim[f"{key}_relative"][i]]] for i, t in enumerate(tasks)],
+        )

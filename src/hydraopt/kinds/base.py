@@ -147,3 +147,13 @@ class AdapterKind(Protocol):
     def finetune_recipe(self) -> FinetuneRecipe:
         """How :func:`hydraopt.eval.finetune.finetune` starts, fingerprints and saves this kind."""
         ...
+
+    def show_storage(self, aset: Any) -> list[dict[str, Any]]:
+        """``hydraopt inspect`` of adapters: print what a merge would store for M = 1..K."""
+        ...
+
+    def show_similarity(
+        self, aset: Any, module_filter: str | None, plot: Path | None
+    ) -> dict[str, Any]:
+        """``hydraopt inspect`` of adapters: print how alike the tasks' trained factors are."""
+        ...

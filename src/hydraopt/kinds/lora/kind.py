@@ -119,5 +119,18 @@ class LoraKind:
 
         return RECIPE
 
+    def show_storage(self, aset: AdapterSet) -> list[dict[str, Any]]:
+        # Imported here: the report prints through the CLI's tables (rich).
+        from hydraopt.kinds.lora.report import show_storage
+
+        return show_storage(aset)
+
+    def show_similarity(
+        self, aset: AdapterSet, module_filter: str | None, plot: Path | None
+    ) -> dict[str, Any]:
+        from hydraopt.kinds.lora.report import show_similarity
+
+        return show_similarity(aset, module_filter, plot)
+
 
 LORA = LoraKind()

@@ -138,5 +138,18 @@ class VeraKind:
 
         return RECIPE
 
+    def show_storage(self, aset: VeraAdapterSet) -> list[dict[str, Any]]:
+        # Imported here: the report prints through the CLI's tables (rich).
+        from hydraopt.kinds.vera.report import show_storage
+
+        return show_storage(aset)
+
+    def show_similarity(
+        self, aset: VeraAdapterSet, module_filter: str | None, plot: Path | None
+    ) -> dict[str, Any]:
+        from hydraopt.kinds.vera.report import show_similarity
+
+        return show_similarity(aset, module_filter, plot)
+
 
 VERA = VeraKind()
