@@ -37,7 +37,7 @@ from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, Ve
 SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
 OWN_HEAD_STEPS, OWN_HEAD_LR = 20, 0.05  # M = K
 # The float32 path (CPUs without fast bfloat16) pays about twice per step: fewer steps there,
-# where every step sees every task (issue 22; benchmarks/RESULTS.md, section 12).
+# where every step sees every task (benchmarks/RESULTS.md, "(issue 22) float32 path").
 FLOAT32_SHARED_HEAD_STEPS, FLOAT32_OWN_HEAD_STEPS = 60, 10
 
 
@@ -112,9 +112,10 @@ class HydraOptConfig:
         lr >= 0.2), while 20 steps at 0.05 keep 75-90 % of 100 steps' gain at a fifth of the
         cost (benchmarks/RESULTS.md, section 2).
         With float32 MAE products (``precision``, the resolved path) and every task in every
-        step (K <= refine_tasks), a step costs about twice as much: 60 steps (M < K) and 10 (M = K)
-        keep the merge >= 100x faster than the paper's loop with its error still below the
-        loop's (benchmarks/RESULTS.md, section 12). Sampled steps (more adapters) keep 100 / 20.
+        step (K <= refine_tasks), a step costs about twice as much: 60 steps (M < K) and 10
+        (M = K) keep the merge >= 100x faster than the paper's loop with its error still below
+        the loop's (benchmarks/RESULTS.md, "(issue 22) float32 path"). Sampled steps (more
+        adapters) keep 100 / 20.
         """
         own_heads = self.heads >= num_tasks
         steps = self.refine_steps
