@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from hydraopt.analysis import mean_error
 PAPER_EPOCHS = 1000
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("adapters", nargs="+", type=Path)
     p.add_argument("--heads", type=int, nargs="+", default=[1, 2, 5])
@@ -54,12 +55,12 @@ def main() -> None:
         help="also run the reference this many epochs (once per M) and print its hard-routed MAE",
     )
     p.add_argument("--json", type=Path, help="write every line's numbers here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     record: dict[str, Any] = {
         "machine": machine(),
         "commit": commit(),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "options": json.loads(json.dumps(vars(args), default=str)),  # paths as text
         **cpu_record(),
         "rows": [],
         "reference_mae": {},
@@ -103,6 +104,7 @@ def main() -> None:
         record["load_average_end"] = cpu_record()["load_average"]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 if __name__ == "__main__":
