@@ -37,8 +37,9 @@ from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, Ve
 SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
 OWN_HEAD_STEPS, OWN_HEAD_LR = 20, 0.05  # M = K
 # The float32 path (CPUs without fast bfloat16) pays about twice per step: fewer steps there,
-# where every step sees every task (benchmarks/RESULTS.md, "(issue 22) float32 path").
-FLOAT32_SHARED_HEAD_STEPS, FLOAT32_OWN_HEAD_STEPS = 60, 10
+# where every step sees every task (benchmarks/RESULTS.md, "(issue 22) float32 path"). M = 1 is
+# the tight case (the paper's loop is within 0.05 %); from M = 2 on hard routing wins by 20-75 %.
+FLOAT32_ONE_HEAD_STEPS, FLOAT32_SHARED_HEAD_STEPS, FLOAT32_OWN_HEAD_STEPS = 60, 40, 10
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,10 @@ class HydraOptConfig:
         lr >= 0.2), while 20 steps at 0.05 keep 75-90 % of 100 steps' gain at a fifth of the
         cost (benchmarks/RESULTS.md, section 2).
         With float32 MAE products (``precision``, the resolved path) and every task in every
-        step (K <= refine_tasks), a step costs about twice as much: 60 steps (M < K) and 10
-        (M = K) keep the merge >= 100x faster than the paper's loop with its error still below
-        the loop's (benchmarks/RESULTS.md, "(issue 22) float32 path"). Sampled steps (more
-        adapters) keep 100 / 20.
+        step (K <= refine_tasks), a step costs about twice as much: 60 steps (M = 1), 40
+        (1 < M < K) and 10 (M = K) keep the merge >= 100x faster than the paper's loop with its
+        error still below the loop's (benchmarks/RESULTS.md, "(issue 22) float32 path").
+        Sampled steps (more adapters) keep 100 / 20.
         """
         own_heads = self.heads >= num_tasks
         steps = self.refine_steps
@@ -123,6 +124,7 @@ class HydraOptConfig:
         fewer = precision == "float32" and self.distance == "mae" and num_tasks <= self.refine_tasks
         if steps is None and fewer:
             steps = FLOAT32_OWN_HEAD_STEPS if own_heads else FLOAT32_SHARED_HEAD_STEPS
+            steps = FLOAT32_ONE_HEAD_STEPS if self.heads == 1 and not own_heads else steps
         if steps is None:
             steps = OWN_HEAD_STEPS if own_heads else SHARED_HEAD_STEPS
         lr = self.refine_lr

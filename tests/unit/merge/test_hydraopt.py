@@ -255,8 +255,11 @@ def test_result_dtype_holds_the_same_bits_as_casting_at_the_save(make_adapter, r
 
 
 def test_float32_path_takes_fewer_steps_where_every_step_sees_every_task():
-    assert HydraOptConfig(heads=2).refine_schedule(5, "float32") == (60, 1.0)
+    assert HydraOptConfig(heads=1).refine_schedule(5, "float32") == (60, 1.0)
+    assert HydraOptConfig(heads=2).refine_schedule(5, "float32") == (40, 1.0)
+    assert HydraOptConfig(heads=4).refine_schedule(5, "float32") == (40, 1.0)
     assert HydraOptConfig(heads=5).refine_schedule(5, "float32") == (10, 0.05)
+    assert HydraOptConfig(heads=1).refine_schedule(1, "float32") == (10, 0.05)  # M = K = 1
     assert HydraOptConfig(heads=2).refine_schedule(5, "bfloat16") == (100, 1.0)
     # Sampled steps (K > refine_tasks), other distances and set fields keep their schedule.
     assert HydraOptConfig(heads=2).refine_schedule(40, "float32") == (100, 1.0)
