@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
+from precision_path import PRECISION_CHOICES, cpu_record, describe, precision_path  # noqa: E402
 from real_adapters import commit, machine  # noqa: E402
 from reference import (  # noqa: E402
     ReferenceOptions,
@@ -88,6 +89,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ref-timed-epochs", type=int, default=5)
     p.add_argument("--max-layers", type=int, help="treat the first N layers as the whole model")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--refine-precision",
+        default="auto",
+        choices=PRECISION_CHOICES,
+        help="our merges' refine_precision (float32: the path of CPUs without fast bfloat16)",
+    )
     p.add_argument("--threads", type=int, help="torch threads here and in each child")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic adapters")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -138,7 +145,8 @@ def child_main(config: dict[str, Any]) -> None:
     # As `hydraopt merge` runs it: the result held in the bundle's default dtype (float16).
     engine = EngineOptions(seed=0, device=config["device"], result_dtype="float16")
     start = time.perf_counter()
-    bundle = merge_adapter_set(aset, "hydraopt", {"heads": config["heads"]}, engine=engine)
+    options = {"heads": config["heads"], "refine_precision": config["refine_precision"]}
+    bundle = merge_adapter_set(aset, "hydraopt", options, engine=engine)
     seconds = time.perf_counter() - start
     cuda_peak = torch.cuda.max_memory_allocated() if config["device"] == "cuda" else None
     print(
@@ -153,6 +161,7 @@ def child_main(config: dict[str, Any]) -> None:
                 "peak_rss_bytes": peak_rss_bytes(),
                 "rss_after_import_bytes": after_import,
                 "cuda_peak_bytes": cuda_peak,
+                "precision_path": precision_path(config["refine_precision"], config["device"]),
             }
         )
     )
@@ -166,6 +175,7 @@ def run_child(dirs: list[Path], heads: int, layers: int | None, args) -> dict[st
         "layers": layers,
         "device": args.device,
         "threads": args.threads or torch.get_num_threads(),
+        "refine_precision": args.refine_precision,
     }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
     start = time.perf_counter()
@@ -293,6 +303,8 @@ def run_suite(args) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     runs: list[dict[str, Any]] = []
     reference: list[dict[str, Any]] = []
+    cpu = cpu_record(args.device)
+    print(f"{describe(cpu)}; refinement path {precision_path(args.refine_precision, args.device)}")
     for shape in args.shapes:
         for num_tasks in [REFERENCE_K] if shape == "real" else args.tasks:
             base = {"shape": shape, "tasks": num_tasks}
@@ -321,6 +333,9 @@ def run_suite(args) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "commit": commit(),
         "device": args.device,
+        **cpu,
+        "refine_precision": args.refine_precision,
+        "precision_path": precision_path(args.refine_precision, args.device),
         "options": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"
         },
@@ -334,7 +349,7 @@ def summary_line(run: dict[str, Any]) -> str:
     if run["status"] != "ok":
         return f"{head}: {run['status']} ({run['reason']})"
     return (
-        f"{head}: {run['seconds']:.2f} s, MAE {run['mae']:.3e}, peak RSS "
+        f"{head} [{run['precision_path']}]: {run['seconds']:.2f} s, MAE {run['mae']:.3e}, peak RSS "
         f"{run['peak_rss_bytes'] / 2**20:.0f} MiB = {run['rss_over_adapters']:.1f}x adapters"
     )
 
@@ -357,6 +372,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Machine: {result['machine']}; torch threads {result['torch_threads']}; "
         f"device {result['device']}; commit {result['commit']}.",
+        "",
+        f"CPU: {describe(result)}. Refinement products in {result['precision_path']} "
+        f"(refine_precision {result['refine_precision']}).",
         "",
         "Adapters MiB: fp16 payload of the merged modules, all K (disk MiB: the K adapter dirs). "
         "Peak RSS: the merge subprocess's ru_maxrss; net: minus its RSS after importing torch.",

@@ -18,12 +18,15 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is a folder of scripts, not a package
 
+import precision_path  # noqa: E402
 import reference  # noqa: E402
+import side_by_side  # noqa: E402
 import speed  # noqa: E402
 import synthetic  # noqa: E402
 
 from hydraopt import load_adapter_set, merge_adapter_set  # noqa: E402
 from hydraopt.analysis import mean_error  # noqa: E402
+from hydraopt.devices import fast_bfloat16  # noqa: E402
 
 TINY = synthetic.ModelShape("tiny", hidden=16, kv=8, layers=2, base_model="tiny/base")
 
@@ -116,6 +119,12 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
     assert on_disk == json.loads(json.dumps(result))
     assert "| smollm2-135m | 5 | 5 |" in (tmp_path / "out" / "speed.md").read_text()
     assert {"machine", "torch_threads", "commit", "device", "runs", "reference"} <= set(on_disk)
+    # What the speed depends on besides the code (issue 22): the CPU's kernels and the path.
+    assert on_disk["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert on_disk["fast_bfloat16"] == fast_bfloat16(torch.device("cpu"))
+    auto = "bfloat16" if on_disk["fast_bfloat16"] else "float32"
+    assert on_disk["auto_precision"] == on_disk["precision_path"] == auto
+    assert {r["precision_path"] for r in on_disk["runs"]} == {auto}
     assert [(r["shape"], r["tasks"], r["heads"], r["status"]) for r in on_disk["runs"]] == [
         ("smollm2-135m", 5, 1, "ok"),
         ("smollm2-135m", 5, 5, "ok"),
@@ -137,6 +146,46 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
     for row in on_disk["reference"]:
         assert ref_keys <= set(row)
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ref_keys)
+
+
+def test_suite_runs_the_float32_path_when_asked(tmp_path):
+    result = quick_suite(
+        tmp_path, "--heads", "1", "--ref-epochs", "0", "--refine-precision", "float32"
+    )
+    assert result["precision_path"] == "float32" and result["refine_precision"] == "float32"
+    assert [r["precision_path"] for r in result["runs"]] == ["float32"]
+    assert "Refinement products in float32" in (tmp_path / "out" / "speed.md").read_text()
+
+
+def test_side_by_side_times_each_precision_path_after_one_reference_timing(tmp_path):
+    spec = synthetic.SyntheticSpec(TINY, rank=4, alpha=8, layers=1)
+    dirs = synthetic.ensure_adapters(spec, 3, tmp_path / "adapters")
+    torch_threads = torch.get_num_threads()
+    try:
+        record = side_by_side.main(
+            [*map(str, dirs), "--heads", "1", "--repeats", "1", "--epochs", "1", "--threads", "1"]
+            + ["--refine-precision", "bfloat16", "float32", "--json", str(tmp_path / "r.json")]
+        )
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(record))
+    rows = record["rows"]
+    assert [(r["heads"], r["precision_path"]) for r in rows] == [(1, "bfloat16"), (1, "float32")]
+    assert rows[0]["reference_seconds"] == rows[1]["reference_seconds"]  # one timing, both paths
+    for row in rows:
+        assert row["ratio"] == pytest.approx(row["reference_seconds"] / row["ours_seconds"])
+    # float32 takes its own schedule, so its error is its own (same start, both refined).
+    assert rows[0]["ours_mae"] != rows[1]["ours_mae"]
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_precision_path_resolves_like_the_merge():
+    assert precision_path.precision_path("float32") == "float32"
+    assert precision_path.precision_path("bfloat16") == "bfloat16"
+    fast = fast_bfloat16(torch.device("cpu"))
+    assert precision_path.precision_path("auto") == ("bfloat16" if fast else "float32")
+    record = precision_path.cpu_record()
+    assert "fast bfloat16" in precision_path.describe(record)
 
 
 def test_a_childs_peak_rss_is_its_own_not_its_parents():

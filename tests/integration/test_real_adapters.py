@@ -56,12 +56,16 @@ def test_a_matrices_are_more_alike_than_b(real_set):
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 4, 5])
 def test_default_merge_is_no_worse_than_the_paper_solver(real_set, heads):
+    """On both refinement paths: the default is bfloat16 or float32 depending on the CPU, and
+    the float32 path takes fewer steps (issue 22), so each is held to the bar on every machine."""
     one_layer = real_set.select([m.name for m in real_set.modules if ".layers.17." in m.name])
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    fast = mean_error(merge_adapter_set(one_layer, "hydraopt", {"heads": heads}))
     paper = mean_error(
         merge_adapter_set(
             one_layer, "hydraopt", {"heads": heads, "solver": "paper", "epochs": 1000}
         )
     )
-    assert fast <= paper, (heads, fast, paper)
+    for precision in ("bfloat16", "float32"):
+        options = {"heads": heads, "refine_precision": precision}
+        fast = mean_error(merge_adapter_set(one_layer, "hydraopt", options))
+        assert fast <= paper, (heads, precision, fast, paper)

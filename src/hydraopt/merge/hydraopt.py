@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from hydraopt.devices import resolve_precision
+from hydraopt.devices import Precision, resolve_precision
 from hydraopt.errors import HydraoptError
 from hydraopt.kinds.vera.config import VeraHydraOptConfig
 from hydraopt.merge.base import MergeContext, check_heads, method_heads
@@ -36,6 +36,10 @@ from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, Ve
 # Default refinement schedules (see HydraOptConfig.refine_schedule).
 SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
 OWN_HEAD_STEPS, OWN_HEAD_LR = 20, 0.05  # M = K
+# The float32 path (CPUs without fast bfloat16) pays about twice per step: fewer steps there,
+# where every step sees every task (benchmarks/RESULTS.md, "(issue 22) float32 path"). M = 1 is
+# the tight case (the paper's loop is within 0.05 %); from M = 2 on hard routing wins by 20-75 %.
+FLOAT32_ONE_HEAD_STEPS, FLOAT32_SHARED_HEAD_STEPS, FLOAT32_OWN_HEAD_STEPS = 60, 40, 10
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ class HydraOptConfig:
         if self.start not in ("auto", "closed_form"):
             raise HydraoptError("start must be 'auto' or 'closed_form'")
 
-    def refine_schedule(self, num_tasks: int) -> tuple[int, float]:
+    def refine_schedule(
+        self, num_tasks: int, precision: Precision = "bfloat16"
+    ) -> tuple[int, float]:
         """(steps, lr) of the refinement for K = ``num_tasks``: the set fields, else the defaults.
 
         M < K: heads are compromises between the tasks routed to them and the closed form is
@@ -106,9 +112,19 @@ class HydraOptConfig:
         large steps only throw that start away (real adapters: no gain in 20 steps at
         lr >= 0.2), while 20 steps at 0.05 keep 75-90 % of 100 steps' gain at a fifth of the
         cost (benchmarks/RESULTS.md, section 2).
+        With float32 MAE products (``precision``, the resolved path) and every task in every
+        step (K <= refine_tasks), a step costs about twice as much: 60 steps (M = 1), 40
+        (1 < M < K) and 10 (M = K) keep the merge >= 100x faster than the paper's loop with its
+        error still below the loop's (benchmarks/RESULTS.md, "(issue 22) float32 path").
+        Sampled steps (more adapters) keep 100 / 20.
         """
         own_heads = self.heads >= num_tasks
         steps = self.refine_steps
+        # Only the MAE steps run in the chosen precision; the other distances' cost is the same.
+        fewer = precision == "float32" and self.distance == "mae" and num_tasks <= self.refine_tasks
+        if steps is None and fewer:
+            steps = FLOAT32_OWN_HEAD_STEPS if own_heads else FLOAT32_SHARED_HEAD_STEPS
+            steps = FLOAT32_ONE_HEAD_STEPS if self.heads == 1 and not own_heads else steps
         if steps is None:
             steps = OWN_HEAD_STEPS if own_heads else SHARED_HEAD_STEPS
         lr = self.refine_lr
@@ -165,7 +181,8 @@ class HydraOpt:
         heads = routed_heads(projected_heads(stack.A, scaled_b, a), routing, M)
         # The closed form is exact for squared Frobenius (= mse up to a constant): refining could
         # only move it by rounding, so skip it there.
-        steps, lr = config.refine_schedule(K)
+        precision = resolve_precision(config.refine_precision, a.device)
+        steps, lr = config.refine_schedule(K, precision)
         if steps > 0 and config.distance != "mse":
             every_task = config.refine_tasks >= K
             # Many adapters: keep the targets as factors (memory flat in K); cos needs them dense.
@@ -182,7 +199,7 @@ class HydraOpt:
                 distance=config.distance,
                 steps=steps,
                 lr=lr,
-                precision=resolve_precision(config.refine_precision, a.device),
+                precision=precision,
                 tasks_per_step=config.refine_tasks,
                 generator=generator,
             )

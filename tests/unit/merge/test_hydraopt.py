@@ -254,6 +254,37 @@ def test_result_dtype_holds_the_same_bits_as_casting_at_the_save(make_adapter, r
         engine.EngineOptions(result_dtype="float8")
 
 
+def test_float32_path_takes_fewer_steps_where_every_step_sees_every_task():
+    assert HydraOptConfig(heads=1).refine_schedule(5, "float32") == (60, 1.0)
+    assert HydraOptConfig(heads=2).refine_schedule(5, "float32") == (40, 1.0)
+    assert HydraOptConfig(heads=4).refine_schedule(5, "float32") == (40, 1.0)
+    assert HydraOptConfig(heads=5).refine_schedule(5, "float32") == (10, 0.05)
+    assert HydraOptConfig(heads=1).refine_schedule(1, "float32") == (10, 0.05)  # M = K = 1
+    assert HydraOptConfig(heads=2).refine_schedule(5, "bfloat16") == (100, 1.0)
+    # Sampled steps (K > refine_tasks), other distances and set fields keep their schedule.
+    assert HydraOptConfig(heads=2).refine_schedule(40, "float32") == (100, 1.0)
+    assert HydraOptConfig(heads=2, distance="fro").refine_schedule(5, "float32") == (100, 1.0)
+    assert HydraOptConfig(heads=2, refine_steps=30).refine_schedule(5, "float32") == (30, 1.0)
+
+
+@pytest.mark.parametrize(("precision", "steps"), [("float32", 60), ("bfloat16", 100)])
+def test_merge_refines_with_the_resolved_precisions_schedule(monkeypatch, precision, steps):
+    import hydraopt.merge.hydraopt as module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["steps"], kwargs["precision"]))
+        return refine(*args, **kwargs)
+
+    monkeypatch.setattr(module, "refine", spy)
+    cfg = HydraOptConfig(heads=1, refine_precision=precision)
+    get_method("hydraopt").merge(
+        random_stack(K=3), cfg, generator=torch.Generator().manual_seed(0), context=CTX
+    )
+    assert seen == [(steps, precision)]
+
+
 def test_refine_schedule_defaults_depend_on_whether_heads_are_shared():
     assert HydraOptConfig(heads=2).refine_schedule(5) == (100, 1.0)
     assert HydraOptConfig(heads=5).refine_schedule(5) == (20, 0.05)
