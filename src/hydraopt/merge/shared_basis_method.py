@@ -29,6 +29,7 @@ from hydraopt.merge.registry import registered
 from hydraopt.merge.shared_basis import SharedBasisConfig, task_heads
 from hydraopt.merge.shared_basis_budget import (
     allocate_ranks,
+    basis_params,
     budget_params,
     curve_for_distance,
     rank_curves,
@@ -149,8 +150,13 @@ class SharedBasis:
                 budget,
                 config.core,
             )
-        except ValueError as e:
-            raise HydraoptError(str(e)) from None
+        except ValueError as e:  # below R = 1 everywhere: say it in percent too
+            floor = sum(basis_params(m.d, m.k, num_tasks, 1, config.core) for m in modules)
+            full = sum(num_tasks * m.r * (m.d + m.k) for m in modules)
+            raise HydraoptError(
+                f"--budget {config.budget:g} % is below the smallest shared basis "
+                f"({100.0 * floor / full:.2f} %: R = 1 in every module); {e}"
+            ) from None
         return {
             spec.name: dataclasses.replace(config, rank=R, budget=None)
             for spec, R in zip(modules, alloc.ranks, strict=True)

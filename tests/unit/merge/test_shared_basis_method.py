@@ -226,3 +226,42 @@ def test_a_tampered_shared_basis_bundle_is_refused_in_one_line(adapters, tmp_pat
     refused("missing", "no tensor", tensors_edit=lambda t: t.pop(f"{name}.cores"))
     # without the layout field, an older reader's view: A and heads are missing
     refused("old", "no tensor", lambda m: m.pop("tensor_layout"))
+
+
+def test_cli_merge_inspect_export_end_to_end(adapters, tmp_path, capsys):
+    from hydraopt.cli.main import main
+
+    out = tmp_path / "bundle"
+    args = ["merge", *map(str, adapters), "--method", "shared_basis", "--out", str(out)]
+    assert main([*args, "--budget", "40"]) == 0
+    text = capsys.readouterr().out
+    ranks = [m["rank"] for m in json.loads((out / "bundle.json").read_text())["modules"]]
+    ranks.sort()
+    median = (ranks[len(ranks) // 2 - 1] + ranks[len(ranks) // 2]) / 2  # 8 modules: even
+    assert (
+        f"rank R per module: min {ranks[0]}, median {median:g}, max {ranks[-1]} "
+        f"over 8 modules (core full)" in text
+    )
+    assert main(["inspect", str(out), "--json", str(tmp_path / "i.json")]) == 0
+    assert "rank R per module" in capsys.readouterr().out
+    shown = json.loads((tmp_path / "i.json").read_text())["bundle"]
+    assert sorted(shown["ranks"].values()) == ranks
+    assert main(["export", str(out), "--out", str(tmp_path / "peft")]) == 0
+    cfg = json.loads((tmp_path / "peft" / "t0" / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == cfg["r"] and not cfg["use_rslora"]
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"] and cfg["rank_pattern"]
+
+    # impossible ranks and budgets: one line on stderr, exit 2, nothing written
+    for bad, msg in (
+        (["--rank", "9"], "--rank 9 exceeds module"),
+        (["--budget", "1"], "--budget 1 % is below the smallest shared basis"),
+        (["--budget", "0"], "--budget is a percentage in (0, 100]"),
+        ([], "give exactly one of --rank R"),
+    ):
+        dest = tmp_path / "bad"
+        code = main(
+            ["merge", *map(str, adapters), "--method", "shared_basis", "--out", str(dest), *bad]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and err.count("\n") == 1, (bad, err)
+        assert not dest.exists()
