@@ -13,7 +13,7 @@ the method's name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -100,6 +100,20 @@ class ModulePlanner(Protocol):
         surveys: dict[str, torch.Tensor] | None,
     ) -> dict[str, Any] | None:
         """Module name -> its config, or None: ``config`` for every module (after checks)."""
+        ...
+
+
+@runtime_checkable
+class SweepPoints(Protocol):
+    """Optional: a method that a sweep runs at several storage points (``shared_basis``: a
+    rank or budget each), labelled ``<label> <point_label>`` (``shared_basis 10 %``)."""
+
+    def sweep_points(self, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """The option sets of a sweep's runs, from the options the user gave."""
+        ...
+
+    def point_label(self, config: Mapping[str, Any]) -> str:
+        """What tells this run apart, from its config as a dict (``config_to_dict``)."""
         ...
 
 

@@ -17,7 +17,7 @@ which is how the runtime, export and error measurement read a shared-basis bundl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -104,10 +104,11 @@ class SharedBasis:
     def label(self, num_heads: int) -> str:
         return self.name
 
-    def point_label(self, config: SharedBasisConfig) -> str:
+    def point_label(self, config: Mapping[str, Any]) -> str:
         """The storage knob of a sweep point: ``R=8`` or ``10 %`` (``diag`` for diagonal cores)."""
-        knob = f"R={config.rank}" if config.rank is not None else f"{config.budget:g} %"
-        return knob + (" diag" if config.core == "diagonal" else "")
+        rank, budget = config.get("rank"), config.get("budget")
+        knob = f"R={rank}" if rank is not None else f"{budget:g} %"
+        return knob + (" diag" if config.get("core") == "diagonal" else "")
 
     def sweep_points(self, options: dict[str, Any]) -> list[dict[str, Any]]:
         """A sweep's option sets: the given rank or budget, else budgets of 5, 10 and 20 %."""

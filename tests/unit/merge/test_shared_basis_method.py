@@ -265,3 +265,34 @@ def test_cli_merge_inspect_export_end_to_end(adapters, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and msg in err and err.count("\n") == 1, (bad, err)
         assert not dest.exists()
+
+
+def test_sweep_runs_shared_basis_points_and_evaluate_reads_its_bundles(adapters, tmp_path, capsys):
+    from hydraopt.cli.main import main
+    from hydraopt.eval.systems import bundle_system
+    from hydraopt.sweep import plan_sweep
+
+    # default points: budgets of 5, 10 and 20 %; a given rank or budget: that one point
+    runs = plan_sweep(["shared_basis"], 3)
+    assert [r.label for r in runs] == ["shared_basis 5 %", "shared_basis 10 %", "shared_basis 20 %"]
+    assert [r.dirname for r in runs][0] == "shared_basis_5pct"
+    assert [
+        r.label for r in plan_sweep(["shared_basis"], 3, options={"shared_basis": {"rank": 2}})
+    ] == ["shared_basis R=2"]
+    out = tmp_path / "sweep"
+    argv = ["sweep", *map(str, adapters), "--out", str(out), "--heads", "1"]
+    assert (
+        main([*argv, "--baselines", "ties", "shared_basis", "--budget", "30", "--save-bundles"])
+        == 0
+    )
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [p["label"] for p in points] == ["hydraopt M=1", "ties", "shared_basis 30 %"]
+    assert points[2]["storage_percent"] <= 30.0 and points[2]["heads"] == 3
+    # evaluate's bundle system reads the saved bundle: label with its point, U S_i and Vᵀ
+    system = bundle_system(out / "bundles" / "shared_basis_30pct")
+    assert system.label == "shared_basis 30 %"
+    loaded = hydraopt.load_bundle(out / "bundles" / "shared_basis_30pct")
+    for name, (a, b, scale) in system.adapter("t1").items():
+        rec = loaded.merged[name]
+        assert scale == 1.0
+        torch.testing.assert_close(b @ a, rec.U @ rec.cores[1] @ rec.V.T)
