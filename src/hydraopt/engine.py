@@ -18,6 +18,7 @@ from hydraopt.engine_chunks import (
     iter_merged,
     merge_chunk,
     plan_chunks,
+    plan_module_configs,
 )
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
@@ -101,12 +102,14 @@ def merge_adapter_set(
     merged: dict[str, Any] = {}
     errors: dict[str, list[float]] = {}
     zero_errors: dict[str, list[float]] = {}
+    # Methods that plan per module (a rank per module for a budget) do it before any merge.
+    configs = plan_module_configs(aset, method, config, engine)
     if engine.engine == "ray":
         from hydraopt.engine_ray import iter_merged_ray
 
-        results = iter_merged_ray(aset, method, config, engine)
+        results = iter_merged_ray(aset, method, config, engine, configs)
     else:
-        results = iter_merged(aset, method, config, engine)
+        results = iter_merged(aset, method, config, engine, configs)
     keep = DTYPES[engine.result_dtype] if engine.result_dtype else None
     for done, result in results:
         for name, module in result.items():

@@ -10,7 +10,7 @@ functions; the adapter set's kind reads the chunk and picks the method's entry p
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,10 +21,10 @@ from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.base import GroupMerge
 from hydraopt.kinds.registry import get_kind
-from hydraopt.merge.base import MergeContext
+from hydraopt.merge.base import MergeContext, ModulePlanner
 from hydraopt.merge.measure import distance_to_zero, hard_routed_error
 from hydraopt.merge.registry import get_method
-from hydraopt.results import MergedModule, MergedVeraModule
+from hydraopt.results import LoraRecord, MergedVeraModule
 from hydraopt.types import ModuleSpec
 
 DEFAULT_CHUNK_ELEMENTS = 2**22  # dense (G, K, d, k) floats per chunk: 16 MiB in float32; larger
@@ -69,12 +69,21 @@ class EngineOptions:
 
 
 def plan_chunks(
-    modules: Sequence[ModuleSpec], num_tasks: int, chunk_elements: int
+    modules: Sequence[ModuleSpec],
+    num_tasks: int,
+    chunk_elements: int,
+    configs: Mapping[str, Any] | None = None,
 ) -> list[list[ModuleSpec]]:
-    """Same-shaped modules, in order, cut so that G * K * d * k <= chunk_elements (G >= 1)."""
-    groups: dict[tuple[int, int, int], list[ModuleSpec]] = {}
+    """Same-shaped modules, in order, cut so that G * K * d * k <= chunk_elements (G >= 1).
+
+    Args:
+        configs: module name -> its own config (a method's plan, e.g. a rank per module):
+            a chunk then also holds modules of one config only.
+    """
+    groups: dict[tuple[Any, ...], list[ModuleSpec]] = {}
     for m in modules:
-        groups.setdefault(m.shape_key, []).append(m)
+        key = m.shape_key if configs is None else (*m.shape_key, configs[m.name])
+        groups.setdefault(key, []).append(m)
     chunks: list[list[ModuleSpec]] = []
     for mods in groups.values():
         per = max(1, chunk_elements // (num_tasks * mods[0].d * mods[0].k))
@@ -93,13 +102,14 @@ class ModuleResult:
     """One merged module as a chunk returns it.
 
     Attributes:
-        merged: the kind's record (:class:`~hydraopt.results.MergedModule` or
+        merged: the kind's record (:class:`~hydraopt.results.MergedModule`,
+            :class:`~hydraopt.results.MergedBasisModule` or
             :class:`~hydraopt.results.MergedVeraModule`), float32 on the CPU.
         errors: per task, the hard-routed error f(ΔW_i, ΔW'_i).
         zero_errors: per task, f(ΔW_i, 0).
     """
 
-    merged: MergedModule | MergedVeraModule
+    merged: LoraRecord | MergedVeraModule
     errors: list[float]
     zero_errors: list[float]
 
@@ -137,12 +147,11 @@ def _chunk_result(
     chunk: Sequence[ModuleSpec], group: GroupMerge, err: torch.Tensor, zero: torch.Tensor
 ) -> ChunkResult:
     """Per module: the kind's record (G-batched tensors split here, on the CPU), errors as floats."""
-    first, second, routing = group.stored
+    *factors, routing = group.stored
     return {
         spec.name: ModuleResult(
             group.record_type(
-                first[g].detach().float().cpu().contiguous(),
-                second[g].detach().float().cpu().contiguous(),
+                *(t[g].detach().float().cpu().contiguous() for t in factors),
                 routing[g].cpu().contiguous(),
             ),
             [float(e) for e in err[g].cpu()],
@@ -153,8 +162,42 @@ def _chunk_result(
 
 
 def iter_merged(
-    aset: Any, method_name: str, config: Any, options: EngineOptions
+    aset: Any,
+    method_name: str,
+    config: Any,
+    options: EngineOptions,
+    configs: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[int, ChunkResult]]:
-    """Yield (modules done in this chunk, chunk result) chunk by chunk (local engine)."""
-    for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements):
-        yield len(chunk), merge_chunk(aset, chunk, method_name, config, options)
+    """Yield (modules done in this chunk, chunk result) chunk by chunk (local engine).
+
+    Args:
+        configs: module name -> its config, where the method planned one per module
+            (:func:`plan_module_configs`); ``config`` for every module otherwise.
+    """
+    for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements, configs):
+        own = config if configs is None else configs[chunk[0].name]
+        yield len(chunk), merge_chunk(aset, chunk, method_name, own, options)
+
+
+def plan_module_configs(
+    aset: Any, method_name: str, config: Any, options: EngineOptions
+) -> dict[str, Any] | None:
+    """One config per module where the method plans them (``plan_modules``), else None.
+
+    A :class:`~hydraopt.merge.base.ModulePlanner` sees every module's shape before any merge, and, where
+    ``needs_survey(config)`` (e.g. a storage budget spent across modules), every module's
+    ``survey`` (e.g. its error at each rank), computed here chunk by chunk: the first of two
+    passes over the adapters, always in this process.
+    """
+    method = get_method(method_name)
+    if not isinstance(method, ModulePlanner):
+        return None
+    surveys: dict[str, torch.Tensor] | None = None
+    if method.needs_survey(config):
+        surveys = {}
+        for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements):
+            stack = aset.load_stack(chunk).to(options.device)
+            with torch.no_grad():
+                out = method.survey(stack, config)  # (G, ...)
+            surveys.update({spec.name: out[g].cpu() for g, spec in enumerate(chunk)})
+    return method.plan_modules(config, aset.modules, len(aset.tasks), surveys)

@@ -9,7 +9,7 @@ local engine's, so the bundle is the same as a local run with the same thread co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from hydraopt.engine_chunks import merge_chunk, plan_chunks
@@ -17,13 +17,19 @@ from hydraopt.errors import HydraoptError
 
 
 def iter_merged_ray(
-    aset: Any, method_name: str, config: Any, options: Any
+    aset: Any,
+    method_name: str,
+    config: Any,
+    options: Any,
+    configs: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (modules in chunk, chunk result) as Ray tasks finish.
 
     Args:
         options: :class:`hydraopt.engine.EngineOptions`; ``address`` selects the cluster
             (``None`` starts a local Ray instance with ``ray_cpus`` CPUs).
+        configs: module name -> its config where the method planned one per module (as
+            :func:`hydraopt.engine_chunks.iter_merged`).
     """
     try:
         import ray
@@ -45,10 +51,16 @@ def iter_merged_ray(
     try:
         # One CPU per task: each task is a batched tensor job that sets its own torch threads.
         remote = ray.remote(num_cpus=1)(_merge_chunk_task)
-        chunks = plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements)
+        chunks = plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements, configs)
         aset_ref = ray.put(aset)
         pending = {
-            remote.remote(aset_ref, chunk, method_name, config, options): len(chunk)
+            remote.remote(
+                aset_ref,
+                chunk,
+                method_name,
+                config if configs is None else configs[chunk[0].name],
+                options,
+            ): len(chunk)
             for chunk in chunks
         }
         while pending:

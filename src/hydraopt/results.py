@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from hydraopt.errors import HydraoptError
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,142 @@ class MergedModule:
     heads: torch.Tensor
     routing: torch.Tensor
 
+    layout: ClassVar[str] = "factors"  # bundle.json ``tensor_layout`` (absent = this one)
+
     @property
     def num_heads(self) -> int:
         return int(self.heads.shape[0])
 
+    @property
+    def num_params(self) -> int:
+        """Stored parameters: r k + M d r."""
+        return self.A.numel() + self.heads.numel()
+
     def cast(self, dtype: torch.dtype) -> MergedModule:
         """The factors in ``dtype`` (the routing stays int64)."""
         return MergedModule(self.A.to(dtype), self.heads.to(dtype), self.routing)
+
+    def bundle_tensors(self) -> dict[str, torch.Tensor]:
+        """The module's tensors in ``tensors.safetensors``, by key suffix (``<module>.A``)."""
+        return {"A": self.A, "heads": self.heads}
+
+    def module_meta(self) -> dict[str, Any]:
+        """The module's entries in bundle.json ``modules`` after name, d, k, r."""
+        return {"heads": self.num_heads}
+
+    def peft_scale(self, original: float) -> float:
+        """The LoRA scale an exported adapter of this module is written for (see export)."""
+        return original
+
+    @staticmethod
+    def tensor_shapes(module: dict[str, Any], num_tasks: int) -> dict[str, tuple[int, ...]]:
+        """Key suffix -> shape that a checked bundle.json ``modules`` entry implies."""
+        return {
+            "A": (module["r"], module["k"]),
+            "heads": (module["heads"], module["d"], module["r"]),
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], module: dict[str, Any], routing: torch.Tensor
+    ) -> MergedModule:
+        """The record from its (checked) tensors by suffix."""
+        return cls(tensors["A"], tensors["heads"], routing)
+
+
+@dataclass(frozen=True)
+class MergedBasisModule:
+    """One module of a shared-basis LoRA bundle: ΔW'_i = U S_i Vᵀ (:mod:`hydraopt.merge.shared_basis`).
+
+    Every task has its own core, so in LoRA form (A' = Vᵀ, heads U S_i) M = K and the routing
+    is the identity; readers that only know A' and heads (runtime, export) use those properties.
+
+    Attributes:
+        U: (d, R) shared left basis.
+        V: (k, R) shared right basis.
+        cores: (K, R, R) full cores or (K, R) diagonal ones, LoRA scale folded in.
+        routing: (K,) int64, the identity.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    cores: torch.Tensor
+    routing: torch.Tensor
+
+    layout: ClassVar[str] = "shared_basis"
+
+    @property
+    def rank(self) -> int:
+        """R of this module."""
+        return int(self.U.shape[1])
+
+    @property
+    def core(self) -> str:
+        """``full`` or ``diagonal``."""
+        return "diagonal" if self.cores.dim() == 2 else "full"
+
+    @property
+    def A(self) -> torch.Tensor:
+        """Vᵀ (R, k): the shared A' of the LoRA form."""
+        return self.V.transpose(0, 1)
+
+    @property
+    def heads(self) -> torch.Tensor:
+        """U S_i (K, d, R): one head per task over A' = Vᵀ."""
+        if self.cores.dim() == 2:
+            return self.U[None] * self.cores[:, None, :]
+        return self.U[None] @ self.cores
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.cores.shape[0])
+
+    @property
+    def num_params(self) -> int:
+        """Stored parameters: d R + k R + K R² (full) or K R (diagonal)."""
+        return self.U.numel() + self.V.numel() + self.cores.numel()
+
+    def cast(self, dtype: torch.dtype) -> MergedBasisModule:
+        """The factors in ``dtype`` (the routing stays int64)."""
+        return MergedBasisModule(
+            self.U.to(dtype), self.V.to(dtype), self.cores.to(dtype), self.routing
+        )
+
+    def bundle_tensors(self) -> dict[str, torch.Tensor]:
+        return {"U": self.U, "V": self.V, "cores": self.cores}
+
+    def module_meta(self) -> dict[str, Any]:
+        return {"heads": self.num_heads, "rank": self.rank, "core": self.core}
+
+    def peft_scale(self, original: float) -> float:
+        """1: the export sets lora_alpha = R per module (rank_pattern/alpha_pattern), so PEFT's
+        scale is exactly 1 and B = U S_i is written undivided."""
+        return 1.0
+
+    @staticmethod
+    def tensor_shapes(module: dict[str, Any], num_tasks: int) -> dict[str, tuple[int, ...]]:
+        R, core = module.get("rank"), module.get("core")
+        if not isinstance(R, int) or isinstance(R, bool) or R < 1:
+            raise HydraoptError(f"module {module['name']!r}: rank must be an integer >= 1")
+        if core not in ("full", "diagonal"):
+            raise HydraoptError(f"module {module['name']!r}: core must be 'full' or 'diagonal'")
+        if module["heads"] != num_tasks:
+            raise HydraoptError(f"module {module['name']!r}: heads must equal K = {num_tasks}")
+        cores = (num_tasks, R, R) if core == "full" else (num_tasks, R)
+        return {"U": (module["d"], R), "V": (module["k"], R), "cores": cores}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], module: dict[str, Any], routing: torch.Tensor
+    ) -> MergedBasisModule:
+        return cls(tensors["U"], tensors["V"], tensors["cores"], routing)
+
+
+LoraRecord = MergedModule | MergedBasisModule
+# bundle.json ``tensor_layout`` -> the record that writes, checks and reads it.
+LORA_LAYOUTS: dict[str, type[MergedModule] | type[MergedBasisModule]] = {
+    cls.layout: cls for cls in (MergedModule, MergedBasisModule)
+}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,17 @@ def storage_report(
     return _report(full, merged, bytes_per_param, num_tasks * len(mods))
 
 
+def records_storage_report(
+    modules: Iterable[ModuleSpec], num_tasks: int, bundle_params: int, bytes_per_param: int = 2
+) -> StorageReport:
+    """As :func:`storage_report`, from the bundle's stored parameters counted by its records
+    (``num_params``: M d r + r k per module; d R + k R + K R² for a shared basis)."""
+    mods = list(modules)
+    return _report(
+        adapters_params(mods, num_tasks), bundle_params, bytes_per_param, num_tasks * len(mods)
+    )
+
+
 def _report(
     full: int,
     merged: int,

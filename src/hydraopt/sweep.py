@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydraopt.engine import EngineOptions, merge_adapter_set, resolve_config
+from hydraopt.merge.base import SweepPoints, config_to_dict
 from hydraopt.merge.registry import get_method
 from hydraopt.progress import ProgressArg
 from hydraopt.types import Bundle, VeraBundle
@@ -34,8 +35,9 @@ class SweepRun:
 
     @property
     def dirname(self) -> str:
-        """The label as a directory name (``hydraopt_M2``): where a sweep keeps the bundle."""
-        return self.label.replace(" ", "_").replace("=", "")
+        """The label as a directory name (``hydraopt_M2``, ``shared_basis_10pct``): where a
+        sweep keeps the bundle."""
+        return self.label.replace(" %", "pct").replace(" ", "_").replace("=", "")
 
 
 def plan_sweep(
@@ -66,9 +68,15 @@ def plan_sweep(
         ms: Sequence[int | None] = (
             (range(1, num_tasks + 1) if heads is None else heads) if method.takes_heads else [None]
         )
-        for m in ms:
-            config = resolve_config(name, {**given, "heads": m}, num_tasks, kind)
-            runs.append(SweepRun(name, config, method.label(method.num_heads(config, num_tasks))))
+        # A method with storage points of its own (shared_basis: budgets) runs at each.
+        points = method.sweep_points(given) if isinstance(method, SweepPoints) else [given]
+        for point in points:
+            for m in ms:
+                config = resolve_config(name, {**point, "heads": m}, num_tasks, kind)
+                label = method.label(method.num_heads(config, num_tasks))
+                if isinstance(method, SweepPoints):
+                    label += f" {method.point_label(config_to_dict(config))}"
+                runs.append(SweepRun(name, config, label))
     return runs
 
 

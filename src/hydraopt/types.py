@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
-from hydraopt.results import MergedModule, MergedVeraModule, Provenance, StorageReport
+from hydraopt.results import (
+    LoraRecord,
+    MergedModule,
+    MergedVeraModule,
+    Provenance,
+    StorageReport,
+)
 
 
 @dataclass(frozen=True)
@@ -86,11 +92,42 @@ class MergedStack:
     routing: torch.Tensor
     measured: Measured | None = None
 
+    # The per-module record a bundle keeps (built from one module's slice of ``stored()``).
+    record_type: ClassVar[type[LoraRecord]] = MergedModule
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """The bundle tensors, G-batched, routing last: (A', heads, routing)."""
+        return (self.A, self.heads, self.routing)
+
     def delta(self) -> torch.Tensor:
         """Dense routed updates, (G, K, d, k)."""
         g_idx = torch.arange(self.heads.shape[0], device=self.heads.device)[:, None]
         routed = self.heads[g_idx, self.routing]  # (G, K, d, r)
         return routed @ self.A[:, None]
+
+
+class MergeOutput(Protocol):
+    """What a merge method returns for G modules, as the engine reads it: the LoRA form (A',
+    heads, routing) for errors and serving, ``stored()`` and ``record_type`` for the bundle.
+
+    :class:`MergedStack` for most methods; ``shared_basis`` returns its U, V and cores.
+    """
+
+    record_type: ClassVar[type[LoraRecord]]
+
+    @property
+    def A(self) -> torch.Tensor: ...  # (G, r, k)
+
+    @property
+    def heads(self) -> torch.Tensor: ...  # (G, M, d, r)
+
+    @property
+    def routing(self) -> torch.Tensor: ...  # (G, K)
+
+    @property
+    def measured(self) -> Measured | None: ...
+
+    def stored(self) -> tuple[torch.Tensor, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -135,7 +172,9 @@ class Bundle:
         tasks: task names, in routing order.
         base_model: ``base_model_name_or_path`` shared by every input adapter.
         modules: the adapted modules, in a stable order.
-        merged: module name -> its :class:`MergedModule` (A' (r, k), heads (M, d, r), routing).
+        merged: module name -> its :class:`MergedModule` (A' (r, k), heads (M, d, r), routing)
+            or, for ``shared_basis``, :class:`MergedBasisModule` (U, V, cores; A' and heads as
+            properties), one layout per bundle.
         adapter_configs: task -> original ``adapter_config.json`` (for export).
         scales: task -> module -> the original LoRA scale (export divides heads by it).
         storage: exact parameter accounting (:class:`StorageReport`).
@@ -147,7 +186,7 @@ class Bundle:
     tasks: tuple[str, ...]
     base_model: str
     modules: tuple[ModuleSpec, ...]
-    merged: dict[str, MergedModule]
+    merged: dict[str, LoraRecord]
     adapter_configs: dict[str, dict[str, Any]]
     scales: dict[str, dict[str, float]]
     storage: StorageReport

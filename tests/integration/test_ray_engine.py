@@ -21,7 +21,11 @@ def local_ray():
 
 @pytest.mark.parametrize(
     "method, options",
-    [("hydraopt", {"heads": 2, "refine_steps": 20}), ("dare_ties", {"density": 0.4})],
+    [
+        ("hydraopt", {"heads": 2, "refine_steps": 20}),
+        ("dare_ties", {"density": 0.4}),
+        ("shared_basis", {"budget": 40.0}),  # two passes: rank curves, then chunks per rank
+    ],
 )
 def test_ray_engine_bundle_equals_local(make_adapter, method, options):
     paths = [make_adapter(f"t{i}", seed=i + 1) for i in range(4)]

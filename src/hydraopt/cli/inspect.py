@@ -16,7 +16,7 @@ from typing import Any
 
 from hydraopt.analysis import error_by_task
 from hydraopt.cli.display import print_table
-from hydraopt.cli.merge import print_summary
+from hydraopt.cli.merge import module_ranks, print_summary
 from hydraopt.cli.options import adapter_dirs
 from hydraopt.io.bundle import META_NAME, load_any_bundle
 from hydraopt.io.peft import load_adapter_set
@@ -91,4 +91,5 @@ def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
         "error_by_task": error_by_task(bundle),
         "errors": errors,
         "routing": {n: m.routing.tolist() for n, m in bundle.merged.items()},
+        **({"ranks": ranks} if (ranks := module_ranks(bundle)) else {}),
     }

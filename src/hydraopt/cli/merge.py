@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from hydraopt.analysis import error_by_task
@@ -19,6 +20,7 @@ from hydraopt.cli.options import (
 from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
+from hydraopt.results import MergedBasisModule
 from hydraopt.types import Bundle, VeraBundle
 
 
@@ -69,6 +71,9 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
             ["bundle", s.bundle_params, human_bytes(s.bundle_bytes), s.storage_percent],
         ],
     )
+    line = rank_line(bundle)
+    if line:
+        print(line)
     per_task = error_by_task(bundle)
     heads_used = {t: len(set(bundle.routing_of(t).values())) for t in bundle.tasks}
     print_table(
@@ -77,4 +82,21 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
         "different modules",
         ["task", dist, "distinct heads used over modules"],
         [[t, per_task.get(t, float("nan")), heads_used[t]] for t in bundle.tasks],
+    )
+
+
+def module_ranks(bundle: Bundle | VeraBundle) -> dict[str, int]:
+    """R per module of a shared-basis bundle ({} for other bundles)."""
+    return {n: m.rank for n, m in bundle.merged.items() if isinstance(m, MergedBasisModule)}
+
+
+def rank_line(bundle: Bundle | VeraBundle) -> str | None:
+    """``rank R per module: min 4, median 8, max 16 (core full)`` for a shared-basis bundle."""
+    records = [m for m in bundle.merged.values() if isinstance(m, MergedBasisModule)]
+    if not records:
+        return None
+    ranks, core = sorted(m.rank for m in records), records[0].core
+    return (
+        f"rank R per module: min {ranks[0]}, median {statistics.median(ranks):g}, "
+        f"max {ranks[-1]} over {len(ranks)} modules (core {core})"
     )

@@ -23,8 +23,10 @@ from hydraopt.cli.options import (
     load_selected,
     method_options,
 )
+from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir, check_output_dir
 from hydraopt.io.bundle import save_bundle
+from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.sweep import plan_sweep, sweep
 
@@ -45,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baselines",
         nargs="*",
-        default=baselines,
-        help="methods that fix M themselves to include (default: all of them: "
-        f"{' '.join(baselines)})",
+        help="methods that fix M themselves to include (default: all of them that merge the "
+        f"adapters' kind: {' '.join(baselines)}; shared_basis at --rank or --budget, else at "
+        "5, 10 and 20 %%)",
     )
     p.add_argument(
         "--save-bundles", action="store_true", help="also write every bundle under OUT/bundles/"
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     engine = engine_options(args)
     # Methods that take M (HydraOpt) first, each over --heads, then the baselines.
     first = [n for n in list_methods() if get_method(n).takes_heads]
-    methods = first + [n for n in args.baselines if n not in first]
+    baselines = args.baselines if args.baselines is not None else default_baselines(aset.kind)
+    methods = first + [n for n in baselines if n not in first]
     runs = plan_sweep(  # every run's config is checked before any merge starts
         methods,
         K,
@@ -133,3 +136,17 @@ def markdown_table(points: list[dict], distance: str) -> str:
             f"| {p['label']} | {p['storage_percent']:.1f} | {p['error']:.4e} | {p['relative_error']:.4f} | {p['seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def default_baselines(kind: str) -> list[str]:
+    """Every method that fixes M itself and merges adapters of ``kind`` (shared_basis: LoRA)."""
+    out = []
+    for name in list_methods():
+        method = get_method(name)
+        try:
+            get_kind(kind).config_class(method)
+        except HydraoptError:
+            continue
+        if not method.takes_heads:
+            out.append(name)
+    return out

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
 from hydraopt.kinds.registry import get_kind
+from hydraopt.merge.base import SweepPoints
 from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.types import Bundle, VeraBundle
 
@@ -333,11 +334,17 @@ class BundleSystem:
 
 
 def bundle_label(bundle: Bundle | VeraBundle) -> str:
-    """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``); the bare method
-    name for a method this version does not know."""
+    """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``, with its storage
+    point for a method that has several: ``"shared_basis 10 %"``); the bare method name for a
+    method this version does not know."""
     if bundle.method not in list_methods():
         return bundle.method
-    return get_method(bundle.method).label(bundle.num_heads)
+    method = get_method(bundle.method)
+    label = method.label(bundle.num_heads)
+    # Several storage points of one method (shared_basis R=8, 10 %) need their own rows.
+    return (
+        f"{label} {method.point_label(bundle.config)}" if isinstance(method, SweepPoints) else label
+    )
 
 
 def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:

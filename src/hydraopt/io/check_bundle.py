@@ -21,6 +21,7 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.names import check_task_names
+from hydraopt.results import LORA_LAYOUTS
 
 ADAPTER_KINDS = ("lora", "vera")
 
@@ -207,10 +208,22 @@ def _check_lora(
     modules: list[dict[str, Any]],
     where: Any,
 ) -> None:
-    """``<m>.A`` (r, k), ``<m>.heads`` (heads, d, r); a finite non-zero scale per task and module."""
+    """``<m>.A`` (r, k), ``<m>.heads`` (heads, d, r) (or the shapes the bundle's
+    ``tensor_layout`` names, see :data:`hydraopt.results.LORA_LAYOUTS`); a finite non-zero scale
+    per task and module."""
+    record = LORA_LAYOUTS.get(meta.get("tensor_layout", "factors"))
+    if record is None:
+        raise HydraoptError(
+            f"{where}: tensor_layout must be one of {sorted(LORA_LAYOUTS)}, "
+            f"got {meta.get('tensor_layout')!r}"
+        )
     for m in modules:
-        check_tensor(tensors, f"{m['name']}.A", (m["r"], m["k"]), where)
-        check_tensor(tensors, f"{m['name']}.heads", (m["heads"], m["d"], m["r"]), where)
+        try:
+            shapes = record.tensor_shapes(m, len(tasks))
+        except HydraoptError as e:
+            raise HydraoptError(f"{where}: {e}") from None
+        for suffix, shape in shapes.items():
+            check_tensor(tensors, f"{m['name']}.{suffix}", shape, where)
     scales = _require(meta, "scales", dict, where)
     for task in tasks:
         per_module = scales.get(task)

@@ -18,7 +18,7 @@ import torch
 
 from hydraopt.merge.base import MergeContext, MergeMethod
 from hydraopt.merge.targets import Targets
-from hydraopt.results import MergedModule, MergedVeraModule, Provenance
+from hydraopt.results import LoraRecord, MergedVeraModule, Provenance
 from hydraopt.types import Measured, ModuleSpec
 
 
@@ -28,8 +28,8 @@ class GroupMerge:
 
     Attributes:
         stored: the kind's bundle tensors, G-batched, routing last: LoRA (A' (G, r, k),
-            heads (G, M, d, r), routing (G, K)); VeRA (λb rows (G, Mb, d), λd rows (G, Md, r),
-            routing (G, K)).
+            heads (G, M, d, r), routing (G, K)), or the shared basis's (U (G, d, R), V (G, k, R),
+            cores, routing); VeRA (λb rows (G, Mb, d), λd rows (G, Md, r), routing (G, K)).
         targets: the K original updates, dense (G, K, d, k) or factored, for error measurement.
         lora_a: (G, r, k) the merge in LoRA form (every kind reduces to it): ΔW'_i =
             lora_heads[routing[i]] @ lora_a.
@@ -38,17 +38,17 @@ class GroupMerge:
         measured: errors the method measured itself, or None.
     """
 
-    stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    stored: tuple[torch.Tensor, ...]
     targets: Targets
     lora_a: torch.Tensor
     lora_heads: torch.Tensor
-    record_type: type[MergedModule] | type[MergedVeraModule]
+    record_type: Callable[..., LoraRecord | MergedVeraModule]  # record_type(*slices, routing)
     measured: Measured | None = None
 
     @property
     def routing(self) -> torch.Tensor:
         """(G, K) head index per module and task."""
-        return self.stored[2]
+        return self.stored[-1]
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ the method's name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
+from hydraopt.types import LoraStack, MergedVeraStack, MergeOutput, ModuleSpec, VeraStack
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,57 @@ class MergeMethod(Protocol):
 
     def merge(
         self, stack: LoraStack, config: Any, *, generator: torch.Generator, context: MergeContext
-    ) -> MergedStack:
-        """Merge G modules of K adapters."""
+    ) -> MergeOutput:
+        """Merge G modules of K adapters (a :class:`~hydraopt.types.MergedStack` for most)."""
         ...
 
     def merge_vera(
         self, stack: VeraStack, config: Any, *, generator: torch.Generator, context: MergeContext
     ) -> MergedVeraStack:
         """Merge G modules of K VeRA adapters (only if ``vera_config_class`` is set)."""
+        ...
+
+
+@runtime_checkable
+class ModulePlanner(Protocol):
+    """Optional: a method that chooses a config per module before any module is merged.
+
+    The engine calls ``plan_modules`` with every module's shape (and, where
+    ``needs_survey(config)``, each module's ``survey`` of its stacked adapters, computed chunk
+    by chunk in a first pass); the returned configs, if any, replace ``config`` module by module
+    and chunks hold modules of one config. ``shared_basis`` spends a storage budget this way.
+    """
+
+    def needs_survey(self, config: Any) -> bool:
+        """Whether ``plan_modules`` needs the modules' surveys for this config."""
+        ...
+
+    def survey(self, stack: LoraStack, config: Any) -> torch.Tensor:
+        """What planning needs to know of G modules, (G, ...)."""
+        ...
+
+    def plan_modules(
+        self,
+        config: Any,
+        modules: Sequence[ModuleSpec],
+        num_tasks: int,
+        surveys: dict[str, torch.Tensor] | None,
+    ) -> dict[str, Any] | None:
+        """Module name -> its config, or None: ``config`` for every module (after checks)."""
+        ...
+
+
+@runtime_checkable
+class SweepPoints(Protocol):
+    """Optional: a method that a sweep runs at several storage points (``shared_basis``: a
+    rank or budget each), labelled ``<label> <point_label>`` (``shared_basis 10 %``)."""
+
+    def sweep_points(self, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """The option sets of a sweep's runs, from the options the user gave."""
+        ...
+
+    def point_label(self, config: Mapping[str, Any]) -> str:
+        """What tells this run apart, from its config as a dict (``config_to_dict``)."""
         ...
 
 

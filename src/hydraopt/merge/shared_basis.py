@@ -53,8 +53,9 @@ class SharedBasisConfig:
 
     Attributes:
         rank: R, the same in every module; exactly one of ``rank`` and ``budget`` is given.
-        budget: storage in percent of the K separate adapters' parameters; the allocator
-            (:mod:`shared_basis_budget`) picks R per module where it buys the most error.
+        budget: storage in percent of the K separate adapters' 16-bit bytes (their parameters,
+            the bundle being stored at 16 bits); the allocator (:mod:`shared_basis_budget`)
+            picks R per module where it buys the most error.
         core: ``full`` (an R x R core per task) or ``diagonal`` (R numbers per task).
         distance: f of the refinement and of the reported errors (``mae`` as HydraOpt).
         sweeps: alternating sweeps after the HOSVD start (each never increases the squared error).

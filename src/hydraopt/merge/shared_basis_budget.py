@@ -51,8 +51,27 @@ def max_rank(d: int, k: int, r: int, num_tasks: int) -> int:
     return min(d, k, num_tasks * r)
 
 
-def rank_curves(A: torch.Tensor, scaled_B: torch.Tensor, core: Core) -> torch.Tensor:
+def useful_rank(d: int, k: int, r: int, num_tasks: int, core: Core) -> int:
+    """:func:`max_rank`, further capped where the basis would outgrow the module's K adapters.
+
+    A module whose basis stores more than its K separate adapters (K r (d + k)) is never what
+    a storage budget is for, and the cap bounds the survey: at K = 100, d = k = 576, r = 32 it
+    is R = 189 (full cores) instead of 576, so the (K, R, R) cores of the curve stay small.
+    """
+    top = max_rank(d, k, r, num_tasks)
+    limit = num_tasks * r * (d + k)
+    while top > 1 and basis_params(d, k, num_tasks, top, core) > limit:
+        top -= 1
+    return top
+
+
+def rank_curves(
+    A: torch.Tensor, scaled_B: torch.Tensor, core: Core, top: int | None = None
+) -> torch.Tensor:
     """Squared HOSVD error at every R = 0 .. R_max (G, R_max + 1), from the factors.
+
+    ``top`` caps R_max (default :func:`max_rank`); the HOSVD bases are nested, so a cap only
+    shortens the curve (full cores).
 
     Full cores: with U, V the top-R_max HOSVD bases, the rank-R HOSVD keeps their first R
     columns, so its captured energy is Σ_i ||S_i[:R, :R]||², a 2-D prefix sum of Σ_i S_i∘S_i.
@@ -62,7 +81,7 @@ def rank_curves(A: torch.Tensor, scaled_B: torch.Tensor, core: Core) -> torch.Te
     G, K, r, k = A.shape
     d = scaled_B.shape[2]
     a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
-    top = max_rank(d, k, r, K)
+    top = max_rank(d, k, r, K) if top is None else min(top, max_rank(d, k, r, K))
     U, V = hosvd(a64, b64, top)
     cores = full_cores(a64, b64, U, V)  # (G, K, top, top)
     if core == "full":

@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from hydraopt.merge.adam import Adam, cosine_lr
 from hydraopt.merge.distances import get_distance
-from hydraopt.merge.refine import (
-    Adam,
-    FactorTargets,
-    Targets,
-    cosine_lr,
-    distance_to_zero,
-    hard_routed_error,
-    take_targets,
-)
+from hydraopt.merge.measure import distance_to_zero, hard_routed_error
 from hydraopt.merge.shared_basis import Core, MergedBasisStack, closed_form, task_heads
+from hydraopt.merge.targets import FactorTargets, Targets, take_targets
 from hydraopt.types import Measured
 
 

@@ -1,7 +1,8 @@
 """LoRA bundles on disk (format version 1) and their PEFT export.
 
 Tensors are keyed ``<module>.A`` (r, k) and ``<module>.heads`` (M, d, r), heads with the LoRA
-scale folded in; ``bundle.json`` adds the routing and each task's original scales. Export writes
+scale folded in (a ``shared_basis`` bundle, ``tensor_layout: "shared_basis"``, keeps
+``<module>.U`` (d, R), ``.V`` (k, R) and ``.cores`` instead: the record type names them); ``bundle.json`` adds the routing and each task's original scales. Export writes
 one standard PEFT LoRA dir per task: the task's *original* ``adapter_config.json`` and A' with
 the task's routed head divided by that task's original scale for the module — PEFT multiplies it
 back, so ΔW = B' A' exactly as in the bundle.
@@ -9,6 +10,7 @@ back, so ΔW = B' A' exactly as in the bundle.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from hydraopt.io.container import (
 )
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.keys import lora_key
-from hydraopt.results import MergedModule
+from hydraopt.results import LORA_LAYOUTS, LoraRecord, MergedModule
 from hydraopt.types import Bundle, ModuleSpec
 
 
@@ -37,25 +39,23 @@ def save_lora_bundle(
     """Write a LoRA ``bundle`` to the directory ``out`` atomically (see module doc)."""
     if dtype not in DTYPES:
         raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    layout = tensor_layout(bundle)
     tensors: dict[str, torch.Tensor] = {}
     routing: dict[str, list[int]] = {}
     for spec in bundle.modules:
         module = bundle.merged[spec.name]
-        tensors[f"{spec.name}.A"] = module.A.to(DTYPES[dtype]).contiguous()
-        tensors[f"{spec.name}.heads"] = module.heads.to(DTYPES[dtype]).contiguous()
+        # The record names its tensors: <m>.A / <m>.heads, or <m>.U / <m>.V / <m>.cores.
+        for suffix, t in module.bundle_tensors().items():
+            tensors[f"{spec.name}.{suffix}"] = t.to(DTYPES[dtype]).contiguous()
         routing[spec.name] = [int(x) for x in module.routing]
     meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        # Written only for a layout other than the default, so factor bundles stay unchanged.
+        **({} if layout == MergedModule.layout else {"tensor_layout": layout}),
         **provenance_meta(bundle, dtype),
         "modules": [
-            {
-                "name": m.name,
-                "d": m.d,
-                "k": m.k,
-                "r": m.r,
-                "heads": bundle.merged[m.name].num_heads,
-            }
+            {"name": m.name, "d": m.d, "k": m.k, "r": m.r, **bundle.merged[m.name].module_meta()}
             for m in bundle.modules
         ],
         "routing": routing,
@@ -71,17 +71,21 @@ def load_lora_bundle_from_meta(path: Path, meta: dict[str, Any]) -> Bundle:
     """The LoRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
     tensor_path = path / TENSORS_NAME
     tensors = read_bundle_tensors(path, meta)
-    modules, merged = [], {}
+    record = LORA_LAYOUTS[meta.get("tensor_layout", MergedModule.layout)]  # checked on read
+    modules: list[ModuleSpec] = []
+    merged: dict[str, LoraRecord] = {}
     for m in meta["modules"]:
         spec = ModuleSpec(name=m["name"], d=m["d"], k=m["k"], r=m["r"])
         modules.append(spec)
         try:
-            a = tensors[f"{spec.name}.A"].float()
-            heads = tensors[f"{spec.name}.heads"].float()
+            own = {
+                suffix: tensors[f"{spec.name}.{suffix}"].float()
+                for suffix in record.tensor_shapes(m, len(meta["tasks"]))
+            }
         except KeyError as e:
             raise HydraoptError(f"{tensor_path}: missing tensor {e}") from e
         routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
-        merged[spec.name] = MergedModule(a, heads, routing)
+        merged[spec.name] = record.from_tensors(own, m, routing)
     return Bundle(**bundle_fields(meta, modules, merged), scales=meta["scales"])
 
 
@@ -91,7 +95,7 @@ def peft_state_dict(bundle: Bundle, task: str, dtype: torch.dtype) -> dict[str, 
         raise HydraoptError(f"task {task!r} is not in the bundle (tasks: {list(bundle.tasks)})")
     out = {}
     for name, (a, head) in bundle.task_factors(task).items():
-        scale = bundle.scales[task][name]
+        scale = bundle.merged[name].peft_scale(bundle.scales[task][name])
         out[lora_key(name, "A")] = a.to(dtype).contiguous()
         out[lora_key(name, "B")] = (head / scale).to(dtype).contiguous()
     return out
@@ -116,5 +120,42 @@ def export_lora_adapters(
             from disk, float32 for an in-memory bundle (nothing rounded that was not already).
     """
     return write_task_adapters(
-        bundle, out, lambda task, dt: peft_state_dict(bundle, task, dt), {}, tasks, force, dtype
+        bundle,
+        out,
+        lambda task, dt: peft_state_dict(bundle, task, dt),
+        peft_config_overrides(bundle),
+        tasks,
+        force,
+        dtype,
     )
+
+
+def tensor_layout(bundle: Bundle) -> str:
+    """The one tensor layout of the bundle's records (``factors`` or ``shared_basis``)."""
+    layouts = {type(m).layout for m in bundle.merged.values()}
+    if len(layouts) != 1:
+        raise HydraoptError(f"a bundle holds one tensor layout, found {sorted(layouts)}")
+    return layouts.pop()
+
+
+def peft_config_overrides(bundle: Bundle) -> dict[str, Any]:
+    """adapter_config.json entries an export sets on top of each task's original config.
+
+    Factor bundles: none (same rank r, the original scale restores ΔW). Shared-basis bundles
+    have a rank R per module: PEFT's ``rank_pattern`` gives each module its R and
+    ``alpha_pattern`` lora_alpha = R, so PEFT's scale alpha / r is exactly 1 in every module
+    (rsLoRA off: PEFT warns on patterns with it) and B = U S_i is written undivided. Pattern
+    keys are regexes PEFT matches at the end of the module path (``(.*\\.)?(key)$``), so the
+    names are escaped to match only themselves.
+    """
+    if tensor_layout(bundle) == MergedModule.layout:
+        return {}
+    ranks = {m.name: int(bundle.merged[m.name].A.shape[0]) for m in bundle.modules}
+    default = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common R
+    return {
+        "r": default,
+        "lora_alpha": default,
+        "use_rslora": False,
+        "rank_pattern": {re.escape(n): R for n, R in ranks.items() if default != R},
+        "alpha_pattern": {re.escape(n): R for n, R in ranks.items() if default != R},
+    }

@@ -17,8 +17,8 @@ from hydraopt.kinds.lora.bundle import (
 from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
 from hydraopt.merge.targets import FactorTargets
-from hydraopt.results import MergedModule, Provenance
-from hydraopt.storage import storage_report
+from hydraopt.results import LoraRecord, Provenance
+from hydraopt.storage import records_storage_report
 from hydraopt.types import Bundle, ModuleSpec
 
 
@@ -61,11 +61,11 @@ class LoraKind:
         out = method.merge(stack, config, generator=generator, context=context)
         # The updates stay factored: errors are formed a few tasks at a time (memory flat in K).
         return GroupMerge(
-            stored=(out.A, out.heads, out.routing),
+            stored=out.stored(),
             targets=FactorTargets(stack.A, stack.scaled_B),
             lora_a=out.A,
             lora_heads=out.heads,
-            record_type=MergedModule,
+            record_type=out.record_type,
             measured=out.measured,
         )
 
@@ -74,11 +74,11 @@ class LoraKind:
         aset: AdapterSet,
         method: str,
         config: dict[str, Any],
-        merged: dict[str, MergedModule],
+        merged: dict[str, LoraRecord],
         provenance: Provenance,
         bytes_per_param: int,
     ) -> Bundle:
-        heads = {name: m.num_heads for name, m in merged.items()}
+        params = sum(m.num_params for m in merged.values())
         return Bundle(
             method=method,
             config=config,
@@ -88,7 +88,7 @@ class LoraKind:
             merged={m.name: merged[m.name] for m in aset.modules},
             adapter_configs={info.task: info.config for info in aset.adapters},
             scales=aset.scales,
-            storage=storage_report(aset.modules, len(aset.tasks), heads, bytes_per_param),
+            storage=records_storage_report(aset.modules, len(aset.tasks), params, bytes_per_param),
             provenance=provenance,
         )
 

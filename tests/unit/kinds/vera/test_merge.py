@@ -227,6 +227,10 @@ def test_a_only_merges_lambda_d_and_keeps_every_lambda_b(name):
 
 def test_every_registered_method_merges_vera_with_its_own_config():
     for name in list_methods():
+        if name == "shared_basis":  # LoRA only (vera_config_class = None): refused by name
+            with pytest.raises(HydraoptError, match="'shared_basis' does not merge VERA"):
+                get_kind("vera").config_class(get_method(name))
+            continue
         cls = get_kind("vera").config_class(get_method(name))
         assert cls is (VeraHydraOptConfig if name == "hydraopt" else ClassicConfig)
     config = resolve_config("hydraopt", {"heads": 2, "shared": "lambda_b"}, 3, "vera")
