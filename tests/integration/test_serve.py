@@ -9,14 +9,10 @@ answering correctly.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
-from unit.runtime.tiny_chat import CONTEXT, build_bundle_and_export, peft_answers
+from unit.runtime.tiny_chat import CONTEXT, build_bundle_and_export, peft_answers, running_server
 
 TASKS = ("t0", "t1", "t2")
 PROMPTS = ["hello there", "What is 2+2?", "Fix: she go home", "abc"]
@@ -37,26 +33,13 @@ def expected(setup):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    import uvicorn
-
     from hydraopt.runtime import load_model
     from hydraopt.serve import create_app
 
     base, bundle, _ = setup
     app = create_app(load_model(bundle, base), max_batch=16, max_tokens_limit=64, wait_s=0.2)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=60) as client:
+    with running_server(app) as client:
         yield client, app
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 def chat(client, task, prompt, **extra):

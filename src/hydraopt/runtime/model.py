@@ -107,12 +107,12 @@ class RuntimeModel:
             tasks: one task per prompt, or one task for all.
             max_new_tokens: cap on generated tokens per prompt.
             chat: apply the chat template.
-            batch_size: prompts per forward batch (tasks mix freely inside a batch).
+            batch_size: most prompts decoded together (tasks mix freely inside a batch).
 
         Returns:
             One decoded continuation per prompt, cut at the first stop token, stripped.
         """
-        from hydraopt.runtime.generation import SamplingParams, generate_batch
+        from hydraopt.runtime.generation import RowRequest, SamplingParams, decode
 
         task_list = [tasks] * len(prompts) if isinstance(tasks, str) else list(tasks)
         if len(task_list) != len(prompts):
@@ -121,16 +121,13 @@ class RuntimeModel:
         if unknown:
             raise HydraoptError(f"unknown task(s) {unknown}; the bundle has {list(self.tasks)}")
         texts = [self.chat_prompt(p) for p in prompts] if chat else list(prompts)
-        encoded = [self.encode(t) for t in texts]
         params = SamplingParams(max_new_tokens=max_new_tokens)
-        out: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            rows = slice(start, start + batch_size)
-            done = generate_batch(
-                self, encoded[rows], task_list[rows], [params] * len(encoded[rows])
-            )
-            out.extend(g.text.strip() for g in done)
-        return out
+        requests = [
+            RowRequest(i, self.encode(text), task, params)
+            for i, (text, task) in enumerate(zip(texts, task_list, strict=True))
+        ]
+        # continuous batching: a waiting prompt takes the place of a finished row at once
+        return [g.text.strip() for g in decode(self, requests, max_batch=batch_size)]
 
     def run_batch(
         self,

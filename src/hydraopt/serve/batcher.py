@@ -1,10 +1,13 @@
-"""A request queue and the one thread that runs the model over batches of requests.
+"""A request queue and the one thread that runs the model: continuous batching.
 
-Requests for any tasks wait in one queue; the loop takes the first waiting request, gathers
-whatever else arrives within ``wait_s`` (up to ``max_batch``), and decodes them as one mixed batch
-(:func:`hydraopt.runtime.generation.generate_batch`): x·A' is computed once per layer for all of
-them, each row then gets its task's head. Requests arriving during a batch wait for the next one
-(static batching; a row that finishes early rides along until its batch ends).
+Requests for any tasks wait in one queue. The loop keeps one running
+:class:`~hydraopt.runtime.generation.Decoder`: between two decode steps it admits whatever is
+waiting (up to ``max_batch`` rows in all), prefilling the newcomers and appending them to the
+batch, and every request leaves the batch the step it finishes, its future resolved at once. So a
+request arriving while others decode joins them at the next step instead of waiting for the batch
+to end, and a short answer never waits for a long one. Every step is one forward pass for all rows
+of all tasks: x·A' once per layer, then each row's task head. When nothing is decoding, the first
+request waits ``wait_s`` for company, so a burst is prefilled together.
 
 Only this thread touches the model, so the HTTP layer never runs torch on its event loop.
 """
@@ -13,15 +16,16 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import cast
 
-from hydraopt.runtime.generation import Generation, SamplingParams, generate_batch
+from hydraopt.runtime.generation import Decoder, Generation, RowRequest, SamplingParams
 from hydraopt.runtime.model import RuntimeModel
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a Job is the key of its decoder row
 class Job:
     """One validated request waiting to be decoded.
 
@@ -41,12 +45,12 @@ class Job:
 
 
 class Batcher:
-    """Collects :class:`Job` s into mixed batches and decodes them on one thread.
+    """Decodes :class:`Job` s on one thread, new ones joining the running batch between steps.
 
     Args:
         runtime: the model with its bundle installed.
-        max_batch: most requests in one batch.
-        wait_s: how long the first request of a batch waits for company.
+        max_batch: most requests decoding at once.
+        wait_s: how long the first request, when nothing is decoding, waits for company.
     """
 
     def __init__(self, runtime: RuntimeModel, *, max_batch: int = 16, wait_s: float = 0.01):
@@ -58,8 +62,11 @@ class Batcher:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hydraopt-batcher", daemon=True)
-        self.batches = 0  # how many batches ran (tests read it to see requests batched together)
-        self.largest_batch = 0
+        self._decoder = Decoder(runtime, on_text=_stream_text)
+        # counters the tests read to see what the loop did
+        self.batches = 0  # admissions: prefill passes that brought new rows in
+        self.largest_batch = 0  # most rows in one decode step
+        self.joined_running = 0  # requests admitted while other rows were mid-decode
 
     def start(self) -> None:
         self._thread.start()
@@ -74,41 +81,68 @@ class Batcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            jobs = self._waiting()
+            if jobs:
+                self._admit(jobs)
+            if self._decoder:
+                self._step()
+
+    def _waiting(self) -> list[Job]:
+        """Jobs to admit now: whatever waits (up to the free rows); block briefly when idle."""
+        room = self.max_batch - len(self._decoder)
+        jobs: list[Job] = []
+        if not self._decoder:
             try:
-                first = self._queue.get(timeout=0.1)
+                jobs.append(self._queue.get(timeout=0.1))
             except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < self.max_batch:
+                return []
+            while len(jobs) < room:  # idle: let a burst gather for one prefill
                 try:
-                    batch.append(self._queue.get(timeout=self.wait_s))
+                    jobs.append(self._queue.get(timeout=self.wait_s))
                 except queue.Empty:
                     break
-            self._run(batch)
+            return jobs
+        while len(jobs) < room:
+            try:
+                jobs.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
 
-    def _run(self, batch: list[Job]) -> None:
-        live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+    def _admit(self, jobs: list[Job]) -> None:
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not live:
             return
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(live))
-
-        def on_text(row: int, text: str) -> None:
-            callback = live[row].on_text
-            if callback is not None:
-                callback(text)
-
+        running = len(self._decoder)
+        requests = [RowRequest(job, job.prompt_ids, job.task, job.params) for job in live]
         try:
-            results = generate_batch(
-                self.runtime,
-                [job.prompt_ids for job in live],
-                [job.task for job in live],
-                [job.params for job in live],
-                on_text=on_text,
-            )
-        except Exception as error:  # the batch failed as a whole; the loop keeps serving
+            finished = self._decoder.add(requests)
+        except Exception as error:  # only the newcomers failed; the running rows go on
             for job in live:
                 job.future.set_exception(error)
             return
-        for job, result in zip(live, results, strict=True):
-            job.future.set_result(result)
+        self.batches += 1
+        self.joined_running += len(live) if running else 0
+        _resolve(finished)
+
+    def _step(self) -> None:
+        self.largest_batch = max(self.largest_batch, len(self._decoder))
+        try:
+            finished = self._decoder.step()
+        except Exception as error:  # the step failed as a whole; the loop keeps serving
+            for row in self._decoder.rows:
+                cast(Job, row.request.key).future.set_exception(error)
+            self._decoder = Decoder(self.runtime, on_text=_stream_text)
+            return
+        _resolve(finished)
+
+
+def _stream_text(key: Hashable, text: str) -> None:
+    callback = cast(Job, key).on_text
+    if callback is not None:
+        callback(text)
+
+
+def _resolve(finished: list[tuple[Hashable, Generation]]) -> None:
+    for key, result in finished:
+        cast(Job, key).future.set_result(result)

@@ -26,11 +26,14 @@ def test_each_row_gets_its_routed_dense_update(M):
     rows = TaskRows()
     layer = RoutedLinear(base, f, rows)
     x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(1))  # (B, T, k)
-    rows.ids = torch.tensor([3, 0, 2, 1])
-    got = layer(x)  # (B, T, d)
-    for b, task in enumerate(rows.ids.tolist()):
-        w = base.weight + f.heads[f.routing[task]] @ f.A  # (d, k) dense ΔW routed for the task
-        torch.testing.assert_close(got[b], x[b] @ w.T + base.bias)
+    # new tasks per row, the same ones again (the layer keeps its head selection), new ones: the
+    # selection must follow every assignment
+    for ids in ([3, 0, 2, 1], [3, 0, 2, 1], [1, 1, 3, 0]):
+        rows.ids = torch.tensor(ids)
+        got = layer(x)  # (B, T, d)
+        for b, task in enumerate(ids):
+            w = base.weight + f.heads[f.routing[task]] @ f.A  # (d, k) dense ΔW routed for the task
+            torch.testing.assert_close(got[b], x[b] @ w.T + base.bias)
 
 
 def test_shape_mismatch_and_missing_modules_are_refused():

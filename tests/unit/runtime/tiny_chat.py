@@ -8,8 +8,14 @@ so prompts, chat templates, stop tokens and decoding all run for real in millise
 
 from __future__ import annotations
 
+import socket
 import string
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,3 +120,27 @@ def peft_answers(base: Path, adapter: Path, prompts: list[str], max_new_tokens: 
         for p in prompts
     ]
     return generate(peft, tokenizer, chat, max_new_tokens=max_new_tokens, progress=False)
+
+
+@contextmanager
+def running_server(app: Any) -> Iterator[Any]:
+    """A real uvicorn server for ``app`` on a free 127.0.0.1 port, in a thread; yields an
+    ``httpx.Client`` whose base URL is its ``/v1``."""
+    import httpx
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=60) as client:
+            yield client
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
