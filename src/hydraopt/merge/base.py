@@ -72,6 +72,10 @@ class MergeMethod(Protocol):
         """Merge G modules of K VeRA adapters (only if ``vera_config_class`` is set)."""
         ...
 
+    # Optional: ``applied_config(config, num_tasks) -> dict``, the fields of ``config`` that a
+    # merge of K = num_tasks adapters uses, resolved; see :func:`applied_config` (a method
+    # without it records every field).
+
 
 def check_heads(heads: int, num_tasks: int | None = None) -> None:
     """The one check of M: 1 <= M, and M <= K once the number of adapters K is known.
@@ -124,3 +128,23 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         v = getattr(config, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def select_fields(config: Any, used: set[str], **resolved: Any) -> dict[str, Any]:
+    """:func:`config_to_dict` of the ``used`` fields only (in field order), with the ``resolved``
+    values (e.g. a default that depends on K, worked out) in place of the given ones."""
+    values = {**config_to_dict(config), **resolved}
+    return {f.name: values[f.name] for f in dataclasses.fields(config) if f.name in used}
+
+
+def applied_config(method: MergeMethod, config: Any, num_tasks: int) -> dict[str, Any]:
+    """The fields of ``config`` that applied to a merge of K = ``num_tasks`` adapters, resolved:
+    what bundles (``bundle.json``), sweeps and exports record as the method's ``config``.
+
+    A method names them with its own ``applied_config(config, num_tasks)`` (HydraOpt's default
+    solver, for one, never reads the paper solver's ``epochs``); a method without one records
+    every field. Left-out fields did not change the result: :func:`build_config` of the record
+    rebuilds a config that merges the same tensors (tests/unit/merge/test_applied_config.py).
+    """
+    own = getattr(method, "applied_config", None)
+    return config_to_dict(config) if own is None else dict(own(config, num_tasks))

@@ -28,12 +28,12 @@ sqrt(|w_i|). ``<name>_a_only`` merges only λd and keeps every task's λb.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.base import MergeContext, method_heads
+from hydraopt.merge.base import MergeContext, method_heads, select_fields
 from hydraopt.merge.consensus import Consensus, MajoritySign, combine
 from hydraopt.merge.registry import register
 from hydraopt.merge.sparsify import Sparsify, sparsify
@@ -92,6 +92,21 @@ class GeneralizedTaskArithmetic:
 
     def label(self, num_heads: int) -> str:
         return self.name
+
+    def applied_config(self, config: ClassicConfig, num_tasks: int) -> dict[str, Any]:
+        """The weights (the method's default worked out for K), and ``density`` /
+        ``majority_sign_method`` where a sparsification / TIES' sign election runs; ``heads``
+        only checks M and is left out."""
+        used = {"weights"}
+        if self.sparsify_method != "none":
+            used.add("density")
+        if self.consensus == "ties":
+            used.add("majority_sign_method")
+        if config.weights is not None:
+            weights = list(config.weights)
+        else:
+            weights = [1.0 / num_tasks if self.default_weight == "uniform" else 1.0] * num_tasks
+        return select_fields(config, used, weights=weights)
 
     def task_weights(self, config: ClassicConfig, num_tasks: int) -> torch.Tensor:
         """(K,) coefficients: the given ones, or the method's default."""

@@ -13,13 +13,13 @@ Two solvers behind the one registered method:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.kinds.vera.config import VeraHydraOptConfig
-from hydraopt.merge.base import MergeContext, check_heads, method_heads
+from hydraopt.merge.base import MergeContext, check_heads, method_heads, select_fields
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.distances import DISTANCES, Distance
 from hydraopt.merge.median_start import median_start
@@ -40,6 +40,8 @@ from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, Ve
 # Default refinement schedules (see HydraOptConfig.refine_schedule).
 SHARED_HEAD_STEPS, SHARED_HEAD_LR = 100, 1.0  # M < K
 OWN_HEAD_STEPS, OWN_HEAD_LR = 20, 0.05  # M = K
+# What the paper solver reads; the other fields are the fast solver's.
+PAPER_FIELDS = {"heads", "distance", "solver", "epochs", "lr", "weight_decay", "temperature"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,30 @@ class HydraOpt:
 
     def label(self, num_heads: int) -> str:
         return f"{self.name} M={num_heads}"
+
+    def applied_config(
+        self, config: HydraOptConfig | VeraHydraOptConfig, num_tasks: int
+    ) -> dict[str, Any]:
+        """The fields the chosen solver reads for K = ``num_tasks``, the refinement schedule
+        worked out (see :meth:`merge`: M = 1 and M = K route without a search, so ``restarts``
+        is unused there; ``mse`` skips the refinement, so its fields are unused)."""
+        if isinstance(config, HydraOptConfig) and config.solver == "paper":
+            return select_fields(config, PAPER_FIELDS)
+        used = {"heads", "distance", "solver", "shared"}  # solver: LoRA, shared: VeRA
+        if 1 < config.heads < num_tasks:
+            used.add("restarts")
+        if isinstance(config, VeraHydraOptConfig):
+            steps, lr = config.refine_steps, config.refine_lr
+        else:
+            steps, lr = config.refine_schedule(num_tasks)
+        if config.distance != "mse":
+            used.add("refine_steps")
+            if steps > 0:
+                used |= {"refine_lr", "refine_precision", "refine_tasks"}  # the last two: LoRA
+                # The median start needs the dense targets, formed only when every task is seen.
+                if config.distance == "mae" and getattr(config, "refine_tasks", 0) >= num_tasks:
+                    used.add("start")
+        return select_fields(config, used, refine_steps=steps, refine_lr=lr)
 
     def merge(
         self,
