@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hydraopt.analysis import error_by_task
 from hydraopt.cli.display import human_bytes, print_table, progress_bar
 from hydraopt.cli.options import (
     BYTES,
@@ -16,10 +16,10 @@ from hydraopt.cli.options import (
     load_selected,
     method_options,
 )
-from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import check_output_dir
-from hydraopt.io.bundle import save_bundle
-from hydraopt.types import Bundle, VeraBundle
+
+if TYPE_CHECKING:  # torch: imported when the merge runs, so `merge --help` stays fast
+    from hydraopt.types import Bundle, VeraBundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hydraopt.engine import merge_adapter_set, resolve_config
+    from hydraopt.io.bundle import save_bundle
+
     check_output_dir(
         args.out, force=args.force, inputs=args.adapters, force_hint="--force"
     )  # fail before any work, not after
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(bundle: Bundle | VeraBundle) -> None:
     """Storage and per-task hard-routed error of a bundle (LoRA or VeRA)."""
+    from hydraopt.analysis import error_by_task
+
     s = bundle.storage
     dist = bundle.provenance.error_distance
     print_table(
@@ -69,6 +74,9 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
             ["bundle", s.bundle_params, human_bytes(s.bundle_bytes), s.storage_percent],
         ],
     )
+    # What the bundle records: the config fields that applied (older bundles: every field).
+    applied = ", ".join(f"{k}={v}" for k, v in bundle.config.items())
+    print(f"config: {applied or '(none)'}")
     per_task = error_by_task(bundle)
     heads_used = {t: len(set(bundle.routing_of(t).values())) for t in bundle.tasks}
     print_table(

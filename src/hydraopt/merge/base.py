@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
-from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
+
+if TYPE_CHECKING:  # torch-free at run time: the registry and the configs import this module
+    import torch
+
+    from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
 
 
 @dataclass(frozen=True)

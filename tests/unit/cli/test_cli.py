@@ -70,16 +70,16 @@ def test_merge_holds_the_result_in_the_bundle_dtype(adapters, tmp_path, monkeypa
     import torch
 
     from hydraopt import load_adapter_set, merge_adapter_set
-    from hydraopt.cli import merge as cli_merge
+    from hydraopt.io import bundle as io_bundle
 
     held = set()
-    save = cli_merge.save_bundle
+    save = io_bundle.save_bundle
 
     def spy(bundle, out, **kwargs):
         held.update(t.dtype for m in bundle.merged.values() for t in (m.A, m.heads))
         return save(bundle, out, **kwargs)
 
-    monkeypatch.setattr(cli_merge, "save_bundle", spy)
+    monkeypatch.setattr(io_bundle, "save_bundle", spy)  # the CLI imports it when it runs
     out = tmp_path / "bundle"
     assert main(["merge", *adapters, "--heads", "3", "--out", str(out), "--dtype", "bfloat16"]) == 0
     assert held == {torch.bfloat16}

@@ -167,9 +167,11 @@ def adapters(make_adapter, tmp_path):
     return [str(make_adapter(f"task{i}", seed=i + 1, parent=tmp_path / "in")) for i in range(K)]
 
 
-def test_bundles_and_sweeps_record_what_applied(adapters, tmp_path) -> None:
+def test_bundles_and_sweeps_record_what_applied(adapters, tmp_path, capsys) -> None:
     out = tmp_path / "b"
     assert main(["merge", *adapters, "--heads", "2", "--refine-steps", "3", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "config: heads=2, distance=mae, solver=fast, restarts=8, refine_steps=3," in shown
     config = json.loads((out / META_NAME).read_text())["config"]
     assert config["refine_steps"] == 3 and config["refine_lr"] == 1.0
     assert not {"epochs", "lr", "weight_decay", "temperature"} & set(config)
