@@ -23,7 +23,7 @@ from hydraopt.engine_chunks import (
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.registry import get_kind
-from hydraopt.merge.base import build_config, config_to_dict, method_heads
+from hydraopt.merge.base import applied_config, build_config, method_heads
 from hydraopt.merge.registry import get_method
 from hydraopt.progress import ProgressArg, as_callback
 from hydraopt.results import Provenance
@@ -129,6 +129,8 @@ def merge_adapter_set(
         zero_errors={m.name: zero_errors[m.name] for m in aset.modules},
         sources={info.task: str(info.path) for info in aset.adapters},
     )
+    # Only the fields that applied (resolved), so the bundle says what ran.
+    recorded = applied_config(get_method(method), config, K, device=str(engine.device))
     return get_kind(aset.kind).build_bundle(
-        aset, method, config_to_dict(config), merged, provenance, bytes_per_param
+        aset, method, recorded, merged, provenance, bytes_per_param
     )

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from hydraopt.merge.base import MergeMethod
-from hydraopt.merge.registry import get_method, list_methods
+# The registry's declarations only: no method implementation (and no torch) is imported.
+from hydraopt.merge.registry import MethodInfo, list_methods, method_info
 
 # Handled by the CLI itself: ``--heads`` is shown with the methods that take it.
 SPECIAL_FIELDS = ("heads",)
@@ -52,9 +52,9 @@ def config_classes() -> Iterator[tuple[type, list[str]]]:
     A class only ever used for VeRA adapters names its methods ``<name> on VeRA``.
     """
     users: dict[type, list[str]] = {}
-    lora_classes = {get_method(n).config_class for n in list_methods()}
+    lora_classes = {method_info(n).config_class for n in list_methods()}
     for name in list_methods():
-        method = get_method(name)
+        method = method_info(name)
         for cls in (method.config_class, method.vera_config_class):
             if cls is not None:
                 label = name if cls in lora_classes else f"{name} on VeRA"
@@ -138,7 +138,7 @@ def _default(field: str) -> str | None:
 
 
 def _where(names: list[str]) -> str:
-    classic = [n for n in list_methods() if not get_method(n).takes_heads]
+    classic = [n for n in list_methods() if not method_info(n).takes_heads]
     if set(classic) <= set(names) and len(classic) > 2:
         rest = [n for n in names if n not in classic]
         return ", ".join(["classic merges", *rest])
@@ -169,14 +169,14 @@ def add_config_flags(group: argparse._ArgumentGroup) -> list[ConfigFlag]:
 
 def heads_help() -> str:
     """Help of ``--heads`` from the methods' ``takes_heads``."""
-    choose = [n for n in list_methods() if get_method(n).takes_heads]
+    choose = [n for n in list_methods() if method_info(n).takes_heads]
     return (
         f"M, the number of B heads per module, 1..K (required by {', '.join(choose)}; "
         "the other methods fix M themselves)"
     )
 
 
-def config_options(args: argparse.Namespace, method: MergeMethod) -> dict[str, Any]:
+def config_options(args: argparse.Namespace, method: MethodInfo) -> dict[str, Any]:
     """The config fields of ``method`` (any kind) that the user gave; None = not given."""
     fields: list[str] = []
     for cls in (method.config_class, method.vera_config_class):

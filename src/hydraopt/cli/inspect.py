@@ -4,7 +4,8 @@ Given a bundle dir: its storage table, routing, error per task and the worst mod
 A/B similarity of its source adapters when they are still on disk. Given adapter dirs: their A/B
 similarity (the paper's Fig. 2) and what each M would store. VeRA bundles and adapters get the
 same report with λd / λb in place of A / B: what is shown of adapters is the kind's
-(``show_storage`` / ``show_similarity`` of :class:`~hydraopt.kinds.base.AdapterKind`).
+(``show_storage`` / ``show_similarity`` of :class:`~hydraopt.kinds.base.AdapterKind`); a
+bundle's report is :mod:`hydraopt.cli.inspect_report`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hydraopt.analysis import error_by_task
-from hydraopt.cli.display import print_table
-from hydraopt.cli.merge import module_ranks, print_summary
 from hydraopt.cli.options import adapter_dirs
-from hydraopt.io.bundle import META_NAME, load_any_bundle
-from hydraopt.io.peft import load_adapter_set
-from hydraopt.kinds.registry import get_kind
-from hydraopt.types import Bundle, VeraBundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The report's modules need torch: imported here, so `inspect --help` stays fast.
+    from hydraopt.cli.inspect_report import show_bundle
+    from hydraopt.io.bundle import META_NAME, load_any_bundle
+    from hydraopt.io.peft import load_adapter_set
+    from hydraopt.kinds.registry import get_kind
+
     report: dict = {}
     aset: Any = None
     if len(args.paths) == 1 and (Path(args.paths[0]) / META_NAME).is_file():
@@ -68,28 +68,3 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"JSON written to {args.json}")
     return 0
-
-
-def show_bundle(bundle: Bundle | VeraBundle, top: int) -> dict:
-    print_summary(bundle)
-    errors = bundle.provenance.errors
-    dist = bundle.provenance.error_distance
-    worst = sorted(errors.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))[:top]
-    rows = []
-    for name, errs in worst:
-        routing = bundle.merged[name].routing.tolist()
-        rows.append([name, sum(errs) / len(errs), max(errs), " ".join(map(str, routing))])
-    print_table(
-        f"worst {len(rows)} modules ({dist}); routing = head per task {list(bundle.tasks)}",
-        ["module", f"mean {dist}", f"max {dist}", "routing"],
-        rows,
-    )
-    return {
-        "method": bundle.method,
-        "config": bundle.config,
-        "storage": bundle.storage.to_dict(),
-        "error_by_task": error_by_task(bundle),
-        "errors": errors,
-        "routing": {n: m.routing.tolist() for n, m in bundle.merged.items()},
-        **({"ranks": ranks} if (ranks := module_ranks(bundle)) else {}),
-    }

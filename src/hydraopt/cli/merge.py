@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hydraopt.analysis import error_by_task
 from hydraopt.cli.display import human_bytes, print_table, progress_bar
 from hydraopt.cli.options import (
     BYTES,
@@ -17,11 +17,10 @@ from hydraopt.cli.options import (
     load_selected,
     method_options,
 )
-from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import check_output_dir
-from hydraopt.io.bundle import save_bundle
-from hydraopt.results import MergedBasisModule
-from hydraopt.types import Bundle, VeraBundle
+
+if TYPE_CHECKING:  # torch: imported when the merge runs, so `merge --help` stays fast
+    from hydraopt.types import Bundle, VeraBundle
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hydraopt.engine import merge_adapter_set, resolve_config
+    from hydraopt.io.bundle import save_bundle
+
     check_output_dir(
         args.out, force=args.force, inputs=args.adapters, force_hint="--force"
     )  # fail before any work, not after
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(bundle: Bundle | VeraBundle) -> None:
     """Storage and per-task hard-routed error of a bundle (LoRA or VeRA)."""
+    from hydraopt.analysis import error_by_task
+
     s = bundle.storage
     dist = bundle.provenance.error_distance
     print_table(
@@ -74,6 +78,9 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
     line = rank_line(bundle)
     if line:
         print(line)
+    # What the bundle records: the config fields that applied (older bundles: every field).
+    applied = ", ".join(f"{k}={v}" for k, v in bundle.config.items())
+    print(f"config: {applied or '(none)'}")
     per_task = error_by_task(bundle)
     heads_used = {t: len(set(bundle.routing_of(t).values())) for t in bundle.tasks}
     print_table(
@@ -87,11 +94,15 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
 
 def module_ranks(bundle: Bundle | VeraBundle) -> dict[str, int]:
     """R per module of a shared-basis bundle ({} for other bundles)."""
+    from hydraopt.results import MergedBasisModule
+
     return {n: m.rank for n, m in bundle.merged.items() if isinstance(m, MergedBasisModule)}
 
 
 def rank_line(bundle: Bundle | VeraBundle) -> str | None:
     """``rank R per module: min 4, median 8, max 16 (core full)`` for a shared-basis bundle."""
+    from hydraopt.results import MergedBasisModule
+
     records = [m for m in bundle.merged.values() if isinstance(m, MergedBasisModule)]
     if not records:
         return None

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydraopt.cli.config_flags import add_config_flags, config_options, heads_help
-from hydraopt.engine import EngineOptions
-from hydraopt.io.validate import check_option_values
-from hydraopt.merge.registry import get_method, list_methods
+from hydraopt.merge.registry import list_methods, method_info
 from hydraopt.threads import check_threads
+
+# Building a parser imports no torch (`hydraopt merge --help`): what needs it is imported in the
+# functions that turn parsed arguments into library calls.
+if TYPE_CHECKING:
+    from hydraopt.engine import EngineOptions
 
 
 def add_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +80,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The method-config fields the user gave (None = not given, left to the config default)."""
-    given = config_options(args, get_method(method))
+    from hydraopt.io.validate import check_option_values
+
+    given = config_options(args, method_info(method))
     check_option_values(given)
     return given
 
@@ -121,6 +126,8 @@ def adapter_dirs(paths: list[str]) -> list[str]:
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     import torch
+
+    from hydraopt.engine import EngineOptions
 
     check_threads(args.threads)
     if args.threads:

@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-from hydraopt.analysis import mean_error, plot_tradeoff, relative_error
 from hydraopt.cli.display import print_table, progress_bar
 from hydraopt.cli.options import (
     BYTES,
@@ -25,15 +24,12 @@ from hydraopt.cli.options import (
 )
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir, check_output_dir
-from hydraopt.io.bundle import save_bundle
-from hydraopt.kinds.registry import get_kind
-from hydraopt.merge.registry import get_method, list_methods
-from hydraopt.sweep import plan_sweep, sweep
+from hydraopt.merge.registry import list_methods, method_info
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    take_heads = [n for n in list_methods() if get_method(n).takes_heads]
-    baselines = [n for n in list_methods() if not get_method(n).takes_heads]
+    take_heads = [n for n in list_methods() if method_info(n).takes_heads]
+    baselines = [n for n in list_methods() if not method_info(n).takes_heads]
     p = sub.add_parser("sweep", help="HydraOpt M=1..K and every baseline -> JSON + PNG trade-off")
     add_adapter_args(p)
     p.add_argument("--out", required=True, type=Path, help="directory to create for the results")
@@ -60,12 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here (torch): building the parser stays fast.
+    from hydraopt.analysis import mean_error, plot_tradeoff, relative_error
+    from hydraopt.io.bundle import save_bundle
+    from hydraopt.sweep import plan_sweep, sweep
+
     check_output_dir(args.out, force=args.force, inputs=args.adapters, force_hint="--force")
     aset = load_selected(args)
     K = len(aset.tasks)
     engine = engine_options(args)
     # Methods that take M (HydraOpt) first, each over --heads, then the baselines.
-    first = [n for n in list_methods() if get_method(n).takes_heads]
+    first = [n for n in list_methods() if method_info(n).takes_heads]
     baselines = args.baselines if args.baselines is not None else default_baselines(aset.kind)
     methods = first + [n for n in baselines if n not in first]
     runs = plan_sweep(  # every run's config is checked before any merge starts
@@ -140,6 +141,9 @@ def markdown_table(points: list[dict], distance: str) -> str:
 
 def default_baselines(kind: str) -> list[str]:
     """Every method that fixes M itself and merges adapters of ``kind`` (shared_basis: LoRA)."""
+    from hydraopt.kinds.registry import get_kind
+    from hydraopt.merge.registry import get_method
+
     out = []
     for name in list_methods():
         method = get_method(name)

@@ -15,12 +15,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from hydraopt.errors import HydraoptError
-from hydraopt.types import LoraStack, MergedVeraStack, MergeOutput, ModuleSpec, VeraStack
+
+if TYPE_CHECKING:  # torch-free at run time: the registry and the configs import this module
+    import torch
+
+    from hydraopt.types import (
+        LoraStack,
+        MergedVeraStack,
+        MergeOutput,
+        ModuleSpec,
+        VeraStack,
+    )
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,10 @@ class MergeMethod(Protocol):
     ) -> MergedVeraStack:
         """Merge G modules of K VeRA adapters (only if ``vera_config_class`` is set)."""
         ...
+
+    # Optional: ``applied_config(config, num_tasks, device) -> dict``, the fields of ``config`` that a
+    # merge of K = num_tasks adapters uses, resolved; see :func:`applied_config` (a method
+    # without it records every field).
 
 
 @runtime_checkable
@@ -168,3 +180,28 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         v = getattr(config, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def select_fields(config: Any, used: set[str], **resolved: Any) -> dict[str, Any]:
+    """:func:`config_to_dict` of the ``used`` fields only (in field order), with the ``resolved``
+    values (e.g. a default that depends on K, worked out) in place of the given ones."""
+    values = {**config_to_dict(config), **resolved}
+    return {f.name: values[f.name] for f in dataclasses.fields(config) if f.name in used}
+
+
+def applied_config(
+    method: MergeMethod, config: Any, num_tasks: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """The fields of ``config`` that applied to a merge of K = ``num_tasks`` adapters, resolved:
+    what bundles (``bundle.json``), sweeps and exports record as the method's ``config``.
+
+    A method names them with its own ``applied_config(config, num_tasks)`` (HydraOpt's default
+    solver, for one, never reads the paper solver's ``epochs``); a method without one records
+    every field. Left-out fields did not change the result: :func:`build_config` of the record
+    rebuilds a config that merges the same tensors (tests/unit/merge/test_applied_config.py).
+    """
+    own = getattr(method, "applied_config", None)
+    if own is None:
+        return config_to_dict(config)
+    # ``device``: where the merge ran (a default may depend on it, e.g. HydraOpt's precision path).
+    return dict(own(config, num_tasks, device=device))

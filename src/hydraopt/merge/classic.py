@@ -27,43 +27,27 @@ sqrt(|w_i|). ``<name>_a_only`` merges only λd and keeps every task's λb.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.base import MergeContext, method_heads
-from hydraopt.merge.consensus import Consensus, MajoritySign, combine
+from hydraopt.merge.base import MergeContext, method_heads, select_fields
+from hydraopt.merge.choices import Consensus, Sparsify
+from hydraopt.merge.classic_config import (
+    A_ONLY_METHODS,
+    CLASSIC,
+    CLASSIC_METHODS,
+    ClassicConfig,
+    DefaultWeight,
+)
+from hydraopt.merge.consensus import combine
 from hydraopt.merge.registry import register
-from hydraopt.merge.sparsify import Sparsify, sparsify
+from hydraopt.merge.sparsify import sparsify
+
+# The names and the config live torch-free in classic_config; importable from here as before.
+__all__ = ["A_ONLY_METHODS", "CLASSIC_METHODS", "ClassicConfig", "GeneralizedTaskArithmetic"]
 from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
-
-
-@dataclass(frozen=True)
-class ClassicConfig:
-    """Options of the classic merges.
-
-    Attributes:
-        weights: one coefficient per task; default uniform 1/K (task_arithmetic, magnitude_prune,
-            dare_linear) or unary 1 (ties, dare_ties), as in the paper.
-        density: fraction of entries kept by the sparsification (ignored by task_arithmetic).
-        majority_sign_method: TIES sign election, ``total`` (sum) or ``frequency`` (count).
-        heads: accepted only to refuse a wrong M; the method fixes M itself (1, or K for A-only).
-    """
-
-    weights: tuple[float, ...] | None = None
-    density: float = 0.5
-    majority_sign_method: MajoritySign = "total"
-    heads: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise HydraoptError(f"density must be in (0, 1], got {self.density}")
-        if self.majority_sign_method not in ("total", "frequency"):
-            raise HydraoptError("majority_sign_method must be 'total' or 'frequency'")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
 
 
 class GeneralizedTaskArithmetic:
@@ -79,7 +63,7 @@ class GeneralizedTaskArithmetic:
         self,
         sparsify_method: Sparsify,
         consensus: Consensus,
-        default_weight: Literal["uniform", "unary"],
+        default_weight: DefaultWeight,
         a_only: bool,
     ) -> None:
         self.sparsify_method = sparsify_method
@@ -92,6 +76,23 @@ class GeneralizedTaskArithmetic:
 
     def label(self, num_heads: int) -> str:
         return self.name
+
+    def applied_config(
+        self, config: ClassicConfig, num_tasks: int, device: str = "cpu"
+    ) -> dict[str, Any]:
+        """The weights (the method's default worked out for K), and ``density`` /
+        ``majority_sign_method`` where a sparsification / TIES' sign election runs; ``heads``
+        only checks M and is left out."""
+        used = {"weights"}
+        if self.sparsify_method != "none":
+            used.add("density")
+        if self.consensus == "ties":
+            used.add("majority_sign_method")
+        if config.weights is not None:
+            weights = list(config.weights)
+        else:
+            weights = [1.0 / num_tasks if self.default_weight == "uniform" else 1.0] * num_tasks
+        return select_fields(config, used, weights=weights)
 
     def task_weights(self, config: ClassicConfig, num_tasks: int) -> torch.Tensor:
         """(K,) coefficients: the given ones, or the method's default."""
@@ -169,20 +170,9 @@ class GeneralizedTaskArithmetic:
         return MergedVeraStack(lam_b[:, None], lam_d[:, None], routing)
 
 
-_CLASSIC = {
-    "task_arithmetic": ("none", "sum", "uniform"),
-    "magnitude_prune": ("magnitude", "sum", "uniform"),
-    "ties": ("magnitude", "ties", "unary"),
-    "dare_linear": ("random", "sum", "uniform"),
-    "dare_ties": ("random", "ties", "unary"),
-}
-
-CLASSIC_METHODS: tuple[str, ...] = tuple(_CLASSIC)
-A_ONLY_METHODS: tuple[str, ...] = tuple(f"{n}_a_only" for n in _CLASSIC)
-
 # Full merges first, then the A-only variants: the order of CLI choices and sweep baselines.
 for _a_only in (False, True):
-    for _name, (_sp, _co, _w) in _CLASSIC.items():
-        _method = GeneralizedTaskArithmetic(_sp, _co, _w, _a_only)  # type: ignore[arg-type]
+    for _name, (_sp, _co, _w) in CLASSIC.items():
+        _method = GeneralizedTaskArithmetic(_sp, _co, _w, _a_only)
         _method.name = f"{_name}_a_only" if _a_only else _name
         register(_method.name, _method)

@@ -5,12 +5,11 @@ Stacked as (..., K, n) with the task axis second to last.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Consensus = Literal["sum", "ties"]
-MajoritySign = Literal["total", "frequency"]
+# torch-free, beside the configs
+from hydraopt.merge.choices import Consensus as Consensus
+from hydraopt.merge.choices import MajoritySign as MajoritySign
 
 
 def majority_sign_mask(tensors: torch.Tensor, method: MajoritySign = "total") -> torch.Tensor:

@@ -8,12 +8,12 @@ MSE, the Frobenius norm and the cosine distance. Each function maps (..., d, k) 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
-Distance = Literal["mae", "mse", "fro", "cos"]
-DISTANCES: tuple[str, ...] = ("mae", "mse", "fro", "cos")
+# The names live torch-free beside the configs that use them; imported from here as before.
+from hydraopt.merge.choices import DISTANCES as DISTANCES
+from hydraopt.merge.choices import Distance as Distance
 
 
 def mae(target: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:

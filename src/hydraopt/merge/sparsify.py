@@ -6,11 +6,9 @@ but batched over modules and drawing randomness from an explicit generator.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Sparsify = Literal["none", "magnitude", "random"]
+from hydraopt.merge.choices import Sparsify as Sparsify  # torch-free, beside the configs
 
 
 def magnitude_prune(tensors: torch.Tensor, density: float) -> torch.Tensor:

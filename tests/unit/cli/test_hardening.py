@@ -167,7 +167,7 @@ def test_output_parent_that_cannot_hold_a_dir_is_refused_before_the_merge(
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "b"
     called = []
-    monkeypatch.setattr("hydraopt.cli.merge.merge_adapter_set", lambda *a, **k: called.append(1))
+    monkeypatch.setattr("hydraopt.engine.merge_adapter_set", lambda *a, **k: called.append(1))
     refused(["merge", *adapters, *MERGE, "--out", out], tmp_path, capsys, expect="not a directory")
     assert called == []
 
@@ -235,7 +235,7 @@ def test_a_malicious_pickle_is_refused_with_one_line(adapters, tmp_path, capsys)
 def test_unusable_engine_options_are_refused_before_the_merge(
     adapters, tmp_path, capsys, monkeypatch, options, expect
 ):
-    monkeypatch.setattr("hydraopt.cli.merge.merge_adapter_set", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("hydraopt.engine.merge_adapter_set", lambda *a, **k: 1 / 0)
     argv = ["merge", *adapters, *MERGE, *options, "--out", tmp_path / "b"]
     refused(argv, tmp_path, capsys, expect=expect)
     if options[0] != "--device":

@@ -1,9 +1,10 @@
 """docs/adding-a-method.md, followed to the letter by a method that exists only in this test.
 
-A new method is one module (here: this file's class and config) plus its registry line: the CLI
-then offers it as ``--method``, generates a flag per config field (type, ``Literal`` choices,
-help from the docstring), merges with it, writes and exports its bundle and includes it in
-``hydraopt sweep`` — no other file changes.
+A new method is a config, a class, its registration and its declaration (here all in this file):
+the CLI then offers it as ``--method`` and generates a flag per config field (type, ``Literal``
+choices, help from the docstring) from the declaration alone, merges with it, writes and exports
+its bundle (recording the fields that applied) and includes it in ``hydraopt sweep`` — no other
+file changes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import load_bundle
 from hydraopt.io.peft import load_adapter_set
 from hydraopt.merge import registry
-from hydraopt.merge.base import MergeContext, method_heads
+from hydraopt.merge.base import MergeContext, method_heads, select_fields
 from hydraopt.types import LoraStack, MergedStack
 
 NAME = "shared_center"
@@ -61,6 +62,11 @@ class SharedCenter:
     def label(self, num_heads: int) -> str:
         return self.name
 
+    def applied_config(
+        self, config: SharedCenterConfig, num_tasks: int, device: str = "cpu"
+    ) -> dict:
+        return select_fields(config, {"center", "shrink"})  # heads only checks M
+
     def merge(
         self,
         stack: LoraStack,
@@ -77,9 +83,19 @@ class SharedCenter:
 
 
 @pytest.fixture
-def registered_method(monkeypatch):
-    """Step 2 of the doc, undone after the test: the registry line."""
-    monkeypatch.setitem(registry._METHODS, NAME, SharedCenter())
+def declared_method(monkeypatch):
+    """Step 5 of the doc, undone after the test: the declaration. Its module does not exist, so
+    anything that tried to import the implementation would fail."""
+    monkeypatch.setattr(registry, "_DECLARED", dict(registry._DECLARED))
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry.declare(NAME, "tests_no_such_module", SharedCenterConfig, takes_heads=False)
+    return NAME
+
+
+@pytest.fixture
+def registered_method(declared_method):
+    """Step 4 as well: the registration (``register(name, instance)``, as an import would)."""
+    registry.register(NAME, SharedCenter())
     return NAME
 
 
@@ -94,7 +110,7 @@ def subcommand_help(name: str) -> str:
     return sub.choices[name].format_help()  # type: ignore[attr-defined]
 
 
-def test_the_cli_offers_the_method_and_one_flag_per_config_field(registered_method):
+def test_the_cli_offers_the_method_and_one_flag_per_config_field(declared_method):
     text = " ".join(subcommand_help("merge").split())
     assert NAME in text
     assert "--center {mean,median}" in text
@@ -109,11 +125,7 @@ def test_the_method_merges_through_the_cli_into_a_bundle(registered_method, adap
     argv = ["merge", *adapters, "--method", NAME, "--center", "median", "--shrink", "0.5"]
     assert main([*argv, "--dtype", "float32", "--out", str(out)]) == 0
     bundle = load_bundle(out)
-    assert bundle.method == NAME and bundle.config == {
-        "center": "median",
-        "shrink": 0.5,
-        "heads": None,
-    }
+    assert bundle.method == NAME and bundle.config == {"center": "median", "shrink": 0.5}
     aset = load_adapter_set(adapters)
     for spec in aset.modules:
         stack = aset.load_stack([spec])
@@ -154,3 +166,11 @@ def test_the_sweep_runs_it_under_its_label(registered_method, adapters, tmp_path
     points = json.loads((out / "sweep.json").read_text())["points"]
     assert [p["label"] for p in points] == ["hydraopt M=1", NAME]
     assert points[1]["heads"] == 3
+
+
+def test_a_registration_must_match_its_declaration(declared_method):
+    class Other(SharedCenter):
+        takes_heads = True
+
+    with pytest.raises(ValueError, match="takes_heads is True but declared as False"):
+        registry.register(NAME, Other())
