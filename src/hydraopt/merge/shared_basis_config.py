@@ -48,13 +48,13 @@ class SharedBasisConfig:
     def __post_init__(self) -> None:
         if (self.rank is None) == (self.budget is None):
             raise HydraoptError(
-                "give exactly one of rank (R in every module) and budget (percent of the "
+                "give exactly one of --rank R (uniform) and --budget PCT (percent of the "
                 "separate adapters' parameters)"
             )
         if self.rank is not None and self.rank < 1:
-            raise HydraoptError(f"rank must be >= 1, got {self.rank}")
+            raise HydraoptError(f"--rank must be >= 1, got {self.rank}")
         if self.budget is not None and not 0.0 < self.budget <= 100.0:
-            raise HydraoptError(f"budget is a percentage in (0, 100], got {self.budget}")
+            raise HydraoptError(f"--budget is a percentage in (0, 100], got {self.budget}")
         if self.core not in CORES:
             raise HydraoptError(f"core must be one of {CORES}, got {self.core!r}")
         if self.distance not in DISTANCES:

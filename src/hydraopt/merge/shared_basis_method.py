@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.base import MergeContext, method_heads
+from hydraopt.merge.base import MergeContext, method_heads, select_fields
 from hydraopt.merge.registry import registered
 from hydraopt.merge.shared_basis import SharedBasisConfig, task_heads
 from hydraopt.merge.shared_basis_budget import (
@@ -103,6 +103,19 @@ class SharedBasis:
 
     def label(self, num_heads: int) -> str:
         return self.name
+
+    def applied_config(
+        self, config: SharedBasisConfig, num_tasks: int, device: str = "cpu"
+    ) -> dict[str, Any]:
+        """The storage knob given (``rank`` or ``budget``), the core, distance and sweeps;
+        ``cp_sweeps`` only for diagonal cores, ``refine_lr`` only when refinement steps run."""
+        used = {"core", "distance", "sweeps", "refine_steps"}
+        used.add("rank" if config.rank is not None else "budget")
+        if config.core == "diagonal":
+            used.add("cp_sweeps")
+        if config.refine_steps > 0:
+            used.add("refine_lr")
+        return select_fields(config, used)
 
     def point_label(self, config: Mapping[str, Any]) -> str:
         """The storage knob of a sweep point: ``R=8`` or ``10 %`` (``diag`` for diagonal cores)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import edit_config
 
 from hydraopt.cli.main import main
+from hydraopt.devices import resolve_precision
 from hydraopt.io.bundle import load_bundle
 
 
@@ -57,8 +59,9 @@ def test_merge_passes_the_fast_solver_options(adapters, tmp_path):
     # Left out, they keep the config's defaults.
     assert main(["merge", *adapters, "--heads", "1", "--out", str(tmp_path / "d")]) == 0
     default = load_bundle(tmp_path / "d").config
+    # "auto" is recorded as the path it took on this machine.
     assert (default["refine_precision"], default["refine_tasks"], default["start"]) == (
-        "auto",
+        resolve_precision("auto", torch.device("cpu")),
         8,
         "auto",
     )

@@ -13,6 +13,7 @@ import torch
 from helpers import random_stack
 
 from hydraopt.cli.main import main
+from hydraopt.devices import resolve_precision
 from hydraopt.engine import resolve_config
 from hydraopt.io.bundle import META_NAME, load_bundle
 from hydraopt.kinds.vera.config import VeraHydraOptConfig
@@ -41,6 +42,7 @@ OTHER: dict[str, Any] = {
     "refine_tasks": 2,
     "start": "closed_form",
     "shared": "lambda_b",
+    "cp_sweeps": 5,
 }
 
 
@@ -65,7 +67,7 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-CLASSIC = [name for name in list_methods() if name != "hydraopt"]
+CLASSIC = [name for name in list_methods() if name not in ("hydraopt", "shared_basis")]
 CASES = [(name, {}, "lora") for name in CLASSIC] + [
     ("hydraopt", {"heads": 1}, "lora"),
     ("hydraopt", {"heads": 2}, "lora"),
@@ -74,6 +76,9 @@ CASES = [(name, {}, "lora") for name in CLASSIC] + [
     ("hydraopt", {"heads": 2, "refine_steps": 0}, "lora"),
     ("hydraopt", {"heads": 2, "refine_tasks": 2, "refine_steps": 5}, "lora"),
     ("hydraopt", {"heads": 2, "solver": "paper", "epochs": 20}, "lora"),
+    ("shared_basis", {"rank": 2}, "lora"),
+    ("shared_basis", {"rank": 2, "core": "diagonal", "cp_sweeps": 3}, "lora"),
+    ("shared_basis", {"rank": 2, "refine_steps": 3}, "lora"),
     ("ties", {}, "vera"),
     ("task_arithmetic_a_only", {}, "vera"),
     ("hydraopt", {"heads": 1, "refine_steps": 5}, "vera"),
@@ -91,8 +96,8 @@ def test_fields_left_out_do_not_change_the_result(name: str, options: dict, kind
     recorded = applied_config(get_method(name), config, K)
     assert same(merge(name, build_config(type(config), recorded), kind), want)
     for field in [f.name for f in dataclasses.fields(config) if f.name not in recorded]:
-        if field == "heads":  # only checked against the M the method fixes itself
-            continue
+        if field in ("heads", "budget"):  # heads: only checked against the M the method fixes
+            continue  # itself; budget: shared_basis takes a rank or a budget, never both
         changed = dataclasses.replace(config, **{field: OTHER[field]})
         assert same(merge(name, changed, kind), want), field
 
@@ -107,23 +112,29 @@ def test_a_recorded_field_can_matter() -> None:
 
 def test_what_each_method_records() -> None:
     hydra = get_method("hydraopt")
-    assert applied_config(hydra, HydraOptConfig(heads=2), K) == {
-        "heads": 2,
-        "distance": "mae",
-        "solver": "fast",
-        "restarts": 8,
-        "refine_steps": 100,  # the default schedule for M < K, worked out
-        "refine_lr": 1.0,
-        "refine_precision": "auto",
-        "refine_tasks": 8,
-        "start": "auto",
-    }
+    for precision, steps in (("bfloat16", 100), ("float32", 40)):
+        config = HydraOptConfig(heads=2, refine_precision=precision)
+        assert applied_config(hydra, config, K) == {
+            "heads": 2,
+            "distance": "mae",
+            "solver": "fast",
+            "restarts": 8,
+            "refine_steps": steps,  # the default schedule for M < K on that path, worked out
+            "refine_lr": 1.0,
+            "refine_precision": precision,
+            "refine_tasks": 8,
+            "start": "auto",
+        }
+    # "auto" is recorded as the path this machine's CPU takes.
+    auto = applied_config(hydra, HydraOptConfig(heads=2), K)
+    assert auto["refine_precision"] == resolve_precision("auto", torch.device("cpu"))
     assert applied_config(hydra, HydraOptConfig(heads=3, distance="mse"), K) == {
         "heads": 3,
         "distance": "mse",
         "solver": "fast",
     }
-    assert applied_config(hydra, HydraOptConfig(heads=3), K)["refine_steps"] == 20  # M = K
+    own = HydraOptConfig(heads=3, refine_precision="bfloat16")
+    assert applied_config(hydra, own, K)["refine_steps"] == 20  # M = K
     assert applied_config(hydra, HydraOptConfig(heads=1, solver="paper"), K) == {
         "heads": 1,
         "distance": "mae",
