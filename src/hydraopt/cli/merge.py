@@ -10,8 +10,10 @@ from hydraopt.cli.display import human_bytes, print_table, progress_bar
 from hydraopt.cli.options import (
     BYTES,
     add_adapter_args,
+    add_bits_args,
     add_engine_args,
     add_method_args,
+    bits_values,
     engine_options,
     load_selected,
     method_options,
@@ -19,6 +21,7 @@ from hydraopt.cli.options import (
 from hydraopt.engine import merge_adapter_set, resolve_config
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
+from hydraopt.quantized_bundle import quantize_merged
 from hydraopt.types import Bundle, VeraBundle
 
 
@@ -29,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_method_args(p)
     add_engine_args(p)
+    add_bits_args(p)
     p.set_defaults(func=run)
 
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(
         args.out, force=args.force, inputs=args.adapters, force_hint="--force"
     )  # fail before any work, not after
+    bits = bits_values(args)[0]
     aset = load_selected(args)
     config = resolve_config(
         args.method, method_options(args, args.method), len(aset.tasks), aset.kind
@@ -50,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
             progress=advance,
             bytes_per_param=BYTES[args.dtype],
         )
+    if bits != 16:
+        with progress_bar(len(aset.modules), f"measure at {bits} bits") as advance:
+            bundle = quantize_merged(
+                bundle, aset, int(bits), args.group_size, dtype=args.dtype, progress=advance
+            )
     save_bundle(bundle, args.out, dtype=args.dtype, force=args.force)
     print_summary(bundle)
     print(f"bundle written to {args.out}")
@@ -66,7 +76,7 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
         ["", "parameters", "bytes", "S %"],
         [
             ["separate adapters", s.adapters_params, human_bytes(s.adapters_bytes), 100.0],
-            ["bundle", s.bundle_params, human_bytes(s.bundle_bytes), s.storage_percent],
+            [bundle_label(bundle), s.bundle_params, human_bytes(s.bundle_bytes), s.storage_percent],
         ],
     )
     per_task = error_by_task(bundle)
@@ -78,3 +88,11 @@ def print_summary(bundle: Bundle | VeraBundle) -> None:
         ["task", dist, "distinct heads used over modules"],
         [[t, per_task.get(t, float("nan")), heads_used[t]] for t in bundle.tasks],
     )
+
+
+def bundle_label(bundle: Bundle | VeraBundle) -> str:
+    """``bundle``, with the bit widths of a quantized one (S % is then a ratio of bytes)."""
+    widths = sorted({q.bits for q in bundle.quantized.values()}, reverse=True)
+    if not widths:
+        return "bundle"
+    return f"bundle ({'/'.join(map(str, widths))}-bit codes + scales; bytes vs 16-bit)"
