@@ -11,13 +11,16 @@ plus the codes and scales that :func:`hydraopt.save_bundle` writes (format versi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hydraopt.engine_chunks import DEFAULT_CHUNK_ELEMENTS, plan_chunks
 from hydraopt.kinds.registry import get_kind
+from hydraopt.merge.distances import get_distance
 from hydraopt.merge.refine import hard_routed_error
 from hydraopt.progress import ProgressArg, as_callback
 from hydraopt.quantize import QuantizedTensor, check_quant_args, dequantize, quantize
@@ -84,12 +87,23 @@ def quantize_bundle(
         quantized[name] = quantize(t, b, group_size)
         values[name] = dequantize(quantized[name])
     out = kind.with_tensors(bundle, values, quantized)
-    stored = sum(
-        quantized[n].nbytes if n in quantized else t.numel() * t.element_size()
-        for n, t in tensors.items()
-        if n not in kind.frozen_tensors
-    )
+    stored = sum(module_nbytes(out, dtype).values())
     return dataclasses.replace(out, storage=quantized_storage_report(bundle.storage, stored))
+
+
+def module_nbytes(bundle: Any, dtype: str = "float16") -> dict[str, int]:
+    """Exact stored bytes per module (codes + scales, or ``dtype`` values), the kind's frozen
+    tensors not counted; tensors of no module (none today) under ``""``."""
+    kind = get_kind(bundle.kind)
+    modules = {m.name: m for m in bundle.modules}
+    out = {name: 0 for name in modules}
+    for name, t in kind.bundle_tensors(bundle, dtype).items():
+        if name in kind.frozen_tensors:
+            continue
+        q = bundle.quantized.get(name)
+        key = module_of(name, modules) or ""
+        out[key] = out.get(key, 0) + (q.nbytes if q is not None else t.numel() * t.element_size())
+    return out
 
 
 def measure_errors(
@@ -147,3 +161,64 @@ def quantize_merged(
     errors = measure_errors(out, aset, progress=progress)
     provenance = dataclasses.replace(out.provenance, errors=errors)
     return dataclasses.replace(out, provenance=provenance)
+
+
+@dataclass(frozen=True)
+class SeparatePoint:
+    """The K separate LoRA adapters, each factor quantized on its own (the fair baseline).
+
+    Attributes:
+        bits: 16, 8 or 4.
+        nbytes: exact bytes of the K adapters' A and B at ``bits`` (16: 2 per value).
+        errors: module -> per task f(s_i B_i A_i, s_i deq(B_i) deq(A_i)).
+        zero_errors: module -> per task f(ΔW_i, 0).
+    """
+
+    bits: int
+    nbytes: int
+    errors: dict[str, list[float]]
+    zero_errors: dict[str, list[float]]
+
+
+def separate_point(
+    aset: Any,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    distance: str = "mae",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> SeparatePoint:
+    """Bytes and errors of keeping the K LoRA adapters, each A_i and B_i quantized at ``bits``.
+
+    Raises:
+        ValueError: bad bits or group size; adapters that are not LoRA (VeRA's separate vectors
+            are not quantized here).
+    """
+    check_bits(bits, group_size)
+    if aset.kind != "lora":
+        raise ValueError(f"separate quantized points are for LoRA adapters, not {aset.kind}")
+    errors: dict[str, list[float]] = {}
+    zero: dict[str, list[float]] = {}
+    nbytes = 0
+    for chunk in plan_chunks(aset.modules, len(aset.tasks), chunk_elements):
+        with torch.no_grad():
+            stack = aset.load_stack(chunk)
+            stored_a, stored_b = stack.A.clone(), stack.B.clone()  # (G, K, r, k), (G, K, d, r)
+            for g, k in itertools.product(range(stack.A.shape[0]), range(stack.A.shape[1])):
+                for full, part in ((stored_a, stack.A[g, k]), (stored_b, stack.B[g, k])):
+                    if bits == 16:
+                        full[g, k] = part.to(torch.float16).float()
+                        nbytes += 2 * part.numel()
+                    else:
+                        q = quantize(part, bits, group_size)
+                        full[g, k] = dequantize(q)
+                        nbytes += q.nbytes
+            target = stack.delta()  # (G, K, d, k)
+            approx = stack.scale[..., None, None] * (stored_b @ stored_a)  # (G, K, d, k)
+            err = get_distance(distance)(target, approx)  # (G, K)
+            none = get_distance(distance)(target, torch.zeros_like(target))
+        for g, spec in enumerate(chunk):
+            errors[spec.name] = [float(e) for e in err[g]]
+            zero[spec.name] = [float(z) for z in none[g]]
+    order = [m.name for m in aset.modules]
+    return SeparatePoint(bits, nbytes, {n: errors[n] for n in order}, {n: zero[n] for n in order})

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from hydraopt.analysis import error_by_task
+from hydraopt.cli.bits import add_bits_args, bits_values
 from hydraopt.cli.display import human_bytes, print_table, progress_bar
 from hydraopt.cli.options import (
     BYTES,
     add_adapter_args,
-    add_bits_args,
     add_engine_args,
     add_method_args,
-    bits_values,
     engine_options,
     load_selected,
     method_options,
 )
 from hydraopt.engine import merge_adapter_set, resolve_config
+from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import check_output_dir
 from hydraopt.io.bundle import save_bundle
+from hydraopt.merge.registry import get_method
 from hydraopt.quantized_bundle import quantize_merged
 from hydraopt.types import Bundle, VeraBundle
 
@@ -32,7 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     add_method_args(p)
     add_engine_args(p)
-    add_bits_args(p)
+    bits = add_bits_args(p, auto=True)
+    # A method config's own `budget` field (shared_basis) may have made the flag already: same
+    # name and meaning (percent of the separate adapters' 16-bit bytes), one flag.
+    with contextlib.suppress(argparse.ArgumentError):
+        bits.add_argument(
+            "--budget",
+            type=float,
+            metavar="PCT",
+            help="methods that take M (hydraopt): instead of --heads, choose M per module (and "
+            "with --bits auto the width) for the least hard-routed error within PCT %% of the K "
+            "separate adapters' 16-bit bytes (docs/methods.md)",
+        )
     p.set_defaults(func=run)
 
 
@@ -40,22 +53,30 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(
         args.out, force=args.force, inputs=args.adapters, force_hint="--force"
     )  # fail before any work, not after
-    bits = bits_values(args)[0]
+    bits = bits_values(args, allow_auto=True)[0]
+    budget_mode = getattr(args, "budget", None) is not None and get_method(args.method).takes_heads
+    if bits == "auto" and not budget_mode:
+        raise HydraoptError("--bits auto picks a width per module under --budget PCT; give both")
+    if budget_mode and args.heads is not None:
+        raise HydraoptError("--budget chooses M per module; leave out --heads")
     aset = load_selected(args)
-    config = resolve_config(
-        args.method, method_options(args, args.method), len(aset.tasks), aset.kind
-    )
     engine = engine_options(args)
-    with progress_bar(len(aset.modules), f"merge {args.method}") as advance:
-        bundle = merge_adapter_set(
-            aset,
-            args.method,
-            config,
-            engine=engine,
-            progress=advance,
-            bytes_per_param=BYTES[args.dtype],
+    if budget_mode:
+        bundle = merge_budget(args, aset, engine, bits)
+    else:
+        config = resolve_config(
+            args.method, method_options(args, args.method), len(aset.tasks), aset.kind
         )
-    if bits != 16:
+        with progress_bar(len(aset.modules), f"merge {args.method}") as advance:
+            bundle = merge_adapter_set(
+                aset,
+                args.method,
+                config,
+                engine=engine,
+                progress=advance,
+                bytes_per_param=BYTES[args.dtype],
+            )
+    if bits not in (16, "auto") and not budget_mode:
         with progress_bar(len(aset.modules), f"measure at {bits} bits") as advance:
             bundle = quantize_merged(
                 bundle, aset, int(bits), args.group_size, dtype=args.dtype, progress=advance
@@ -64,6 +85,37 @@ def run(args: argparse.Namespace) -> int:
     print_summary(bundle)
     print(f"bundle written to {args.out}")
     return 0
+
+
+def merge_budget(args: argparse.Namespace, aset, engine, bits: int | str) -> Bundle | VeraBundle:
+    """``--budget PCT`` with a method that takes M: per-module M (and bits with ``auto``)."""
+    from hydraopt.budget_merge import merge_to_budget
+
+    K = len(aset.tasks)
+    widths = (16, 8, 4) if bits == "auto" else (int(bits),)
+    options = {k: v for k, v in method_options(args, args.method).items() if k != "heads"}
+    with progress_bar(K * len(aset.modules), f"merge {args.method} M=1..{K}") as advance:
+        bundle, choice = merge_to_budget(
+            aset,
+            args.budget,
+            method=args.method,
+            options=options,
+            bits=widths,
+            group_size=args.group_size,
+            dtype=args.dtype,
+            engine=engine,
+            progress=advance,
+            bytes_per_param=BYTES[args.dtype],
+        )
+    mix: dict[str, int] = {}
+    for name in choice.heads:
+        key = f"M={choice.heads[name]} {choice.bits[name]}-bit"
+        mix[key] = mix.get(key, 0) + 1
+    print(
+        f"budget {args.budget:g}% = {choice.budget_bytes:,} bytes; chosen {choice.nbytes:,} bytes: "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(mix.items()))
+    )
+    return bundle
 
 
 def print_summary(bundle: Bundle | VeraBundle) -> None:

@@ -334,10 +334,13 @@ class BundleSystem:
 
 def bundle_label(bundle: Bundle | VeraBundle) -> str:
     """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``); the bare method
-    name for a method this version does not know."""
-    if bundle.method not in list_methods():
-        return bundle.method
-    return get_method(bundle.method).label(bundle.num_heads)
+    name for a method this version does not know; a quantized bundle's bit widths appended
+    (``"ties 4-bit"``), as ``hydraopt.sweep`` labels its runs."""
+    label = bundle.method
+    if bundle.method in list_methods():
+        label = get_method(bundle.method).label(bundle.num_heads)
+    widths = sorted({q.bits for q in bundle.quantized.values()}, reverse=True)
+    return f"{label} {'/'.join(map(str, widths))}-bit" if widths else label
 
 
 def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:

@@ -67,8 +67,8 @@ def test_merge_ties_at_8_bits(adapters, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--bits", "3"], "--bits must be 16, 8 or 4"),
-        (["--bits", "auto"], "--bits must be 16, 8 or 4"),
+        (["--bits", "3"], "--bits must be 16, 8, 4 or auto"),
+        (["--bits", "auto"], "--bits auto picks a width per module"),
         (["--bits", "4", "--group-size", "7"], "even"),
         (["--bits", "4", "--group-size", "0"], ">= 2"),
     ],
@@ -81,3 +81,63 @@ def test_bad_bits_exit_2_with_one_line_and_write_nothing(
         ["merge", *adapters, "--heads", "1", "--out", str(out), *flags], capsys
     )
     assert not out.exists()
+
+
+def test_sweep_in_bytes_with_separate_quantized_points(adapters, tmp_path, capsys):
+    from hydraopt import load_adapter_set
+    from hydraopt.quantize import dequantize, quantize, quantized_nbytes
+
+    out = tmp_path / "sw"
+    argv = ["sweep", *adapters, "--out", str(out), "--heads", "1", "2", "--baselines", "ties"]
+    assert main([*argv, "--bits", "16", "4", "--group-size", "32", "--refine-steps", "2"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    labels = [p["label"] for p in result["points"]]
+    assert labels == [
+        "hydraopt M=1",
+        "hydraopt M=1 4-bit",
+        "hydraopt M=2",
+        "hydraopt M=2 4-bit",
+        "ties",
+        "ties 4-bit",
+        "separate 4-bit",
+    ]
+    sep = result["points"][-1]
+    aset = load_adapter_set(adapters)
+    nbytes, errors = 0, []
+    for spec in aset.modules:
+        stack = aset.load_stack([spec])
+        for i in range(3):
+            a, b = stack.A[0, i], stack.B[0, i]
+            nbytes += quantized_nbytes(a.numel(), 4, 32) + quantized_nbytes(b.numel(), 4, 32)
+            approx = stack.scale[0, i] * (
+                dequantize(quantize(b, 4, 32)) @ dequantize(quantize(a, 4, 32))
+            )
+            errors.append(float((stack.scale[0, i] * b @ a - approx).abs().mean()))
+    assert sep["bytes"] == nbytes
+    assert sep["error"] == pytest.approx(sum(errors) / len(errors), rel=1e-5)
+    assert result["reference_bytes"] == 2 * sum(3 * m.r * (m.d + m.k) for m in aset.modules)
+    assert sep["storage_percent"] == pytest.approx(100 * nbytes / result["reference_bytes"])
+    by_label = {p["label"]: p for p in result["points"]}
+    assert by_label["hydraopt M=2 4-bit"]["bytes"] < by_label["hydraopt M=2"]["bytes"]
+    assert all(isinstance(p["pareto"], bool) for p in result["points"])
+    assert "| separate 4-bit | 4 |" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_sweep_default_points_keep_their_keys(adapters, tmp_path):
+    out = tmp_path / "sw"
+    argv = ["sweep", *adapters, "--out", str(out), "--heads", "1", "--baselines"]
+    assert main(argv) == 0
+    point = json.loads((out / "sweep.json").read_text())["points"][0]
+    assert sorted(point) == sorted(
+        [
+            "label",
+            "method",
+            "heads",
+            "storage_percent",
+            "error",
+            "relative_error",
+            "seconds",
+            "config",
+        ]
+    )
