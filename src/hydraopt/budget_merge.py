@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydraopt.budget import Option, allocate
+from hydraopt.budget import Option, allocate, allocate_for_error
 from hydraopt.engine import EngineOptions, merge_adapter_set, resolve_config
 from hydraopt.errors import HydraoptError
 from hydraopt.kinds.registry import get_kind
@@ -61,8 +61,9 @@ def budget_bytes(aset: Any, percent: float) -> int:
 
 def merge_to_budget(
     aset: Any,
-    percent: float,
+    percent: float | None,
     *,
+    max_error: float | None = None,
     method: str = "hydraopt",
     options: Mapping[str, Any] | None = None,
     bits: Sequence[int] = (16,),
@@ -76,7 +77,10 @@ def merge_to_budget(
 
     Args:
         aset: LoRA adapters.
-        percent: budget, % of the K separate adapters' 16-bit bytes.
+        percent: budget, % of the K separate adapters' 16-bit bytes; or None with
+            ``max_error``.
+        max_error: the dual: the fewest bytes found whose mean hard-routed error over modules
+            and tasks is at most this (:func:`hydraopt.budget.allocate_for_error`).
         method: a registry method that takes M (``hydraopt``).
         options: its other config fields (``heads`` is chosen here).
         bits: the widths a module may be stored at (``(16,)``; ``(16, 8, 4)`` for ``--bits
@@ -92,7 +96,11 @@ def merge_to_budget(
     """
     for b in bits:
         check_bits(b, group_size)
-    budget = budget_bytes(aset, percent)
+    if (percent is None) == (max_error is None):
+        raise HydraoptError("give exactly one of --budget PCT and --max-error E")
+    if max_error is not None and not max_error >= 0:
+        raise HydraoptError(f"--max-error must be a number >= 0, got {max_error}")
+    budget = budget_bytes(aset, percent if percent is not None else 100.0)
     K = len(aset.tasks)
     given = {k: v for k, v in (options or {}).items() if k != "heads"}
     configs = [resolve_config(method, {**given, "heads": m}, K, aset.kind) for m in range(1, K + 1)]
@@ -104,7 +112,7 @@ def merge_to_budget(
         )
         for b in bits:
             stored[(m, b)] = quantize_merged(merged[m], aset, b, group_size, dtype=dtype)
-        if m == 1:
+        if m == 1 and percent is not None:
             _check_reachable(stored, bits, budget, percent, dtype)
     names = [spec.name for spec in aset.modules]
     keys = sorted(stored)
@@ -120,7 +128,17 @@ def merge_to_budget(
         ]
         for name in names
     ]
-    choice = allocate(options_per_module, budget)
+    if max_error is None:
+        choice = allocate(options_per_module, budget)
+    else:
+        try:
+            choice = allocate_for_error(options_per_module, max_error * K * len(names))
+        except ValueError:
+            least = sum(min(o.error for o in opts) for opts in options_per_module)
+            raise HydraoptError(
+                f"--max-error {max_error:g} is below the least mean error any choice reaches "
+                f"({least / (K * len(names)):.4g})"
+            ) from None
     picked = {name: keys[c] for name, c in zip(names, choice.choice, strict=True)}
     heads = {name: key[0] for name, key in picked.items()}
     widths = {name: key[1] for name, key in picked.items()}
@@ -129,6 +147,7 @@ def merge_to_budget(
         **config_to_dict(configs[-1]),
         "heads": None,  # per module: bundle.json modules[].heads
         "budget": percent,
+        "max_error": max_error,
         "bits": list(bits),
         "group_size": group_size,
     }

@@ -89,3 +89,17 @@ def test_cli_budget_errors_are_one_line(adapter_dirs, tmp_path, capsys, flags, m
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_max_error_dual_meets_the_target(aset):
+    from hydraopt.analysis import mean_error
+
+    uniform = merge_adapter_set(aset, "hydraopt", {"heads": 2, **FAST})
+    target = mean_error(uniform)
+    bundle, choice = merge_to_budget(aset, None, max_error=target, options=FAST, bits=(16, 8, 4))
+    assert mean_error(bundle) <= target * (1 + 1e-6)
+    assert choice.nbytes == bundle.storage.bundle_bytes
+    with pytest.raises(HydraoptError, match="below the least mean error"):
+        merge_to_budget(aset, None, max_error=0.0, options=FAST)
+    with pytest.raises(HydraoptError, match="exactly one"):
+        merge_to_budget(aset, 50.0, max_error=1.0, options=FAST)

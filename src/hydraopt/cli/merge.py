@@ -46,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with --bits auto the width) for the least hard-routed error within PCT %% of the K "
             "separate adapters' 16-bit bytes (docs/methods.md)",
         )
+    bits.add_argument(
+        "--max-error",
+        type=float,
+        metavar="E",
+        help="the dual of --budget: the fewest bytes found whose mean hard-routed error (over "
+        "modules and tasks, in --distance) is at most E",
+    )
     p.set_defaults(func=run)
 
 
@@ -54,11 +61,16 @@ def run(args: argparse.Namespace) -> int:
         args.out, force=args.force, inputs=args.adapters, force_hint="--force"
     )  # fail before any work, not after
     bits = bits_values(args, allow_auto=True)[0]
-    budget_mode = getattr(args, "budget", None) is not None and get_method(args.method).takes_heads
+    takes_heads = get_method(args.method).takes_heads
+    budget_mode = takes_heads and (
+        getattr(args, "budget", None) is not None or args.max_error is not None
+    )
     if bits == "auto" and not budget_mode:
         raise HydraoptError("--bits auto picks a width per module under --budget PCT; give both")
     if budget_mode and args.heads is not None:
-        raise HydraoptError("--budget chooses M per module; leave out --heads")
+        raise HydraoptError("--budget / --max-error choose M per module; leave out --heads")
+    if args.max_error is not None and not takes_heads:
+        raise HydraoptError(f"--max-error is for methods that take M, not {args.method}")
     aset = load_selected(args)
     engine = engine_options(args)
     if budget_mode:
@@ -97,7 +109,8 @@ def merge_budget(args: argparse.Namespace, aset, engine, bits: int | str) -> Bun
     with progress_bar(K * len(aset.modules), f"merge {args.method} M=1..{K}") as advance:
         bundle, choice = merge_to_budget(
             aset,
-            args.budget,
+            getattr(args, "budget", None),
+            max_error=args.max_error,
             method=args.method,
             options=options,
             bits=widths,
@@ -111,8 +124,13 @@ def merge_budget(args: argparse.Namespace, aset, engine, bits: int | str) -> Bun
     for name in choice.heads:
         key = f"M={choice.heads[name]} {choice.bits[name]}-bit"
         mix[key] = mix.get(key, 0) + 1
+    goal = (
+        f"budget {args.budget:g}% = {choice.budget_bytes:,} bytes"
+        if args.max_error is None
+        else f"max mean error {args.max_error:g}"
+    )
     print(
-        f"budget {args.budget:g}% = {choice.budget_bytes:,} bytes; chosen {choice.nbytes:,} bytes: "
+        f"{goal}; chosen {choice.nbytes:,} bytes: "
         + ", ".join(f"{k} x{v}" for k, v in sorted(mix.items()))
     )
     return bundle
@@ -147,4 +165,7 @@ def bundle_label(bundle: Bundle | VeraBundle) -> str:
     widths = sorted({q.bits for q in bundle.quantized.values()}, reverse=True)
     if not widths:
         return "bundle"
+    quantized_modules = {name.rpartition(".")[0] for name in bundle.quantized}
+    if any(m.name not in quantized_modules for m in bundle.modules):
+        widths.insert(0, 16)  # budget mode left some modules at 16 bits
     return f"bundle ({'/'.join(map(str, widths))}-bit codes + scales; bytes vs 16-bit)"
