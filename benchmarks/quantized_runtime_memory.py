@@ -49,7 +49,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bundles", nargs="+", type=Path)
     args = p.parse_args()
-    print("| bundle | format | tensor bytes on disk | factors held by the runtime | peak RSS growth | load s |")
+    print(
+        "| bundle | format | tensor bytes on disk | factors held by the runtime | peak RSS growth | load s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for path in args.bundles:
         meta = json.loads((path / "bundle.json").read_text())
