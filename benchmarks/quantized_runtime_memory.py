@@ -22,7 +22,7 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from safetensors import safe_open
+from safetensors.torch import load_file
 from hydraopt.runtime.factors import shared_factors
 path = Path(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -31,8 +31,7 @@ factors = shared_factors(path)
 seconds = time.perf_counter() - start
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 held = sum(t.numel() * t.element_size() for f in factors.modules.values() for t in (f.A, f.heads))
-with safe_open(str(path / "tensors.safetensors"), "pt") as f:
-    stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+stored = sum(t.numel() * t.element_size() for t in load_file(str(path / "tensors.safetensors")).values())
 print(json.dumps({"stored": stored, "held": held, "rss_growth_kib": after - before,
                   "seconds": seconds}))
 """
