@@ -135,3 +135,37 @@ def _best_single_upgrade(options: Sequence[Sequence[Option]], choice: list[int],
                 best = (gain, m, i)
     if best is not None:
         choice[best[1]] = best[2]
+
+
+def allocate_for_error(options: Sequence[Sequence[Option]], max_error: float) -> Allocation:
+    """The dual of :func:`allocate`: few bytes with total error <= ``max_error``.
+
+    Walks the same greedy path (each module's lower hull, steps by error decrease per byte) from
+    the cheapest choice and stops at the first point whose total error is within ``max_error``;
+    every point of that path is the least error for its byte total, so no choice with fewer
+    bytes than the point before it reaches ``max_error``.
+
+    Raises:
+        ValueError: a module without options, or ``max_error`` below the least total error.
+    """
+    if any(len(opts) == 0 for opts in options):
+        raise ValueError("every module needs at least one storage option")
+    hulls = [_lower_hull(opts) for opts in options]
+    position = [0] * len(options)
+    error = sum(opts[h[0]].error for opts, h in zip(options, hulls, strict=True))
+    least = sum(opts[h[-1]].error for opts, h in zip(options, hulls, strict=True))
+    if least > max_error:
+        raise ValueError(f"max error {max_error:g} is below the least reachable ({least:g})")
+    heap: list[tuple[float, int]] = []
+    for m in range(len(options)):
+        _push_next(heap, options, hulls, position, m)
+    while error > max_error and heap:
+        _, m = heapq.heappop(heap)
+        opts, hull = options[m], hulls[m]
+        error += opts[hull[position[m] + 1]].error - opts[hull[position[m]]].error
+        position[m] += 1
+        _push_next(heap, options, hulls, position, m)
+    choice = tuple(hull[p] for hull, p in zip(hulls, position, strict=True))
+    total_bytes = sum(opts[c].nbytes for opts, c in zip(options, choice, strict=True))
+    total_error = sum(opts[c].error for opts, c in zip(options, choice, strict=True))
+    return Allocation(choice, total_bytes, total_error)

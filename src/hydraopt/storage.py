@@ -8,6 +8,7 @@ bundle Mb * d + Md * r (one of Mb, Md is 1); their frozen projections are not co
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 from hydraopt.results import StorageReport
@@ -72,6 +73,25 @@ def _report(
         bundle_bytes=merged * bytes_per_param,
         routing_entries=routing_entries,
         projection_params=projection_params,
+    )
+
+
+def quantized_storage_report(report: StorageReport, stored_bytes: int) -> StorageReport:
+    """``report`` of the same bundle stored in ``stored_bytes`` (8/4-bit codes + scales, and any
+    16-bit tensors), measured against the K separate adapters at 16 bits.
+
+    Parameters stay as counted; bytes become what ``tensors.safetensors`` holds for the counted
+    tensors (headers aside), and S % = 100 * bundle_bytes / adapters_bytes is then a ratio of
+    bytes, the reference being 2 bytes per parameter of the separate adapters.
+    """
+    reference = 2 * report.adapters_params
+    return dataclasses.replace(
+        report,
+        storage_percent=100.0 * stored_bytes / reference,
+        saved_percent=100.0 - 100.0 * stored_bytes / reference,
+        bytes_per_param=2,
+        adapters_bytes=reference,
+        bundle_bytes=stored_bytes,
     )
 
 

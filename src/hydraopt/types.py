@@ -13,6 +13,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
+from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import (
     LoraRecord,
     MergedModule,
@@ -179,6 +180,8 @@ class Bundle:
         scales: task -> module -> the original LoRA scale (export divides heads by it).
         storage: exact parameter accounting (:class:`StorageReport`).
         provenance: seed, library version, timings, measured errors (:class:`Provenance`).
+        quantized: tensor name (as in ``tensors.safetensors``) -> its 8- or 4-bit codes and
+            scales; empty for a 16-bit bundle. ``merged`` then holds the dequantized values.
     """
 
     method: str
@@ -191,6 +194,7 @@ class Bundle:
     scales: dict[str, dict[str, float]]
     storage: StorageReport
     provenance: Provenance = field(default_factory=Provenance)
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
 
     kind: ClassVar[str] = "lora"  # the adapter kind (hydraopt.kinds.registry.get_kind)
 
@@ -333,6 +337,7 @@ class VeraBundle:
     adapter_configs: dict[str, dict[str, Any]]
     storage: StorageReport
     provenance: Provenance = field(default_factory=Provenance)
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # as in Bundle
 
     kind: ClassVar[str] = "vera"  # the adapter kind (hydraopt.kinds.registry.get_kind)
 

@@ -78,3 +78,21 @@ def test_refuses_impossible_budget_and_empty_module() -> None:
         allocate([[Option(10, 1.0)]], 9)
     with pytest.raises(ValueError, match="at least one"):
         allocate([[]], 100)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_max_error_dual_reaches_the_target_with_path_optimal_bytes(seed: int) -> None:
+    from hydraopt.budget import allocate_for_error
+
+    options = _instance(seed)
+    least = sum(min(o.error for o in opts) for opts in options)
+    worst = sum(max(o.error for o in opts) for opts in options)
+    for target in (least, (least + worst) / 2, worst):
+        got = allocate_for_error(options, target)
+        assert got.error <= target + 1e-9
+        assert got.nbytes == sum(options[m][c].nbytes for m, c in enumerate(got.choice))
+        # Fewer bytes than the allocator's choice cannot do better than its error (Lagrangian
+        # optimality of the path point), so allocate() at that budget agrees on the error.
+        assert allocate(options, got.nbytes).error <= got.error + 1e-9
+    with pytest.raises(ValueError, match="below the least reachable"):
+        allocate_for_error(options, least - 1.0)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hydraopt.cli.bits import add_bits_args, bits_values
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.tasks import TASKS_ENV_VAR
 
@@ -88,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="M values of the methods that take M, i.e. HydraOpt (default 1..K; none: skip them)",
     )
     g.add_argument("--seed", type=int, default=0, help="merge seed (DARE's drop mask; default 0)")
+    add_bits_args(p, many=True)
     p.set_defaults(func=run)
 
 
@@ -253,8 +255,11 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
         raise HydraoptError(f"unknown --methods {unknown}; known: {known}")
     methods = list(dict.fromkeys(args.methods))
     methods += [m for m in known if get_method(m).takes_heads and m not in methods]
-    # Refuses a bad M before spending time on any merge.
-    runs = plan_sweep(methods, len(tasks), kind, heads=args.heads)
+    # Refuses a bad M or bit width before spending time on any merge.
+    bits = [int(b) for b in bits_values(args)]
+    runs = plan_sweep(
+        methods, len(tasks), kind, heads=args.heads, bits=bits, group_size=args.group_size
+    )
     if args.threads:
         import torch
 
@@ -263,7 +268,15 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
     for run in runs:
         path = args.out / "bundles" / run.dirname
         if (path / "bundle.json").is_file():
-            _check_cached_bundle(load_any_bundle(path), path, tasks, args.seed, kind)
+            cached = load_any_bundle(path)
+            _check_cached_bundle(cached, path, tasks, args.seed, kind)
+            if {(q.bits, q.group_size) for q in cached.quantized.values()} - {
+                (run.bits, run.group_size)
+            }:
+                raise HydraoptError(
+                    f"{path} was quantized with another group size than --group-size "
+                    f"{run.group_size}; delete it or use another --out"
+                )
         else:
             todo.append(run)
         paths.append(path)

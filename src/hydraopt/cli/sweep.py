@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hydraopt.cli.bits import add_bits_args, bits_values
 from hydraopt.cli.display import print_table, progress_bar
 from hydraopt.cli.options import (
     BYTES,
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_method_args(p, with_method=False)
     add_engine_args(p)
+    add_bits_args(p, many=True)
     p.set_defaults(func=run)
 
 
@@ -59,9 +61,11 @@ def run(args: argparse.Namespace) -> int:
     # Imported here (torch): building the parser stays fast.
     from hydraopt.analysis import mean_error, plot_tradeoff, relative_error
     from hydraopt.io.bundle import save_bundle
-    from hydraopt.sweep import plan_sweep, sweep
+    from hydraopt.sweep import mark_pareto, plan_sweep, plot_bytes_front, separate_points, sweep
 
     check_output_dir(args.out, force=args.force, inputs=args.adapters, force_hint="--force")
+    bits = [int(b) for b in bits_values(args)]
+    in_bytes = bits != [16]  # points in bytes against the 16-bit separate adapters (issue 19)
     aset = load_selected(args)
     K = len(aset.tasks)
     engine = engine_options(args)
@@ -75,26 +79,35 @@ def run(args: argparse.Namespace) -> int:
         aset.kind,
         heads=args.heads,
         options={name: method_options(args, name) for name in methods},
+        bits=bits,
+        group_size=args.group_size,
     )
     points = []
     with atomic_dir(args.out, force=args.force) as tmp:
-        with progress_bar(len(runs) * len(aset.modules), "sweep") as advance:
+        merges = len({(r.method, r.config) for r in runs})  # one merge serves every bit width
+        with progress_bar(merges * len(aset.modules), "sweep") as advance:
             merged = sweep(
-                aset, runs, engine=engine, progress=advance, bytes_per_param=BYTES[args.dtype]
+                aset,
+                runs,
+                engine=engine,
+                progress=advance,
+                bytes_per_param=BYTES[args.dtype],
+                dtype=args.dtype,
             )
             for run, bundle in merged:
-                points.append(
-                    {
-                        "label": run.label,
-                        "method": run.method,
-                        "heads": bundle.num_heads,
-                        "storage_percent": bundle.storage.storage_percent,
-                        "error": mean_error(bundle),
-                        "relative_error": relative_error(bundle),
-                        "seconds": bundle.provenance.merge_seconds,
-                        "config": bundle.config,
-                    }
-                )
+                point = {
+                    "label": run.label,
+                    "method": run.method,
+                    "heads": bundle.num_heads,
+                    "storage_percent": bundle.storage.storage_percent,
+                    "error": mean_error(bundle),
+                    "relative_error": relative_error(bundle),
+                    "seconds": bundle.provenance.merge_seconds,
+                    "config": bundle.config,
+                }
+                if in_bytes:
+                    point.update(bits=run.bits, bytes=bundle.storage.bundle_bytes)
+                points.append(point)
                 if args.save_bundles:
                     save_bundle(bundle, tmp / "bundles" / run.dirname, dtype=args.dtype)
         result = {
@@ -103,19 +116,41 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "points": points,
         }
+        y_label = f"hard-routed {engine.error_distance} / {engine.error_distance} of ΔW' = 0"
+        if in_bytes:
+            points += separate_points(aset, bits, args.group_size, engine.error_distance)
+            mark_pareto(points)
+            result.update(
+                group_size=args.group_size,
+                reference_bytes=2 * sum(K * m.r * (m.d + m.k) for m in aset.modules),
+            )
+            (tmp / "sweep.md").write_text(bytes_table(points, engine.error_distance))
+            plot_bytes_front(
+                points,
+                tmp / "sweep.png",
+                y_label=y_label,
+                title=f"stored bytes vs reconstruction error, {K} adapters",
+            )
+        else:
+            (tmp / "sweep.md").write_text(markdown_table(points, engine.error_distance))
+            plot_tradeoff(
+                points,
+                tmp / "sweep.png",
+                y_key="relative_error",
+                y_label=y_label,
+                title=f"storage vs reconstruction error, {K} adapters",
+                reference=(1.0, "ΔW' = 0 (store nothing)"),
+            )
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "sweep.md").write_text(markdown_table(points, engine.error_distance))
-        plot_tradeoff(
-            points,
-            tmp / "sweep.png",
-            y_key="relative_error",
-            y_label=f"hard-routed {engine.error_distance} / {engine.error_distance} of ΔW' = 0",
-            title=f"storage vs reconstruction error, {K} adapters",
-            reference=(1.0, "ΔW' = 0 (store nothing)"),
-        )
     print_table(
         f"sweep over {K} adapters ({engine.error_distance}, hard-routed, mean over tasks and modules)",
-        ["system", "S %", engine.error_distance, "relative", "seconds"],
+        [
+            "system",
+            "S % (bytes)" if in_bytes else "S %",
+            engine.error_distance,
+            "relative",
+            "seconds",
+        ],
         [
             [p["label"], p["storage_percent"], p["error"], p["relative_error"], p["seconds"]]
             for p in points
@@ -154,3 +189,17 @@ def default_baselines(kind: str) -> list[str]:
         if not method.takes_heads:
             out.append(name)
     return out
+
+
+def bytes_table(points: list[dict], distance: str) -> str:
+    """The sweep in bytes: S % of the 16-bit separate adapters' bytes, Pareto points starred."""
+    lines = [
+        f"| system | bits | bytes | S % of 16-bit separate | {distance} | relative to ΔW'=0 | Pareto |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for p in sorted(points, key=lambda p: p["bytes"]):
+        lines.append(
+            f"| {p['label']} | {p['bits']} | {p['bytes']:,} | {p['storage_percent']:.2f} | "
+            f"{p['error']:.4e} | {p['relative_error']:.4f} | {'*' if p['pareto'] else ''} |"
+        )
+    return "\n".join(lines) + "\n"

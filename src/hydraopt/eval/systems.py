@@ -336,15 +336,17 @@ class BundleSystem:
 def bundle_label(bundle: Bundle | VeraBundle) -> str:
     """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``, with its storage
     point for a method that has several: ``"shared_basis 10 %"``); the bare method name for a
-    method this version does not know."""
-    if bundle.method not in list_methods():
-        return bundle.method
-    method = get_method(bundle.method)
-    label = method.label(bundle.num_heads)
-    # Several storage points of one method (shared_basis R=8, 10 %) need their own rows.
-    return (
-        f"{label} {method.point_label(bundle.config)}" if isinstance(method, SweepPoints) else label
-    )
+    method this version does not know; a quantized bundle's bit widths appended
+    (``"ties 4-bit"``), as ``hydraopt.sweep`` labels its runs."""
+    label = bundle.method
+    if bundle.method in list_methods():
+        method = get_method(bundle.method)
+        label = method.label(bundle.num_heads)
+        # Several storage points of one method (shared_basis R=8, 10 %) need their own rows.
+        if isinstance(method, SweepPoints):
+            label = f"{label} {method.point_label(bundle.config)}"
+    widths = sorted({q.bits for q in bundle.quantized.values()}, reverse=True)
+    return f"{label} {'/'.join(map(str, widths))}-bit" if widths else label
 
 
 def bundle_system(path: str | Path, label: str | None = None) -> BundleSystem:

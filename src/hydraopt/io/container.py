@@ -9,6 +9,7 @@ bundle holds is the kind's business (:mod:`hydraopt.kinds.lora.bundle`,
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,16 @@ from safetensors.torch import load_file, save_file
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir
 from hydraopt.io.check_bundle import check_bundle, check_bundle_header
+from hydraopt.io.quantized import QUANTIZED_FORMAT_VERSION, decode_quantized, encode_quantized
+from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import Provenance, StorageReport
 from hydraopt.types import ModuleSpec
 
 FORMAT_NAME = "hydraopt-bundle"
 FORMAT_VERSION = 1  # what LoRA bundles are written as (unchanged since version 1)
-NEWEST_FORMAT_VERSION = 2  # version 2 adds ``adapter_kind`` (VeRA bundles); readers take both
+# Version 2 adds ``adapter_kind`` (VeRA bundles); version 3 quantized tensors (any kind, written
+# only when a bundle holds some, so 16-bit bundles stay readable by older hydraopt).
+NEWEST_FORMAT_VERSION = QUANTIZED_FORMAT_VERSION
 META_NAME = "bundle.json"
 TENSORS_NAME = "tensors.safetensors"
 
@@ -42,9 +47,25 @@ def provenance_meta(bundle: Any, dtype: str) -> dict[str, Any]:
 
 
 def write_bundle_dir(
-    out: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, force: bool
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    *,
+    force: bool,
+    quantized: Mapping[str, QuantizedTensor] | None = None,
 ) -> Path:
-    """Write ``tensors.safetensors`` and ``bundle.json`` into the directory ``out`` atomically."""
+    """Write ``tensors.safetensors`` and ``bundle.json`` into the directory ``out`` atomically.
+
+    Args:
+        tensors: the kind's tensors by name.
+        meta: ``bundle.json``.
+        force: replace an existing ``out``.
+        quantized: name -> codes and scales of each tensor to store quantized (format version 3,
+            :mod:`hydraopt.io.quantized`); none: the bundle is written exactly as given.
+    """
+    if quantized:
+        tensors, table = encode_quantized(tensors, quantized, meta["dtype"])
+        meta = {**meta, "format_version": QUANTIZED_FORMAT_VERSION, "quantization": table}
     with atomic_dir(Path(out), force=force) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -52,18 +73,28 @@ def write_bundle_dir(
 
 
 def read_bundle_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor of the bundle dir ``path`` (as stored), validated with its ``meta``.
+    """Every tensor of the bundle dir ``path`` (quantized ones dequantized to float32)."""
+    return read_bundle_quantized(path, meta)[0]
 
-    Bundles are files people share: the one validation layer (:func:`check_bundle`) runs here,
-    for every kind, before any tensor is used.
+
+def read_bundle_quantized(
+    path: Path, meta: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """The bundle's tensors by the kind's names, validated with its ``meta``, and the codes and
+    scales of those stored quantized (empty for a 16-bit bundle).
+
+    Bundles are files people share: the one validation layer (:func:`decode_quantized`, then
+    :func:`check_bundle` on what it gives back) runs here, for every kind, before any tensor is
+    used. Plain tensors come as stored; quantized ones dequantized, in float32.
     """
     tensor_path = path / TENSORS_NAME
     try:
-        tensors = load_file(str(tensor_path))
+        stored = load_file(str(tensor_path))
     except (SafetensorError, OSError) as e:
         raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
+    tensors, quantized = decode_quantized(stored, meta, path)
     check_bundle(meta, tensors, path)
-    return tensors
+    return tensors, quantized
 
 
 def bundle_fields(

@@ -77,6 +77,7 @@ class AdapterKind(Protocol):
     name: str
     display_name: str  # as users write it: "LoRA", "VeRA"
     peft_type: str  # adapter_config.json's peft_type
+    frozen_tensors: tuple[str, ...]  # bundle tensors kept as they are: never quantized, not counted
 
     def load_adapter_set(
         self,
@@ -126,6 +127,17 @@ class AdapterKind(Protocol):
 
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> Any:
         """Read the bundle dir whose checked ``bundle.json`` is ``meta``."""
+        ...
+
+    def bundle_tensors(self, bundle: Any, dtype: str) -> dict[str, torch.Tensor]:
+        """The bundle's tensors by name, as a 16-bit (or float32) bundle stores them."""
+        ...
+
+    def with_tensors(
+        self, bundle: Any, tensors: dict[str, torch.Tensor], quantized: dict[str, Any]
+    ) -> Any:
+        """``bundle`` with its stored tensors replaced by ``tensors`` and ``quantized`` attached
+        (how a quantized bundle holds its dequantized factors)."""
         ...
 
     def export_adapters(

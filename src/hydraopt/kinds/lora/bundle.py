@@ -1,4 +1,4 @@
-"""LoRA bundles on disk (format version 1) and their PEFT export.
+"""LoRA bundles on disk (format version 1; 3 when quantized) and their PEFT export.
 
 Tensors are keyed ``<module>.A`` (r, k) and ``<module>.heads`` (M, d, r), heads with the LoRA
 scale folded in (a ``shared_basis`` bundle, ``tensor_layout: "shared_basis"``, keeps
@@ -10,6 +10,7 @@ back, so ΔW = B' A' exactly as in the bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from hydraopt.io.container import (
     TENSORS_NAME,
     bundle_fields,
     provenance_meta,
-    read_bundle_tensors,
+    read_bundle_quantized,
     write_bundle_dir,
 )
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.keys import lora_key
+from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import LORA_LAYOUTS, LoraRecord, MergedModule
 from hydraopt.types import Bundle, ModuleSpec
 
@@ -37,17 +39,11 @@ def save_lora_bundle(
     bundle: Bundle, out: str | Path, *, dtype: str = "float16", force: bool = False
 ) -> Path:
     """Write a LoRA ``bundle`` to the directory ``out`` atomically (see module doc)."""
-    if dtype not in DTYPES:
-        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     layout = tensor_layout(bundle)
-    tensors: dict[str, torch.Tensor] = {}
-    routing: dict[str, list[int]] = {}
-    for spec in bundle.modules:
-        module = bundle.merged[spec.name]
-        # The record names its tensors: <m>.A / <m>.heads, or <m>.U / <m>.V / <m>.cores.
-        for suffix, t in module.bundle_tensors().items():
-            tensors[f"{spec.name}.{suffix}"] = t.to(DTYPES[dtype]).contiguous()
-        routing[spec.name] = [int(x) for x in module.routing]
+    tensors = lora_bundle_tensors(bundle, dtype)
+    routing = {
+        spec.name: [int(x) for x in bundle.merged[spec.name].routing] for spec in bundle.modules
+    }
     meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -64,13 +60,38 @@ def save_lora_bundle(
         "adapter_configs": bundle.adapter_configs,
         "extra": bundle.provenance.to_dict(),
     }
-    return write_bundle_dir(out, tensors, meta, force=force)
+    return write_bundle_dir(out, tensors, meta, force=force, quantized=bundle.quantized)
+
+
+def lora_bundle_tensors(bundle: Bundle, dtype: str) -> dict[str, torch.Tensor]:
+    """The bundle's tensors by name as a 16-bit (or float32) bundle stores them, in ``dtype``."""
+    if dtype not in DTYPES:
+        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in bundle.modules:
+        # The record names its tensors: <m>.A / <m>.heads, or <m>.U / <m>.V / <m>.cores.
+        for suffix, t in bundle.merged[spec.name].bundle_tensors().items():
+            tensors[f"{spec.name}.{suffix}"] = t.to(DTYPES[dtype]).contiguous()
+    return tensors
+
+
+def with_lora_tensors(
+    bundle: Bundle, tensors: dict[str, torch.Tensor], quantized: dict[str, QuantizedTensor]
+) -> Bundle:
+    """``bundle`` with its factors read from ``tensors`` (float32) and ``quantized`` attached."""
+    merged: dict[str, LoraRecord] = {}
+    for spec in bundle.modules:
+        module = bundle.merged[spec.name]
+        own = {s: tensors[f"{spec.name}.{s}"].float() for s in module.bundle_tensors()}
+        meta = {"name": spec.name, "d": spec.d, "k": spec.k, "r": spec.r, **module.module_meta()}
+        merged[spec.name] = type(module).from_tensors(own, meta, module.routing)
+    return dataclasses.replace(bundle, merged=merged, quantized=dict(quantized))
 
 
 def load_lora_bundle_from_meta(path: Path, meta: dict[str, Any]) -> Bundle:
     """The LoRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
     tensor_path = path / TENSORS_NAME
-    tensors = read_bundle_tensors(path, meta)
+    tensors, quantized = read_bundle_quantized(path, meta)
     record = LORA_LAYOUTS[meta.get("tensor_layout", MergedModule.layout)]  # checked on read
     modules: list[ModuleSpec] = []
     merged: dict[str, LoraRecord] = {}
@@ -86,7 +107,9 @@ def load_lora_bundle_from_meta(path: Path, meta: dict[str, Any]) -> Bundle:
             raise HydraoptError(f"{tensor_path}: missing tensor {e}") from e
         routing = torch.tensor(meta["routing"][spec.name], dtype=torch.long)
         merged[spec.name] = record.from_tensors(own, m, routing)
-    return Bundle(**bundle_fields(meta, modules, merged), scales=meta["scales"])
+    return Bundle(
+        **bundle_fields(meta, modules, merged), scales=meta["scales"], quantized=quantized
+    )
 
 
 def peft_state_dict(bundle: Bundle, task: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -12,7 +12,9 @@ from hydraopt.kinds.base import FinetuneRecipe, GroupMerge
 from hydraopt.kinds.lora.bundle import (
     export_lora_adapters,
     load_lora_bundle_from_meta,
+    lora_bundle_tensors,
     save_lora_bundle,
+    with_lora_tensors,
 )
 from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
@@ -28,6 +30,7 @@ class LoraKind:
     name = "lora"
     display_name = "LoRA"
     peft_type = "LORA"
+    frozen_tensors: tuple[str, ...] = ()
 
     def load_adapter_set(
         self,
@@ -94,6 +97,14 @@ class LoraKind:
 
     def save_bundle(self, bundle: Bundle, out: str | Path, *, dtype: str, force: bool) -> Path:
         return save_lora_bundle(bundle, out, dtype=dtype, force=force)
+
+    def bundle_tensors(self, bundle: Any, dtype: str) -> dict[str, torch.Tensor]:
+        return lora_bundle_tensors(bundle, dtype)
+
+    def with_tensors(
+        self, bundle: Any, tensors: dict[str, torch.Tensor], quantized: dict[str, Any]
+    ) -> Any:
+        return with_lora_tensors(bundle, tensors, quantized)
 
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> Bundle:
         return load_lora_bundle_from_meta(path, meta)

@@ -10,6 +10,7 @@ routed vectors and the projections (``save_projection: true``), so each dir is s
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,12 @@ from hydraopt.io.container import (
     FORMAT_NAME,
     bundle_fields,
     provenance_meta,
-    read_bundle_tensors,
+    read_bundle_quantized,
     write_bundle_dir,
 )
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.vera.load import PROJECTION_KEYS, lambda_key
+from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import MergedVeraModule
 from hydraopt.types import ModuleSpec, VeraBundle
 
@@ -36,20 +38,13 @@ def save_vera_bundle(
     bundle: VeraBundle, out: str | Path, *, dtype: str = "float16", force: bool = False
 ) -> Path:
     """Write a VeRA ``bundle`` to the directory ``out`` atomically (see module doc)."""
-    if dtype not in DTYPES:
-        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tensors = vera_bundle_tensors(bundle, dtype)
     vera_a, vera_b = bundle.projections
-    tensors: dict[str, torch.Tensor] = {
-        "vera_A": vera_a.to(torch.float32).contiguous(),
-        "vera_B": vera_b.to(torch.float32).contiguous(),
-    }
     routing: dict[str, list[int]] = {}
     modules = []
     for spec in bundle.modules:
         module = bundle.merged[spec.name]
         lam_b, lam_d, route = module.lambda_b, module.lambda_d, module.routing
-        tensors[f"{spec.name}.lambda_b"] = lam_b.to(DTYPES[dtype]).contiguous()
-        tensors[f"{spec.name}.lambda_d"] = lam_d.to(DTYPES[dtype]).contiguous()
         routing[spec.name] = [int(x) for x in route]
         rows_b, rows_d = int(lam_b.shape[0]), int(lam_d.shape[0])
         modules.append(
@@ -79,12 +74,44 @@ def save_vera_bundle(
         "adapter_configs": bundle.adapter_configs,
         "extra": bundle.provenance.to_dict(),
     }
-    return write_bundle_dir(out, tensors, meta, force=force)
+    return write_bundle_dir(out, tensors, meta, force=force, quantized=bundle.quantized)
+
+
+VERA_FROZEN = ("vera_A", "vera_B")  # shared frozen projections: never quantized, not counted
+
+
+def vera_bundle_tensors(bundle: VeraBundle, dtype: str) -> dict[str, torch.Tensor]:
+    """The bundle's tensors by name as a 16-bit (or float32) bundle stores them."""
+    if dtype not in DTYPES:
+        raise HydraoptError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    vera_a, vera_b = bundle.projections
+    tensors: dict[str, torch.Tensor] = {
+        "vera_A": vera_a.to(torch.float32).contiguous(),
+        "vera_B": vera_b.to(torch.float32).contiguous(),
+    }
+    for spec in bundle.modules:
+        module = bundle.merged[spec.name]
+        tensors[f"{spec.name}.lambda_b"] = module.lambda_b.to(DTYPES[dtype]).contiguous()
+        tensors[f"{spec.name}.lambda_d"] = module.lambda_d.to(DTYPES[dtype]).contiguous()
+    return tensors
+
+
+def with_vera_tensors(
+    bundle: VeraBundle, tensors: dict[str, torch.Tensor], quantized: dict[str, QuantizedTensor]
+) -> VeraBundle:
+    """``bundle`` with its λ rows read from ``tensors`` (float32) and ``quantized`` attached."""
+    merged = {
+        name: MergedVeraModule(
+            tensors[f"{name}.lambda_b"].float(), tensors[f"{name}.lambda_d"].float(), m.routing
+        )
+        for name, m in bundle.merged.items()
+    }
+    return dataclasses.replace(bundle, merged=merged, quantized=dict(quantized))
 
 
 def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
     """The VeRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
-    tensors = read_bundle_tensors(path, meta)
+    tensors, quantized = read_bundle_quantized(path, meta)
     try:
         projections = (tensors["vera_A"].float(), tensors["vera_B"].float())
         modules, merged = [], {}
@@ -99,7 +126,9 @@ def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
             )
     except KeyError as e:
         raise HydraoptError(f"{path}: incomplete VeRA bundle (missing {e})") from e
-    return VeraBundle(**bundle_fields(meta, modules, merged), projections=projections)
+    return VeraBundle(
+        **bundle_fields(meta, modules, merged), projections=projections, quantized=quantized
+    )
 
 
 def vera_state_dict(bundle: VeraBundle, task: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:

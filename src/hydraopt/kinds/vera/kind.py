@@ -12,9 +12,12 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.kinds.base import FinetuneRecipe, GroupMerge
 from hydraopt.kinds.vera.bundle import (
+    VERA_FROZEN,
     export_vera_adapters,
     load_vera_bundle_from_meta,
     save_vera_bundle,
+    vera_bundle_tensors,
+    with_vera_tensors,
 )
 from hydraopt.kinds.vera.load import VeraAdapterSet, load_vera_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
@@ -29,6 +32,9 @@ class VeraKind:
     name = "vera"
     display_name = "VeRA"
     peft_type = "VERA"
+    frozen_tensors: tuple[str, ...] = (
+        VERA_FROZEN  # shared projections: bit-equal to the training ones, uncounted
+    )
 
     def load_adapter_set(
         self,
@@ -108,6 +114,14 @@ class VeraKind:
 
     def save_bundle(self, bundle: VeraBundle, out: str | Path, *, dtype: str, force: bool) -> Path:
         return save_vera_bundle(bundle, out, dtype=dtype, force=force)
+
+    def bundle_tensors(self, bundle: Any, dtype: str) -> dict[str, torch.Tensor]:
+        return vera_bundle_tensors(bundle, dtype)
+
+    def with_tensors(
+        self, bundle: Any, tensors: dict[str, torch.Tensor], quantized: dict[str, Any]
+    ) -> Any:
+        return with_vera_tensors(bundle, tensors, quantized)
 
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> VeraBundle:
         return load_vera_bundle_from_meta(path, meta)
