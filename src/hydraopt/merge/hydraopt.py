@@ -35,7 +35,16 @@ from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, Ve
 __all__ = ["PAPER_FIELDS", "HydraOpt", "HydraOptConfig"]
 
 # What the paper solver reads; the other fields are the fast solver's.
-PAPER_FIELDS = {"heads", "distance", "solver", "epochs", "lr", "weight_decay", "temperature"}
+PAPER_FIELDS = {
+    "heads",
+    "distance",
+    "solver",
+    "epochs",
+    "lr",
+    "weight_decay",
+    "temperature",
+    "head_scale",
+}
 
 
 @registered("hydraopt")
@@ -62,7 +71,8 @@ class HydraOpt:
         is unused there; ``mse`` skips the refinement, so its fields are unused)."""
         if isinstance(config, HydraOptConfig) and config.solver == "paper":
             return select_fields(config, PAPER_FIELDS)
-        used = {"heads", "distance", "solver", "shared"}  # solver: LoRA, shared: VeRA
+        # solver, head_scale: LoRA; shared: VeRA
+        used = {"heads", "distance", "solver", "shared", "head_scale"}
         if 1 < config.heads < num_tasks:
             used.add("restarts")
         resolved: dict[str, Any] = {}
@@ -83,6 +93,20 @@ class HydraOpt:
         return select_fields(config, used, refine_steps=steps, refine_lr=lr, **resolved)
 
     def merge(
+        self,
+        stack: LoraStack,
+        config: HydraOptConfig,
+        *,
+        generator: torch.Generator,
+        context: MergeContext,
+    ) -> MergedStack:
+        merged = self._solve(stack, config, generator=generator, context=context)
+        if config.head_scale == 1.0:
+            return merged
+        # Head-magnitude calibration: the errors change with it, so the engine measures them.
+        return MergedStack(merged.A, merged.heads * config.head_scale, merged.routing)
+
+    def _solve(
         self,
         stack: LoraStack,
         config: HydraOptConfig,

@@ -124,6 +124,7 @@ def test_what_each_method_records() -> None:
             "refine_precision": precision,
             "refine_tasks": 8,
             "start": "auto",
+            "head_scale": 1.0,
         }
     # "auto" is recorded as the path this machine's CPU takes.
     auto = applied_config(hydra, HydraOptConfig(heads=2), K)
@@ -132,6 +133,7 @@ def test_what_each_method_records() -> None:
         "heads": 3,
         "distance": "mse",
         "solver": "fast",
+        "head_scale": 1.0,
     }
     own = HydraOptConfig(heads=3, refine_precision="bfloat16")
     assert applied_config(hydra, own, K)["refine_steps"] == 20  # M = K
@@ -143,6 +145,7 @@ def test_what_each_method_records() -> None:
         "lr": 0.01,
         "weight_decay": 0.01,
         "temperature": 0.2,
+        "head_scale": 1.0,
     }
     assert applied_config(hydra, VeraHydraOptConfig(heads=2), K) == {
         "heads": 2,
@@ -191,7 +194,7 @@ def test_bundles_and_sweeps_record_what_applied(adapters, tmp_path, capsys) -> N
     assert main([*argv, str(sweep), "--distance", "mse"]) == 0
     points = json.loads((sweep / "sweep.json").read_text())["points"]
     assert [p["config"] for p in points] == [
-        {"heads": 3, "distance": "mse", "solver": "fast"},
+        {"heads": 3, "distance": "mse", "solver": "fast", "head_scale": 1.0},
         {"weights": [1 / 3] * 3},
     ]
 
