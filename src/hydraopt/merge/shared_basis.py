@@ -198,14 +198,30 @@ def diagonal_cores(
 def hooi_sweep(
     A: torch.Tensor, scaled_B: torch.Tensor, V: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Tucker-2 sweep: U for the given V, then V for that U (each an exact maximiser)."""
+    """One Tucker-2 sweep: U for the given V, then V for that U (each an exact maximiser).
+
+    U's columns are the top left singular vectors of [ΔW_1 V ... ΔW_K V] (d x K R). Only its
+    Gram matters, and for R > r, ΔW_i V = B_i (A_i V) has the Gram of B_i L_i with
+    (A_i V)(A_i V)ᵀ = L_i L_iᵀ (L_i r x r, from a QR), so the d x K min(r, R) matrix is used:
+    half the Gram's cost at R = 2 r (as in :func:`hosvd`).
+    """
     G, K, r, k = A.shape
     d, R = scaled_B.shape[2], V.shape[2]
-    proj = scaled_B @ (A @ V[:, None])  # (G, K, d, R): ΔW_i V
-    U, _ = top_left_singular(proj.permute(0, 2, 1, 3).reshape(G, d, K * R), R)
-    back = A.transpose(-1, -2) @ (scaled_B.transpose(-1, -2) @ U[:, None])  # (G, K, k, R): ΔW_iᵀ U
-    V, _ = top_left_singular(back.permute(0, 2, 1, 3).reshape(G, k, K * R), R)
+    av = _narrow(A @ V[:, None])  # (G, K, r, min(r, R))
+    proj = scaled_B @ av  # (G, K, d, min(r, R)): ΔW_i V, or a factor of its Gram
+    width = av.shape[-1]
+    U, _ = top_left_singular(proj.permute(0, 2, 1, 3).reshape(G, d, K * width), R)
+    bu = _narrow(scaled_B.transpose(-1, -2) @ U[:, None])  # (G, K, r, min(r, R))
+    back = A.transpose(-1, -2) @ bu  # (G, K, k, min(r, R)): ΔW_iᵀ U, or a Gram factor
+    V, _ = top_left_singular(back.permute(0, 2, 1, 3).reshape(G, k, K * width), R)
     return U, V
+
+
+def _narrow(x: torch.Tensor) -> torch.Tensor:
+    """x (..., r, R) itself when R <= r, else L (..., r, r) with L Lᵀ = x xᵀ (QR of xᵀ)."""
+    if x.shape[-1] <= x.shape[-2]:
+        return x
+    return torch.linalg.qr(x.transpose(-1, -2)).R.transpose(-1, -2)
 
 
 def polar(c: torch.Tensor) -> torch.Tensor:

@@ -102,10 +102,11 @@ def dense_hooi(delta: torch.Tensor, R: int, sweeps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sweeps", [0, 1, 5])
-def test_closed_form_matches_dense_hooi(sweeps):
+@pytest.mark.parametrize("R", [3, 5])  # R > r = 3: the sweeps use a Gram factor of ΔW_i V
+def test_closed_form_matches_dense_hooi(sweeps, R):
     stack = random_stack(G=3, K=4, d=10, k=8, r=3, seed=3)
-    out = closed_form(stack.A, stack.scaled_B, 3, "full", sweeps)
-    ref = dense_hooi(dense(stack), 3, sweeps)
+    out = closed_form(stack.A, stack.scaled_B, R, "full", sweeps)
+    ref = dense_hooi(dense(stack), R, sweeps)
     assert torch.allclose(out.squared_error.double(), ref, rtol=1e-6)
     assert torch.allclose(dense_error(dense(stack), out.delta()), ref, rtol=1e-4)
 
