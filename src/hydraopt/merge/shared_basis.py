@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.closed_form import top_eigenpairs, total_energy
+from hydraopt.merge.closed_form import single_thread, top_eigenpairs, total_energy
 from hydraopt.merge.shared_basis_config import CORES, Core, SharedBasisConfig
 from hydraopt.types import Measured
 
@@ -118,7 +118,8 @@ def top_eigh(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenpairs of symmetric PSD mat (G, n, n): eigh up to :data:`EIGH_UP_TO`."""
     if mat.shape[1] > EIGH_UP_TO:
         return top_eigenpairs(mat, rank)
-    vals, vecs = torch.linalg.eigh(mat)  # ascending
+    with single_thread():  # one batched LAPACK call: threads only spin (see single_thread)
+        vals, vecs = torch.linalg.eigh(mat)  # ascending
     return vals.flip(1)[:, :rank], vecs.flip(2)[:, :, :rank]
 
 
@@ -165,14 +166,25 @@ def _complete_orthonormal(u: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     return q * torch.where(sign == 0, 1.0, sign)[:, None, :]
 
 
+def triangular_factor(x: torch.Tensor) -> torch.Tensor:
+    """R (..., m, m) of x = Q R for x (..., n, m), without Q, on one thread.
+
+    Batched QR over K tasks gains nothing from threads: with two threads on a busy 2-core
+    machine it took 0.4-0.8 CPU s for K = 100 576 x 32 blocks, on one 0.03 s (measured, issue
+    18; the same spin-waiting as :func:`~hydraopt.merge.closed_form.single_thread` describes).
+    """
+    with single_thread():
+        return torch.linalg.qr(x, mode="r").R
+
+
 def hosvd(A: torch.Tensor, scaled_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HOSVD start: U (G, d, R) and V (G, k, R) from the factors A (G, K, r, k), B (G, K, d, r)."""
     G, K, r, k = A.shape
     d = scaled_B.shape[2]
     # ΔW_i ΔW_iᵀ = B_i (A_i A_iᵀ) B_iᵀ = (B_i R_iᵀ)(B_i R_iᵀ)ᵀ with A_iᵀ = Q_i R_i.
-    r_a = torch.linalg.qr(A.transpose(-1, -2)).R  # (G, K, r, r)
+    r_a = triangular_factor(A.transpose(-1, -2))  # (G, K, r, r)
     left = scaled_B @ r_a.transpose(-1, -2)  # (G, K, d, r)
-    r_b = torch.linalg.qr(scaled_B).R  # (G, K, r, r)
+    r_b = triangular_factor(scaled_B)  # (G, K, r, r)
     right = A.transpose(-1, -2) @ r_b.transpose(-1, -2)  # (G, K, k, r)
     U, _ = top_left_singular(left.permute(0, 2, 1, 3).reshape(G, d, K * r), rank)
     V, _ = top_left_singular(right.permute(0, 2, 1, 3).reshape(G, k, K * r), rank)
@@ -221,7 +233,7 @@ def _narrow(x: torch.Tensor) -> torch.Tensor:
     """x (..., r, R) itself when R <= r, else L (..., r, r) with L Lᵀ = x xᵀ (QR of xᵀ)."""
     if x.shape[-1] <= x.shape[-2]:
         return x
-    return torch.linalg.qr(x.transpose(-1, -2)).R.transpose(-1, -2)
+    return triangular_factor(x.transpose(-1, -2)).transpose(-1, -2)
 
 
 def polar(c: torch.Tensor) -> torch.Tensor:
