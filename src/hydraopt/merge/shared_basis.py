@@ -38,9 +38,14 @@ from dataclasses import dataclass
 import torch
 
 from hydraopt.errors import HydraoptError
-from hydraopt.merge.closed_form import top_eigenpairs, total_energy
+from hydraopt.merge.closed_form import single_thread, top_eigenpairs, total_energy
 from hydraopt.merge.shared_basis_config import CORES, Core, SharedBasisConfig
 from hydraopt.types import Measured
+
+# Up to this size a full float64 eigh is the cheaper top-R solver: at n = 576 (SmolLM2) eigh
+# takes 0.05 CPU s for any R, while block subspace iteration (top_eigenpairs) took 0.10 / 0.22
+# / 0.64 s for R = 16 / 64 / 186 (measured, issue 18); above it eigh grows like n³ (3 s at 2048).
+EIGH_UP_TO = 1024
 
 # The config lives torch-free in shared_basis_config (the registry declares it without torch).
 __all__ = ["CORES", "Core", "SharedBasisConfig"]
@@ -109,6 +114,15 @@ def export_lora(
     return B, V.transpose(1, 2).contiguous()
 
 
+def top_eigh(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenpairs of symmetric PSD mat (G, n, n): eigh up to :data:`EIGH_UP_TO`."""
+    if mat.shape[1] > EIGH_UP_TO:
+        return top_eigenpairs(mat, rank)
+    with single_thread():  # one batched LAPACK call: threads only spin (see single_thread)
+        vals, vecs = torch.linalg.eigh(mat)  # ascending
+    return vals.flip(1)[:, :rank], vecs.flip(2)[:, :, :rank]
+
+
 def top_left_singular(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` left singular vectors (G, n, R) of x (G, n, m) and their σ² (G, R).
 
@@ -118,14 +132,14 @@ def top_left_singular(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """
     G, n, m = x.shape
     if m <= n:
-        vals, w = top_eigenpairs(x.transpose(1, 2) @ x, min(rank, m))  # (G, R'), (G, m, R')
+        vals, w = top_eigh(x.transpose(1, 2) @ x, min(rank, m))  # (G, R'), (G, m, R')
         vals = vals.clamp_min(0.0)
         sigma = vals.sqrt()
         tiny = sigma <= sigma[:, :1].clamp_min(1e-300) * 1e-10
         u = (x @ w) / torch.where(tiny, 1.0, sigma)[:, None, :]  # (G, n, R')
         u = torch.where(tiny[:, None, :], 0.0, u)
     else:
-        vals, u = top_eigenpairs(x @ x.transpose(1, 2), rank)
+        vals, u = top_eigh(x @ x.transpose(1, 2), rank)
         vals = vals.clamp_min(0.0)
         tiny = vals.sqrt() <= vals[:, :1].sqrt().clamp_min(1e-300) * 1e-10
     if u.shape[2] < rank:  # fewer columns in x than R: pad with empty directions
@@ -152,14 +166,25 @@ def _complete_orthonormal(u: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     return q * torch.where(sign == 0, 1.0, sign)[:, None, :]
 
 
+def triangular_factor(x: torch.Tensor) -> torch.Tensor:
+    """R (..., m, m) of x = Q R for x (..., n, m), without Q, on one thread.
+
+    Batched QR over K tasks gains nothing from threads: with two threads on a busy 2-core
+    machine it took 0.4-0.8 CPU s for K = 100 576 x 32 blocks, on one 0.03 s (measured, issue
+    18; the same spin-waiting as :func:`~hydraopt.merge.closed_form.single_thread` describes).
+    """
+    with single_thread():
+        return torch.linalg.qr(x, mode="r").R
+
+
 def hosvd(A: torch.Tensor, scaled_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HOSVD start: U (G, d, R) and V (G, k, R) from the factors A (G, K, r, k), B (G, K, d, r)."""
     G, K, r, k = A.shape
     d = scaled_B.shape[2]
     # ΔW_i ΔW_iᵀ = B_i (A_i A_iᵀ) B_iᵀ = (B_i R_iᵀ)(B_i R_iᵀ)ᵀ with A_iᵀ = Q_i R_i.
-    r_a = torch.linalg.qr(A.transpose(-1, -2)).R  # (G, K, r, r)
+    r_a = triangular_factor(A.transpose(-1, -2))  # (G, K, r, r)
     left = scaled_B @ r_a.transpose(-1, -2)  # (G, K, d, r)
-    r_b = torch.linalg.qr(scaled_B).R  # (G, K, r, r)
+    r_b = triangular_factor(scaled_B)  # (G, K, r, r)
     right = A.transpose(-1, -2) @ r_b.transpose(-1, -2)  # (G, K, k, r)
     U, _ = top_left_singular(left.permute(0, 2, 1, 3).reshape(G, d, K * r), rank)
     V, _ = top_left_singular(right.permute(0, 2, 1, 3).reshape(G, k, K * r), rank)
@@ -185,14 +210,30 @@ def diagonal_cores(
 def hooi_sweep(
     A: torch.Tensor, scaled_B: torch.Tensor, V: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Tucker-2 sweep: U for the given V, then V for that U (each an exact maximiser)."""
+    """One Tucker-2 sweep: U for the given V, then V for that U (each an exact maximiser).
+
+    U's columns are the top left singular vectors of [ΔW_1 V ... ΔW_K V] (d x K R). Only its
+    Gram matters, and for R > r, ΔW_i V = B_i (A_i V) has the Gram of B_i L_i with
+    (A_i V)(A_i V)ᵀ = L_i L_iᵀ (L_i r x r, from a QR), so the d x K min(r, R) matrix is used:
+    half the Gram's cost at R = 2 r (as in :func:`hosvd`).
+    """
     G, K, r, k = A.shape
     d, R = scaled_B.shape[2], V.shape[2]
-    proj = scaled_B @ (A @ V[:, None])  # (G, K, d, R): ΔW_i V
-    U, _ = top_left_singular(proj.permute(0, 2, 1, 3).reshape(G, d, K * R), R)
-    back = A.transpose(-1, -2) @ (scaled_B.transpose(-1, -2) @ U[:, None])  # (G, K, k, R): ΔW_iᵀ U
-    V, _ = top_left_singular(back.permute(0, 2, 1, 3).reshape(G, k, K * R), R)
+    av = _narrow(A @ V[:, None])  # (G, K, r, min(r, R))
+    proj = scaled_B @ av  # (G, K, d, min(r, R)): ΔW_i V, or a factor of its Gram
+    width = av.shape[-1]
+    U, _ = top_left_singular(proj.permute(0, 2, 1, 3).reshape(G, d, K * width), R)
+    bu = _narrow(scaled_B.transpose(-1, -2) @ U[:, None])  # (G, K, r, min(r, R))
+    back = A.transpose(-1, -2) @ bu  # (G, K, k, min(r, R)): ΔW_iᵀ U, or a Gram factor
+    V, _ = top_left_singular(back.permute(0, 2, 1, 3).reshape(G, k, K * width), R)
     return U, V
+
+
+def _narrow(x: torch.Tensor) -> torch.Tensor:
+    """x (..., r, R) itself when R <= r, else L (..., r, r) with L Lᵀ = x xᵀ (QR of xᵀ)."""
+    if x.shape[-1] <= x.shape[-2]:
+        return x
+    return triangular_factor(x.transpose(-1, -2)).transpose(-1, -2)
 
 
 def polar(c: torch.Tensor) -> torch.Tensor:
@@ -294,6 +335,7 @@ def closed_form(
     core: Core = "full",
     sweeps: int = 8,
     cp_sweeps: int = 0,
+    tol: float = 0.0,
 ) -> MergedBasisStack:
     """U, V and the cores minimising the squared Frobenius error (HOSVD + sweeps), in float64.
 
@@ -304,6 +346,8 @@ def closed_form(
         sweeps: alternating sweeps after the HOSVD start (diagonal: as many Procrustes sweeps
             again after the full-core ones, then ``cp_sweeps`` CP-ALS sweeps).
         cp_sweeps: diagonal cores: CP-ALS sweeps with free U, V (0: orthonormal U, V).
+        tol: a module stops sweeping once a sweep lowers its squared error by less than ``tol``
+            of it (0: always ``sweeps`` sweeps); the loop ends when all have stopped.
 
     Returns:
         The stack in A's dtype; ``squared_error`` from the float64 factors.
@@ -314,9 +358,25 @@ def closed_form(
         raise HydraoptError(f"rank R must be in [1, min(d, k) = {min(d, k)}], got {rank}")
     a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
     U, V = hosvd(a64, b64, rank)
+    cores = full_cores(a64, b64, U, V)  # (G, K, R, R)
+    energy = total_energy(a64, b64)  # (G,)
+    before = squared_error(a64, b64, cores, energy)
+    done = torch.zeros_like(before, dtype=torch.bool)  # (G,) modules whose sweeps stopped
     for _ in range(sweeps):
-        U, V = hooi_sweep(a64, b64, V)
-    cores = full_cores(a64, b64, U, V)
+        new_U, new_V = hooi_sweep(a64, b64, V)
+        # A stopped module keeps its factors, so each module's result is the one it gets alone,
+        # whatever group (chunk) the engine put it in.
+        U = torch.where(done[:, None, None], U, new_U)
+        V = torch.where(done[:, None, None], V, new_V)
+        cores = full_cores(a64, b64, U, V)
+        if tol > 0:
+            after = squared_error(a64, b64, cores, energy)
+            # Later sweeps gain less than this one did (measured on SmolLM2-shape modules:
+            # relative drops 2e-3, 6e-4, 5e-4, 3e-4, ... at R = 16; < 1e-5 after one at R = 64).
+            done |= before - after <= tol * before
+            before = after
+            if bool(done.all()):
+                break
     if core == "diagonal":
         U, V = diagonalising_rotation(U, V, cores)
         cores = diagonal_cores(a64, b64, U, V)
@@ -327,6 +387,6 @@ def closed_form(
     if core == "diagonal" and cp_sweeps > 0:
         err = cp_squared_error(a64, b64, U, V, cores)
     else:
-        err = squared_error(a64, b64, cores)
+        err = squared_error(a64, b64, cores, energy)
     dtype = A.dtype
     return MergedBasisStack(U.to(dtype), V.to(dtype), cores.to(dtype), err.to(dtype))

@@ -107,9 +107,9 @@ class SharedBasis:
     def applied_config(
         self, config: SharedBasisConfig, num_tasks: int, device: str = "cpu"
     ) -> dict[str, Any]:
-        """The storage knob given (``rank`` or ``budget``), the core, distance and sweeps;
-        ``cp_sweeps`` only for diagonal cores, ``refine_lr`` only when refinement steps run."""
-        used = {"core", "distance", "sweeps", "refine_steps"}
+        """The storage knob given (``rank`` or ``budget``), the core, distance, sweeps and their
+        tolerance; ``cp_sweeps`` only for diagonal cores, ``refine_lr`` only when refinement steps run."""
+        used = {"core", "distance", "sweeps", "sweep_tol", "refine_steps"}
         used.add("rank" if config.rank is not None else "budget")
         if config.core == "diagonal":
             used.add("cp_sweeps")
@@ -200,6 +200,7 @@ class SharedBasis:
             config.rank,
             core=config.core,
             sweeps=config.sweeps,
+            sweep_tol=config.sweep_tol,
             cp_sweeps=config.cp_sweeps,
             distance=config.distance,
             refine_steps=config.refine_steps,

@@ -135,6 +135,7 @@ def fit_shared_basis(
     core: Core = "full",
     sweeps: int = 8,
     cp_sweeps: int = 30,
+    sweep_tol: float = 1e-3,
     distance: str = "mae",
     refine_steps: int = 0,
     refine_lr: float = 0.02,
@@ -146,6 +147,7 @@ def fit_shared_basis(
         A: (G, K, r, k); scaled_B: (G, K, d, r), LoRA scale folded in.
         rank: R of every module of the group.
         cp_sweeps: diagonal cores only (see :class:`SharedBasisConfig`).
+        sweep_tol: early stop of the sweeps (see :class:`SharedBasisConfig`).
         delta: the targets for refinement and measurement (default: :class:`FactorTargets`
             of A and B, formed a few tasks at a time).
 
@@ -153,7 +155,7 @@ def fit_shared_basis(
         The stack with ``measured`` errors on ``distance``. The squared Frobenius optimum is
         not refined (mse is its own closed form), as in HydraOpt.
     """
-    stack = closed_form(A, scaled_B, rank, core, sweeps, cp_sweeps)
+    stack = closed_form(A, scaled_B, rank, core, sweeps, cp_sweeps, sweep_tol)
     targets: Targets = delta if delta is not None else FactorTargets(A, scaled_B)
     steps = refine_steps if distance != "mse" else 0
     return refine_basis(stack, targets, distance=distance, steps=steps, lr=refine_lr)

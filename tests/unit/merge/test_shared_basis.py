@@ -102,10 +102,11 @@ def dense_hooi(delta: torch.Tensor, R: int, sweeps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sweeps", [0, 1, 5])
-def test_closed_form_matches_dense_hooi(sweeps):
+@pytest.mark.parametrize("R", [3, 5])  # R > r = 3: the sweeps use a Gram factor of ΔW_i V
+def test_closed_form_matches_dense_hooi(sweeps, R):
     stack = random_stack(G=3, K=4, d=10, k=8, r=3, seed=3)
-    out = closed_form(stack.A, stack.scaled_B, 3, "full", sweeps)
-    ref = dense_hooi(dense(stack), 3, sweeps)
+    out = closed_form(stack.A, stack.scaled_B, R, "full", sweeps)
+    ref = dense_hooi(dense(stack), R, sweeps)
     assert torch.allclose(out.squared_error.double(), ref, rtol=1e-6)
     assert torch.allclose(dense_error(dense(stack), out.delta()), ref, rtol=1e-4)
 
@@ -272,3 +273,32 @@ def test_cp_error_formula_is_the_dense_error():
     scale = torch.full((2, 3), 2.0, dtype=torch.float64)
     B, A = export_lora(out.U, out.V, out.cores, scale)
     assert torch.allclose(2.0 * B @ A[:, None], out.delta(), rtol=1e-12)
+
+
+def test_sweep_tolerance_stops_each_module_on_its_own():
+    """With a tolerance, module g's factors are those of sweeping it alone until its own squared
+    error drops by <= tol, whatever modules share its group; tol = 0 runs every sweep."""
+    stack = random_stack(G=3, K=5, d=12, k=9, r=3, seed=8)
+    a64, b64 = stack.A.double(), stack.scaled_B.double()
+    tol = 1e-3
+    grouped = closed_form(a64, b64, 4, "full", sweeps=30, tol=tol)
+    stops = []
+    for g in range(3):
+        A, B = a64[g : g + 1], b64[g : g + 1]
+        U, V = hosvd(A, B, 4)
+        before = float(squared_error(A, B, full_cores(A, B, U, V))[0])
+        n = 0
+        while n < 30:  # the reference: its own loop, its own stopping sweep
+            n += 1
+            U, V = hooi_sweep(A, B, V)
+            after = float(squared_error(A, B, full_cores(A, B, U, V))[0])
+            if before - after <= tol * before:
+                break
+            before = after
+        stops.append(n)
+        alone = closed_form(A, B, 4, "full", sweeps=n)
+        torch.testing.assert_close(grouped.delta()[g], alone.delta()[0], atol=1e-12, rtol=1e-10)
+        assert float(grouped.squared_error[g]) == pytest.approx(float(alone.squared_error[0]))
+    assert min(stops) < 30 and len(set(stops)) > 1  # modules stopped early, at different sweeps
+    exact = closed_form(a64, b64, 4, "full", sweeps=30)  # tol = 0: all 30 sweeps
+    assert bool((exact.squared_error <= grouped.squared_error * (1 + 1e-12)).all())
