@@ -106,7 +106,11 @@ def measure_throughput(
     loads: list[float] = []
     for r in range(args.rounds):  # interleaved rounds: every system sees the same machine load
         loads.append(os.getloadavg()[0])
-        for name, run in systems.items():
+        # rotate the order each round: the first system of a round measured slower than its
+        # place in an isolated A/B said (RESULTS.md 7(f)), so no system is always first
+        names = list(systems)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            run = systems[name]
             print(f"throughput round {r + 1}: {name} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
             run()

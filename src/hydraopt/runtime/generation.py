@@ -236,7 +236,10 @@ class Decoder:
         for b, row in enumerate(rows):
             token, params = int(next_ids[b]), row.request.params
             finish = _advance(tokenizer, row.generated, token, self._stops, params)
-            row.text = _text(tokenizer, row.generated, params.stop)
+            # Decoding the text so far costs a detokenisation of every token each step (quadratic
+            # in the answer's length): done only for a streaming callback and when the row ends.
+            if self.on_text is not None or finish is not None:
+                row.text = _text(tokenizer, row.generated, params.stop)
             if self.on_text is not None:
                 self.on_text(row.request.key, row.text)
             if finish is None:
@@ -361,7 +364,7 @@ def _choose(
     """(B,) next token per row: argmax for greedy rows, a draw for sampling rows."""
     next_ids = logits.argmax(dim=-1)  # (B,)
     for b, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature > 0:
+        if p.temperature > 0:  # greedy rows need no softmax
             probs = torch.softmax(logits[b] / p.temperature, dim=-1)  # (V,)
             next_ids[b] = torch.multinomial(probs, 1, generator=gen)[0]
     return next_ids.cpu()
