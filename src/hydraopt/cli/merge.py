@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,23 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_method_args(p)
     add_engine_args(p)
     bits = add_bits_args(p, auto=True)
-    # A method config's own `budget` field (shared_basis) may have made the flag already: same
-    # name and meaning (percent of the separate adapters' 16-bit bytes), one flag.
-    with contextlib.suppress(argparse.ArgumentError):
-        bits.add_argument(
-            "--budget",
-            type=float,
-            metavar="PCT",
-            help="methods that take M (hydraopt): instead of --heads, choose M per module (and "
-            "with --bits auto the width) for the least hard-routed error within PCT %% of the K "
-            "separate adapters' 16-bit bytes (docs/methods.md)",
-        )
     bits.add_argument(
         "--max-error",
         type=float,
         metavar="E",
         help="the dual of --budget: the fewest bytes found whose mean hard-routed error (over "
-        "modules and tasks, in --distance) is at most E",
+        "modules and tasks, in --distance) is at most E. (--budget PCT, the flag of "
+        "shared_basis's config, means the same with a method that takes M: instead of --heads, "
+        "M per module, and with --bits auto the width, for the least error within PCT %% of "
+        "the K separate adapters' 16-bit bytes; docs/methods.md)",
     )
     p.set_defaults(func=run)
 
