@@ -173,7 +173,10 @@ def write_peft(aset: AdapterSet, i: int, rec: Any, out: Path) -> None:
 def ours_points(aset: AdapterSet) -> list[dict[str, Any]]:
     """HydraOpt M = 1..K and the classic TA / TIES, through the library's one entry point."""
     runs = [("task_arithmetic", {}, "TA"), ("ties", {}, "TIES")]
-    runs += [("hydraopt", {"heads": m}, f"HydraOpt M={m}") for m in range(1, len(aset.tasks) + 1)]
+    runs += [
+        ("hydraopt", {"heads": m, "head_scale": 1.0}, f"HydraOpt M={m}")
+        for m in range(1, len(aset.tasks) + 1)
+    ]
     points = []
     for method, options, label in runs:
         start = time.perf_counter()

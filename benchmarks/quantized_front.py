@@ -116,7 +116,10 @@ def main() -> None:
     if args.bundles:
         bundles = [load_bundle(d) for d in args.bundles]
     else:
-        bundles = [merge_adapter_set(aset, "hydraopt", {"heads": m}) for m in range(1, K + 1)]
+        bundles = [
+            merge_adapter_set(aset, "hydraopt", {"heads": m, "head_scale": 1.0})
+            for m in range(1, K + 1)
+        ]
         bundles.append(merge_adapter_set(aset, "ties", {}))
     labels = [f"hydraopt M={b.num_heads}" if b.method == "hydraopt" else b.method for b in bundles]
     reference = sum(2 * K * m.r * (m.d + m.k) for m in aset.modules)

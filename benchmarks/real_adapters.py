@@ -90,8 +90,8 @@ def main() -> None:
     rows = []
     for m in args.heads or range(1, K + 1):
         row = {"heads": m}
-        row["fast"] = run(aset, "hydraopt", {"heads": m})
-        row["closed"] = run(aset, "hydraopt", {"heads": m, "refine_steps": 0})
+        row["fast"] = run(aset, "hydraopt", {"heads": m, "head_scale": 1.0})
+        row["closed"] = run(aset, "hydraopt", {"heads": m, "refine_steps": 0, "head_scale": 1.0})
         if not args.skip_paper:
             row["paper"] = run(
                 aset, "hydraopt", {"heads": m, "solver": "paper", "epochs": args.epochs}

@@ -170,7 +170,7 @@ def ours_points(aset: AdapterSet, heads: list[int] | None) -> list[dict[str, Any
     """HydraOpt at every M in ``heads`` (None: 1..K) and every classic merge, via the library."""
     runs = [(name, {}, name) for name in CLASSIC_METHODS]
     heads = list(range(1, len(aset.tasks) + 1)) if heads is None else heads
-    runs += [("hydraopt", {"heads": m}, f"HydraOpt M={m}") for m in heads]
+    runs += [("hydraopt", {"heads": m, "head_scale": 1.0}, f"HydraOpt M={m}") for m in heads]
     points = []
     for method, options, label in runs:
         start = time.process_time()

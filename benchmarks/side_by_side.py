@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Warm-up: first-use costs (allocator, kernels) belong to neither side.
     for precision in args.refine_precision:
         one = aset.select([aset.modules[0].name])
-        merge_adapter_set(one, "hydraopt", {"heads": 1, "refine_precision": precision})
+        merge_adapter_set(
+            one, "hydraopt", {"heads": 1, "refine_precision": precision, "head_scale": 1.0}
+        )
     for m in args.heads if args.ref_mae_epochs > 0 else []:
         merged = reference_merge(aset, m, args.ref_mae_epochs, ReferenceOptions())
         record["reference_mae"][str(m)] = mae = merged_error(aset, merged)
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for precision in args.refine_precision:
                 start = time.perf_counter()
                 bundle = merge_adapter_set(
-                    aset, "hydraopt", {"heads": m, "refine_precision": precision}
+                    aset, "hydraopt", {"heads": m, "refine_precision": precision, "head_scale": 1.0}
                 )
                 ours = time.perf_counter() - start
                 row = {

@@ -145,7 +145,11 @@ def child_main(config: dict[str, Any]) -> None:
     # As `hydraopt merge` runs it: the result held in the bundle's default dtype (float16).
     engine = EngineOptions(seed=0, device=config["device"], result_dtype="float16")
     start = time.perf_counter()
-    options = {"heads": config["heads"], "refine_precision": config["refine_precision"]}
+    options = {
+        "heads": config["heads"],
+        "refine_precision": config["refine_precision"],
+        "head_scale": 1.0,  # the paper objective: its error is compared with the reference loop's
+    }
     bundle = merge_adapter_set(aset, "hydraopt", options, engine=engine)
     seconds = time.perf_counter() - start
     cuda_peak = torch.cuda.max_memory_allocated() if config["device"] == "cuda" else None

@@ -59,6 +59,15 @@ def budget_bytes(aset: Any, percent: float) -> int:
     return int(percent / 100.0 * 2 * adapters_params(aset.modules, len(aset.tasks)))
 
 
+def _least_error(config: Any) -> Any:
+    """``config`` with a default head scale pinned to 1.0: budget mode minimises the error, and
+    HydraOpt's M = 1 default calibration (chosen for task quality, not error) would make the
+    one-head option look worse than it is. A scale the user set is kept."""
+    if getattr(config, "head_scale", 1.0) is None:
+        return dataclasses.replace(config, head_scale=1.0)
+    return config
+
+
 def merge_to_budget(
     aset: Any,
     percent: float | None,
@@ -103,7 +112,10 @@ def merge_to_budget(
     budget = budget_bytes(aset, percent if percent is not None else 100.0)
     K = len(aset.tasks)
     given = {k: v for k, v in (options or {}).items() if k != "heads"}
-    configs = [resolve_config(method, {**given, "heads": m}, K, aset.kind) for m in range(1, K + 1)]
+    configs = [
+        _least_error(resolve_config(method, {**given, "heads": m}, K, aset.kind))
+        for m in range(1, K + 1)
+    ]
     merged: dict[int, Any] = {}  # M -> 16-bit bundle
     stored: dict[tuple[int, int], Any] = {}  # (M, bits) -> bundle as stored (errors after)
     for m, config in enumerate(configs, start=1):

@@ -66,6 +66,6 @@ def test_default_merge_is_no_worse_than_the_paper_solver(real_set, heads):
         )
     )
     for precision in ("bfloat16", "float32"):
-        options = {"heads": heads, "refine_precision": precision}
+        options = {"heads": heads, "refine_precision": precision, "head_scale": 1.0}
         fast = mean_error(merge_adapter_set(one_layer, "hydraopt", options))
         assert fast <= paper, (heads, precision, fast, paper)

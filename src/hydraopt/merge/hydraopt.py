@@ -70,7 +70,8 @@ class HydraOpt:
         worked out (see :meth:`merge`: M = 1 and M = K route without a search, so ``restarts``
         is unused there; ``mse`` skips the refinement, so its fields are unused)."""
         if isinstance(config, HydraOptConfig) and config.solver == "paper":
-            return select_fields(config, PAPER_FIELDS)
+            scale = config.resolved_head_scale(num_tasks)
+            return select_fields(config, PAPER_FIELDS, head_scale=scale)
         # solver, head_scale: LoRA; shared: VeRA
         used = {"heads", "distance", "solver", "shared", "head_scale"}
         if 1 < config.heads < num_tasks:
@@ -83,6 +84,7 @@ class HydraOpt:
             precision = resolve_precision(config.refine_precision, torch.device(device))
             steps, lr = config.refine_schedule(num_tasks, precision)
             resolved["refine_precision"] = precision
+            resolved["head_scale"] = config.resolved_head_scale(num_tasks)
         if config.distance != "mse":
             used.add("refine_steps")
             if steps > 0:
@@ -101,10 +103,11 @@ class HydraOpt:
         context: MergeContext,
     ) -> MergedStack:
         merged = self._solve(stack, config, generator=generator, context=context)
-        if config.head_scale == 1.0:
+        scale = config.resolved_head_scale(stack.A.shape[1])
+        if scale == 1.0:
             return merged
         # Head-magnitude calibration: the errors change with it, so the engine measures them.
-        return MergedStack(merged.A, merged.heads * config.head_scale, merged.routing)
+        return MergedStack(merged.A, merged.heads * scale, merged.routing)
 
     def _solve(
         self,
