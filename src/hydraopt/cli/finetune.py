@@ -6,23 +6,38 @@ import argparse
 import sys
 from dataclasses import fields
 
-from hydraopt.eval.finetune_config import ADAPTER_KINDS, FinetuneConfig
+from hydraopt.eval.finetune_config import ADAPTER_KINDS, FINETUNE_KINDS, FinetuneConfig
 from hydraopt.eval.tasks import TASKS_ENV_VAR, resolve_task_dir
+from hydraopt.kinds.finetune_fields import FinetuneFlag
 
-# CLI flag dest -> FinetuneConfig field per adapter kind (None: the flag does not apply to that
-# kind). A flag left unset keeps the config's default, so the defaults live in one place (the
-# dataclass).
-_CONFIG_FLAGS: dict[str, dict[str, str | None]] = {
-    "steps": {"lora": "steps", "vera": "steps"},
-    "lr": {"lora": "lr", "vera": "vera_lr"},
-    "rank": {"lora": "r", "vera": "vera_r"},
-    "alpha": {"lora": "alpha", "vera": None},
-    "projection_prng_key": {"lora": None, "vera": "projection_prng_key"},
-    "batch_size": {"lora": "batch_size", "vera": "batch_size"},
-    "max_len": {"lora": "max_len", "vera": "max_len"},
-    "seed": {"lora": "seed", "vera": "seed"},
-    "threads": {"lora": "threads", "vera": "threads"},
-}
+# Flags every kind reads as the same FinetuneConfig field. The others come from the kinds
+# (KindFinetune.flags): a flag maps to each kind's own field (--lr: lr or vera_lr) and is refused
+# for a kind that does not read it. A flag left unset keeps the config's default, so the defaults
+# live in one place (the dataclasses).
+SHARED_FLAGS = ("steps", "batch_size", "max_len", "seed", "threads")
+
+
+def kind_flags() -> dict[str, dict[str, FinetuneFlag]]:
+    """Flag dest -> {kind name: how that kind reads it}, in the kinds' declaration order."""
+    flags: dict[str, dict[str, FinetuneFlag]] = {}
+    for kind in FINETUNE_KINDS.values():
+        for dest, flag in kind.flags.items():
+            flags.setdefault(dest, {})[kind.kind] = flag
+    return flags
+
+
+def kind_flag_help(by_kind: dict[str, FinetuneFlag], defaults: dict[str, object]) -> str:
+    """The help of a kind flag: what it means for each kind, and each kind's default."""
+    meaning = ", or ".join(dict.fromkeys(flag.help for flag in by_kind.values()))
+    if len(by_kind) == 1:
+        ((name, flag),) = by_kind.items()
+        only = f"{FINETUNE_KINDS[name].display_name} only{flag.note}"
+        return f"{meaning}, {only} (default {defaults[flag.field]})"
+    per_kind = ", ".join(
+        f"{defaults[flag.field]} for {FINETUNE_KINDS[name].display_name}"
+        for name, flag in by_kind.items()
+    )
+    return f"{meaning} (default {per_kind})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,27 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"adapter kind (default {defaults['adapter']})",
     )
     parser.add_argument("--steps", type=int, help=f"optimizer steps (default {defaults['steps']})")
-    parser.add_argument(
-        "--lr",
-        type=float,
-        help=f"peak learning rate (default {defaults['lr']} for LoRA, {defaults['vera_lr']} "
-        f"for VeRA)",
-    )
-    parser.add_argument(
-        "--rank",
-        type=int,
-        help=f"LoRA rank r, or VeRA's projection dimension r (default {defaults['r']} for LoRA, "
-        f"{defaults['vera_r']} for VeRA)",
-    )
-    parser.add_argument(
-        "--alpha", type=int, help=f"lora_alpha, LoRA only (default {defaults['alpha']})"
-    )
-    parser.add_argument(
-        "--projection-prng-key",
-        type=int,
-        help=f"seed of VeRA's shared projections, VeRA only; keep it equal for adapters to be "
-        f"merged (default {defaults['projection_prng_key']})",
-    )
+    for dest, by_kind in kind_flags().items():
+        first = next(iter(by_kind.values()))
+        parser.add_argument(
+            f"--{dest.replace('_', '-')}",
+            type=type(defaults[first.field]),
+            help=kind_flag_help(by_kind, defaults),
+        )
     parser.add_argument(
         "--batch-size", type=int, help=f"examples per step (default {defaults['batch_size']})"
     )
@@ -102,18 +103,20 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """
     adapter = args.adapter
     overrides: dict[str, object] = {"adapter": adapter}
-    for flag, by_kind in _CONFIG_FLAGS.items():
-        value = getattr(args, flag)
+    for flag in SHARED_FLAGS:
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    for dest, by_kind in kind_flags().items():
+        value = getattr(args, dest)
         if value is None:
             continue
-        field = by_kind[adapter]
-        if field is None:
-            usable = [kind for kind, name in by_kind.items() if name is not None]
+        read_as = by_kind.get(adapter)
+        if read_as is None:
             raise ValueError(
-                f"--{flag.replace('_', '-')} applies to --adapter {' / '.join(usable)} only, "
+                f"--{dest.replace('_', '-')} applies to --adapter {' / '.join(by_kind)} only, "
                 f"not {adapter}"
             )
-        overrides[field] = value
+        overrides[read_as.field] = value
     return FinetuneConfig(**overrides)  # type: ignore[arg-type]  # values typed by argparse
 
 

@@ -4,9 +4,10 @@ Bundles are files people share. Before anything indexes a tensor with a routing 
 a task name into a directory, the whole bundle is checked here, once, for every reader (export,
 inspect, the serving runtime): field types, a task list of safe unique names, every module in
 ``modules`` present in the tensors with the shapes ``modules`` gives, routing complete and in
-range (a negative index would silently pick another task's head), floating-point finite tensors
-and finite non-zero LoRA scales (export divides by them). Each problem is one
-:class:`HydraoptError` naming the bundle and the field.
+range (a negative index would silently pick another task's head); then the kind's own tensors
+and fields (:mod:`hydraopt.kinds.lora.check_bundle`, :mod:`hydraopt.kinds.vera.check_bundle`),
+with :func:`check_tensor` for each: floating point, the shape ``modules`` implies, finite. Each
+problem is one :class:`HydraoptError` naming the bundle and the field.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeAlias, TypeGuard
 
 import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.names import check_task_names
-from hydraopt.results import LORA_LAYOUTS
 
 ADAPTER_KINDS = ("lora", "vera")
+
+# A kind's own checks of its tensors and fields: (meta, tensors, tasks, modules, where), run after
+# the kind-independent ones below (so tasks, modules and routing are already sound).
+KindCheck: TypeAlias = Callable[
+    [dict[str, Any], Mapping[str, torch.Tensor], list[str], list[dict[str, Any]], Any], None
+]
 
 
 def is_int(x: Any) -> TypeGuard[int]:
@@ -47,7 +53,10 @@ def check_bundle_header(meta: dict[str, Any], where: str | Path) -> None:
 
 
 def check_bundle(
-    meta: dict[str, Any], tensors: Mapping[str, torch.Tensor], where: str | Path
+    meta: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    where: str | Path,
+    check_kind: KindCheck,
 ) -> None:
     """Refuse a bundle whose metadata and tensors are not what its writer produces.
 
@@ -55,6 +64,8 @@ def check_bundle(
         meta: ``bundle.json`` as parsed (format name already checked).
         tensors: every tensor of ``tensors.safetensors``, as stored.
         where: the bundle directory, for messages.
+        check_kind: the bundle's kind's checks of its own tensors and fields
+            (:meth:`hydraopt.kinds.base.AdapterKind.check_bundle_tensors`).
 
     Raises:
         HydraoptError: the first problem found, in one line.
@@ -64,14 +75,14 @@ def check_bundle(
     _check_report_fields(meta, len(tasks), where)
     modules = _check_modules(meta, where)
     _check_routing(meta, modules, len(tasks), where)
-    KIND_CHECKS[meta.get("adapter_kind", "lora")](meta, tensors, tasks, modules, where)
+    check_kind(meta, tensors, tasks, modules, where)
 
 
 JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
 JSON_NAMES.update({float: "a number", bool: "a boolean", type(None): "null"})
 
 
-def _require(meta: dict[str, Any], key: str, kind: type, where: Any) -> Any:
+def require_field(meta: dict[str, Any], key: str, kind: type, where: Any) -> Any:
     """``meta[key]``, refused unless it is of the JSON type ``kind``."""
     value = meta.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -84,20 +95,20 @@ def _require(meta: dict[str, Any], key: str, kind: type, where: Any) -> Any:
 
 def _check_common_fields(meta: dict[str, Any], where: Any) -> list[str]:
     """Fields every kind has; returns the task names."""
-    _require(meta, "method", str, where)
-    _require(meta, "config", dict, where)
-    _require(meta, "base_model", str, where)
-    _require(meta, "storage", dict, where)
-    tasks = _require(meta, "tasks", list, where)
+    require_field(meta, "method", str, where)
+    require_field(meta, "config", dict, where)
+    require_field(meta, "base_model", str, where)
+    require_field(meta, "storage", dict, where)
+    tasks = require_field(meta, "tasks", list, where)
     if not tasks:
         raise HydraoptError(f"{where}: bundle.json lists no tasks")
     check_task_names(tasks, f"{where}")
-    configs = _require(meta, "adapter_configs", dict, where)
+    configs = require_field(meta, "adapter_configs", dict, where)
     for task in tasks:
         if not isinstance(configs.get(task), dict):
             raise HydraoptError(f"{where}: adapter_configs has no object for task {task!r}")
     if "extra" in meta:
-        _require(meta, "extra", dict, where)
+        require_field(meta, "extra", dict, where)
     if "dtype" in meta and meta["dtype"] not in DTYPES:
         raise HydraoptError(
             f"{where}: dtype must be one of {sorted(DTYPES)}, got {meta['dtype']!r}"
@@ -146,7 +157,7 @@ def _check_report_fields(meta: dict[str, Any], K: int, where: Any) -> None:
 
 def _check_modules(meta: dict[str, Any], where: Any) -> list[dict[str, Any]]:
     """``modules``: a non-empty list of {name, d, k, r, heads} with positive integer sizes."""
-    modules = _require(meta, "modules", list, where)
+    modules = require_field(meta, "modules", list, where)
     if not modules:
         raise HydraoptError(f"{where}: bundle.json lists no modules")
     seen: set[str] = set()
@@ -167,7 +178,7 @@ def _check_modules(meta: dict[str, Any], where: Any) -> list[dict[str, Any]]:
 
 def _check_routing(meta: dict[str, Any], modules: list[dict[str, Any]], K: int, where: Any) -> None:
     """One head index per task for every module, each in [0, heads)."""
-    routing = _require(meta, "routing", dict, where)
+    routing = require_field(meta, "routing", dict, where)
     for m in modules:
         route = routing.get(m["name"])
         if not isinstance(route, list) or len(route) != K:
@@ -199,89 +210,3 @@ def check_tensor(
     if not bool(torch.isfinite(t).all()):
         raise HydraoptError(f"{where}: tensor {key!r} contains NaN or Inf values")
     return t
-
-
-def _check_lora(
-    meta: dict[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    tasks: list[str],
-    modules: list[dict[str, Any]],
-    where: Any,
-) -> None:
-    """``<m>.A`` (r, k), ``<m>.heads`` (heads, d, r) (or the shapes the bundle's
-    ``tensor_layout`` names, see :data:`hydraopt.results.LORA_LAYOUTS`); a finite non-zero scale
-    per task and module."""
-    record = LORA_LAYOUTS.get(meta.get("tensor_layout", "factors"))
-    if record is None:
-        raise HydraoptError(
-            f"{where}: tensor_layout must be one of {sorted(LORA_LAYOUTS)}, "
-            f"got {meta.get('tensor_layout')!r}"
-        )
-    for m in modules:
-        try:
-            shapes = record.tensor_shapes(m, len(tasks))
-        except HydraoptError as e:
-            raise HydraoptError(f"{where}: {e}") from None
-        for suffix, shape in shapes.items():
-            check_tensor(tensors, f"{m['name']}.{suffix}", shape, where)
-    scales = _require(meta, "scales", dict, where)
-    for task in tasks:
-        per_module = scales.get(task)
-        if not isinstance(per_module, dict):
-            raise HydraoptError(f"{where}: scales has no object for task {task!r}")
-        for m in modules:
-            s = per_module.get(m["name"])
-            if not is_number(s) or not math.isfinite(s) or s == 0:
-                raise HydraoptError(
-                    f"{where}: scale of task {task!r}, module {m['name']!r} must be a finite "
-                    f"non-zero number, got {s!r}"
-                )
-
-
-def _check_vera(
-    meta: dict[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    tasks: list[str],
-    modules: list[dict[str, Any]],
-    where: Any,
-) -> None:
-    """Projections (r, max_in) / (max_out, r) covering every module; λ rows as ``modules`` says."""
-    ranks = {m["r"] for m in modules}
-    if len(ranks) != 1:
-        raise HydraoptError(f"{where}: VeRA modules share one rank, found {sorted(ranks)}")
-    r = ranks.pop()
-    for key, dim in (("vera_A", 0), ("vera_B", 1)):
-        t = tensors.get(key)
-        if t is None or t.dim() != 2 or t.shape[dim] != r:
-            found = "missing" if t is None else f"shape {tuple(t.shape)}"
-            raise HydraoptError(
-                f"{where}: projection {key!r} must be a matrix of rank {r} ({found})"
-            )
-    max_in, max_out = int(tensors["vera_A"].shape[1]), int(tensors["vera_B"].shape[0])
-    check_tensor(tensors, "vera_A", (r, max_in), where)
-    check_tensor(tensors, "vera_B", (max_out, r), where)
-    for m in modules:
-        if m["k"] > max_in or m["d"] > max_out:
-            raise HydraoptError(
-                f"{where}: module {m['name']!r} ({m['d']} x {m['k']}) is larger than the "
-                f"projections cover ({max_out} x {max_in})"
-            )
-        rows = {}
-        for vec, length in (("b", m["d"]), ("d", r)):
-            stored = tensors.get(f"{m['name']}.lambda_{vec}")
-            rows[vec] = int(stored.shape[0]) if stored is not None and stored.dim() == 2 else 0
-            declared = m.get(f"lambda_{vec}_rows", rows[vec])
-            if rows[vec] < 1 or declared != rows[vec]:
-                raise HydraoptError(
-                    f"{where}: module {m['name']!r}: lambda_{vec} must have "
-                    f"{declared!r} row(s) of length {length} (found {rows[vec]})"
-                )
-            check_tensor(tensors, f"{m['name']}.lambda_{vec}", (rows[vec], length), where)
-        if min(rows.values()) != 1 or max(rows.values()) != m["heads"]:
-            raise HydraoptError(
-                f"{where}: module {m['name']!r}: one of lambda_b/lambda_d must have one row and "
-                f"the other heads = {m['heads']} rows, found {rows['b']} and {rows['d']}"
-            )
-
-
-KIND_CHECKS: dict[str, Callable[..., None]] = {"lora": _check_lora, "vera": _check_vera}

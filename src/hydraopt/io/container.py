@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.atomic import atomic_dir
-from hydraopt.io.check_bundle import check_bundle, check_bundle_header
+from hydraopt.io.check_bundle import KindCheck, check_bundle, check_bundle_header
 from hydraopt.io.quantized import QUANTIZED_FORMAT_VERSION, decode_quantized, encode_quantized
 from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import Provenance, StorageReport
@@ -72,20 +72,23 @@ def write_bundle_dir(
     return Path(out)
 
 
-def read_bundle_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_bundle_tensors(
+    path: Path, meta: dict[str, Any], check_kind: KindCheck
+) -> dict[str, torch.Tensor]:
     """Every tensor of the bundle dir ``path`` (quantized ones dequantized to float32)."""
-    return read_bundle_quantized(path, meta)[0]
+    return read_bundle_quantized(path, meta, check_kind)[0]
 
 
 def read_bundle_quantized(
-    path: Path, meta: dict[str, Any]
+    path: Path, meta: dict[str, Any], check_kind: KindCheck
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """The bundle's tensors by the kind's names, validated with its ``meta``, and the codes and
     scales of those stored quantized (empty for a 16-bit bundle).
 
     Bundles are files people share: the one validation layer (:func:`decode_quantized`, then
-    :func:`check_bundle` on what it gives back) runs here, for every kind, before any tensor is
-    used. Plain tensors come as stored; quantized ones dequantized, in float32.
+    :func:`check_bundle` on what it gives back, with the kind's ``check_kind``) runs here, for
+    every kind, before any tensor is used. Plain tensors come as stored; quantized ones
+    dequantized, in float32.
     """
     tensor_path = path / TENSORS_NAME
     try:
@@ -93,7 +96,7 @@ def read_bundle_quantized(
     except (SafetensorError, OSError) as e:
         raise HydraoptError(f"{tensor_path}: corrupt tensor file ({e})") from e
     tensors, quantized = decode_quantized(stored, meta, path)
-    check_bundle(meta, tensors, path)
+    check_bundle(meta, tensors, path, check_kind)
     return tensors, quantized
 
 

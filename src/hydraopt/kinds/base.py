@@ -9,7 +9,7 @@ the kind through :func:`hydraopt.kinds.registry.get_kind`, never by ``isinstance
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,6 +127,19 @@ class AdapterKind(Protocol):
 
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> Any:
         """Read the bundle dir whose checked ``bundle.json`` is ``meta``."""
+        ...
+
+    def check_bundle_tensors(
+        self,
+        meta: dict[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        tasks: list[str],
+        modules: list[dict[str, Any]],
+        where: Any,
+    ) -> None:
+        """Refuse a bundle read from disk whose tensors or kind-specific fields are not what
+        :meth:`save_bundle` writes (run by :func:`hydraopt.io.check_bundle.check_bundle` after
+        the kind-independent checks, on every read); one :class:`HydraoptError` per problem."""
         ...
 
     def bundle_tensors(self, bundle: Any, dtype: str) -> dict[str, torch.Tensor]:

@@ -1,24 +1,29 @@
-"""Gradient refinement of (A', heads) on any distance, with the routing held fixed: the loop.
+"""Gradient refinement with the routing held fixed: the one loop, and LoRA's (A', heads) in it.
 
 The closed form is exact for the squared Frobenius distance; for MAE (the paper's default), the
 unsquared Frobenius norm or the cosine distance, a short Adam run from it lowers the *hard-routed*
 error, which is what gets deployed. The best iterate per module is kept, so refinement can only
 improve on its starting point.
 
-The pieces live one job per module: targets (:mod:`~hydraopt.merge.targets`), measured errors
-(:mod:`~hydraopt.merge.measure`, formulas from :mod:`~hydraopt.merge.distances`), the MAE
-gradients (:mod:`~hydraopt.merge.gradients`), the optimiser and schedule
-(:mod:`~hydraopt.merge.adam`); the precision is chosen outside the core
+:func:`refine_parameters` is the loop (unit-RMS copies, Adam with a cosine schedule, the best
+iterate per module); a :class:`Parameterisation` supplies what is optimised: LoRA's (A', heads)
+here (:class:`FactorRefinement`, used by :func:`refine`), VeRA's λ vectors in
+:mod:`hydraopt.kinds.vera.merge`. The pieces live one job per module: targets
+(:mod:`~hydraopt.merge.targets`), measured errors (:mod:`~hydraopt.merge.measure`, formulas from
+:mod:`~hydraopt.merge.distances`), the MAE gradients (:mod:`~hydraopt.merge.gradients`), the
+optimiser and schedule (:mod:`~hydraopt.merge.adam`); the precision is chosen outside the core
 (:func:`hydraopt.devices.resolve_precision`).
 """
 
 from __future__ import annotations
 
+from typing import Literal, Protocol
+
 import torch
 
 from hydraopt.devices import Precision
 from hydraopt.merge.adam import Adam, BestIterate, cosine_lr, module_rms
-from hydraopt.merge.gradients import mae_value_and_grads, mae_workspace
+from hydraopt.merge.gradients import MaeWorkspace, mae_value_and_grads, mae_workspace
 from hydraopt.merge.kernels import OrderKeys, order_keys
 from hydraopt.merge.measure import distance_to_zero, hard_routed_error
 from hydraopt.merge.targets import FactorTargets, Targets, take_targets
@@ -26,19 +31,148 @@ from hydraopt.merge.targets import FactorTargets, Targets, take_targets
 # Re-exported for callers that import the refinement's pieces from here (shared_basis_refine).
 __all__ = [
     "Adam",
+    "BestFrom",
+    "FactorRefinement",
     "FactorTargets",
+    "Parameterisation",
     "Targets",
     "balance",
     "cosine_lr",
     "distance_to_zero",
     "hard_routed_error",
     "refine",
+    "refine_parameters",
     "take_targets",
 ]
 
 CHECK_EVERY = 10  # MAE refinement: steps between looks at the loss
 
 PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Where the best-so-far starts. "start": at the start point and its float32 error, so a loop loss
+# replaces it only by beating that error (the loop's losses must then be comparable with it:
+# every task, float32). "loop": at +inf, so the loop's losses are compared only with each other
+# (they may be sampled or low precision) and the winner with the start only after the loop, on
+# its float32 error; ties keep the start.
+BestFrom = Literal["start", "loop"]
+
+
+class Parameterisation(Protocol):
+    """What :func:`refine_parameters` optimises: a kind's tensors, their errors and gradients.
+
+    A *point* is the list of the kind's tensors, (G, ...) each, at their true scale; the loop
+    optimises unit-RMS copies and hands the methods points.
+
+    Attributes:
+        best_from: where the best-so-far starts (:data:`BestFrom`).
+        check_every: steps between looks at the loop's loss; None: never (sampled losses).
+        hand_written: gradients come from :meth:`loss_and_grads` (no autograd graph); otherwise
+            from autograd through :meth:`loss`.
+    """
+
+    best_from: BestFrom
+    check_every: int | None
+    hand_written: bool
+
+    def scales(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One RMS per module for each tensor, shaped to broadcast against it."""
+        ...
+
+    def error(self, point: list[torch.Tensor]) -> torch.Tensor:
+        """The float32 hard-routed error (G, K) of ``point`` on every task."""
+        ...
+
+    def begin(self) -> None:
+        """Set up what the steps reuse (workspaces, targets in the loop's precision)."""
+        ...
+
+    def loss(self, point: list[torch.Tensor]) -> torch.Tensor:
+        """This step's mean-over-tasks loss (G,), differentiable w.r.t. ``point``."""
+        ...
+
+    def loss_and_grads(
+        self, point: list[torch.Tensor], with_loss: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """This step's loss (G,) (None if not ``with_loss`` and it costs extra) and gradients."""
+        ...
+
+    def finish(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The last iterate's error (G, K) and whether it is :meth:`error`'s (float32, every
+        task); frees what :meth:`begin` set up."""
+        ...
+
+
+def refine_parameters(
+    problem: Parameterisation, start: list[torch.Tensor], *, steps: int, lr: float
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Adam (cosine schedule, no weight decay) from ``start``; the best point per module.
+
+    Args:
+        problem: what is optimised and how its error is measured.
+        start: the starting point, (G, ...) tensors.
+        steps: optimisation steps (0 returns the start, evaluated).
+        lr: learning rate *relative* to each tensor's RMS per module.
+
+    Returns:
+        The best point per module (never worse than the start) and its float32 error (G, K).
+    """
+    with torch.no_grad():
+        start_tasks = problem.error(start)
+    if steps <= 0:
+        return start, start_tasks
+    start_err = start_tasks.mean(1)
+    first = start_err if problem.best_from == "start" else torch.full_like(start_err, float("inf"))
+    best = BestIterate(start, first)
+
+    # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
+    scales = problem.scales(start)
+    params = [
+        (t / s).requires_grad_(not problem.hand_written) for t, s in zip(start, scales, strict=True)
+    ]
+    adam = Adam(params)
+
+    def current() -> list[torch.Tensor]:
+        return [p * s for p, s in zip(params, scales, strict=True)]
+
+    def keep_better(err: torch.Tensor) -> torch.Tensor:
+        """Keep the current point where ``err`` (G,) beats the best so far; returns where."""
+        return best.offer(
+            err, lambda: [p.detach() * s for p, s in zip(params, scales, strict=True)]
+        )
+
+    problem.begin()
+    for step in range(steps):
+        check = problem.check_every is not None and step % problem.check_every == 0
+        per_module: torch.Tensor | None
+        if problem.hand_written:
+            with torch.no_grad():
+                per_module, raw = problem.loss_and_grads(current(), with_loss=check)
+                grads = [g * s for g, s in zip(raw, scales, strict=True)]
+        else:
+            per_module = problem.loss(current())
+            # Modules are independent; summing keeps each module's gradient its own.
+            grads = list(torch.autograd.grad(per_module.sum(), params))
+        if check and per_module is not None:
+            # The loss is evaluated at the current point: record it before stepping away.
+            with torch.no_grad():
+                keep_better(per_module.detach())
+        # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps
+        # settle into the L1 optimum instead of rattling around it.
+        adam.step(grads, cosine_lr(lr, step, steps))
+    with torch.no_grad():
+        last, exact = problem.finish(current())
+        improved = keep_better(last.mean(1).to(best.err.dtype))
+        point = best.tensors
+        # Evaluated again unless the last iterate won everywhere on its float32 error (an earlier
+        # one won somewhere, or the last was judged in low precision).
+        last_won = exact and bool(improved.all())
+        best_tasks = last if last_won else problem.error(point)
+        if problem.best_from == "loop":
+            worse = start_err <= best_tasks.mean(1)  # float32 comparison; ties keep the start
+            for kept, first_t in zip(point, start, strict=True):
+                kept[worse] = first_t[worse]
+            best_tasks[worse] = start_tasks[worse]
+    return point, best_tasks
 
 
 def balance(a: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +183,121 @@ def balance(a: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """
     c = (module_rms(heads) / module_rms(a)).sqrt()  # (G,)
     return a * c[:, None, None], heads / c[:, None, None, None]
+
+
+class FactorRefinement:
+    """LoRA's parameterisation: the point is (A' (G, r, k), heads (G, M, d, r)), ΔW'_i =
+    heads[route(i)] @ A'.
+
+    The loop's losses may be sampled (``tasks_per_step`` < K) or in low precision, so they are
+    compared with each other only and the winner with the float32 start after the loop
+    (``best_from = "loop"``). MAE steps use the hand-written gradient and look at the loss every
+    CHECK_EVERY steps (it costs an extra pass over E); the other distances use autograd.
+    """
+
+    best_from: BestFrom = "loop"
+
+    def __init__(
+        self,
+        delta: Targets,
+        routing: torch.Tensor,
+        *,
+        distance: str,
+        num_heads: int,
+        precision: Precision,
+        tasks_per_step: int | None,
+        generator: torch.Generator | None,
+    ):
+        self.delta, self.routing, self.distance, self.num_heads = (
+            delta,
+            routing,
+            distance,
+            num_heads,
+        )
+        self.K = delta.shape[1]
+        self.sampled = tasks_per_step is not None and tasks_per_step < self.K
+        self.generator = generator
+        self.batch = (
+            min(tasks_per_step, self.K) if tasks_per_step is not None and self.sampled else self.K
+        )
+        self.low = PRECISIONS[precision] if distance == "mae" else delta.dtype
+        self.hand_written = distance == "mae"
+        # Losses seen in the loop can pick the best iterate only if they are comparable with
+        # each other (same tasks). A MAE loss costs an extra pass over E (in float32 as much as
+        # the signs themselves), so the hand-written steps look at it every CHECK_EVERY steps;
+        # autograd's comes with the step.
+        self.check_every = None if self.sampled else (CHECK_EVERY if self.hand_written else 1)
+        self.work: MaeWorkspace | None = None
+        self.targets: torch.Tensor | OrderKeys | None = None
+
+    def scales(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
+        scale = module_rms(point[0])  # (G,): balanced, so one scale suits A' and the heads
+        return [scale[:, None, None], scale[:, None, None, None]]
+
+    def error(self, point: list[torch.Tensor]) -> torch.Tensor:
+        return hard_routed_error(self.delta, point[0], point[1], self.routing, self.distance)
+
+    def begin(self) -> None:
+        if self.sampled and self.generator is None:
+            raise ValueError("sampling tasks needs a generator")
+        # Dense low-precision targets only when every step uses every task; sampled steps form
+        # their few tasks' ΔW on the fly.
+        dense = None if self.sampled else take_targets(self.delta, slice(None), self.low)
+        if self.hand_written:
+            G, _, d, k = self.delta.shape
+            # Sampled steps (many adapters): forming the sampled targets dominates, so the torch
+            # path, which needs no kernel runtime (memory flat in K), costs the same.
+            self.work = mae_workspace(
+                (G, self.batch, d, k),
+                self.num_heads,
+                self.low,
+                self.routing.device,
+                fused=False if self.sampled else None,
+            )
+        self.targets = dense
+        if dense is not None and self.work is not None and self.work.fused:
+            # The fused steps compare every X with the same targets: map them to keys once.
+            self.targets = order_keys(dense)
+
+    def step_targets(self) -> tuple[torch.Tensor | OrderKeys, torch.Tensor]:
+        """This step's targets and routing: a random batch of tasks, or all of them."""
+        if self.sampled and self.generator is not None:
+            gen = self.generator
+            idx = torch.randperm(self.K, generator=gen, device=gen.device)[: self.batch]
+            idx = idx.to(self.routing.device)
+            return take_targets(self.delta, idx, self.low), self.routing[:, idx]
+        assert self.targets is not None  # not sampled: begin() formed every task's targets
+        return self.targets, self.routing
+
+    def loss(self, point: list[torch.Tensor]) -> torch.Tensor:
+        target, route = self.step_targets()
+        return hard_routed_error(target, point[0], point[1], route, self.distance).mean(1)
+
+    def loss_and_grads(
+        self, point: list[torch.Tensor], with_loss: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        # Hand-written MAE gradient: 2x faster than autograd here (one reused buffer, no graph),
+        # and this loop is where a default merge spends its time.
+        target, route = self.step_targets()
+        assert self.work is not None
+        loss, g_a, g_h = mae_value_and_grads(
+            target, point[0], point[1], route, self.work, with_loss=with_loss
+        )
+        return loss, [g_a, g_h]
+
+    def finish(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        # Low-precision loop: the last iterate is judged on the loop's own loss, and only the
+        # winner gets a float32 evaluation (each costs M float32 products and a pass over the
+        # targets). Otherwise the last iterate is evaluated like the others.
+        judged_low = not self.sampled and self.low != self.delta.dtype
+        if judged_low:
+            assert self.targets is not None  # tracked: every step saw every task, densely
+            low = [t.to(self.low) for t in point]
+            last = hard_routed_error(self.targets, low[0], low[1], self.routing, self.distance)
+        self.work = self.targets = None
+        if judged_low:
+            return last, False
+        return self.error(point), True
 
 
 def refine(
@@ -86,112 +335,14 @@ def refine(
         A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
     """
     a, heads = balance(a, heads)
-    with torch.no_grad():
-        start_tasks = hard_routed_error(delta, a, heads, routing, distance)
-    if steps <= 0:
-        return a, heads, start_tasks
-    start_err = start_tasks.mean(1)
-    K = delta.shape[1]
-    sampled = tasks_per_step is not None and tasks_per_step < K
-    if sampled and generator is None:
-        raise ValueError("sampling tasks needs a generator")
-    low = PRECISIONS[precision] if distance == "mae" else delta.dtype
-    # Losses seen in the loop can pick the best iterate only if they are comparable with each
-    # other (same tasks); they are compared with the float32 start only after the loop. A MAE
-    # loss costs an extra pass over E (in float32 as much as the signs themselves), so the
-    # hand-written MAE steps look at it every CHECK_EVERY steps; autograd's comes with the step.
-    track = not sampled
-    check_every = CHECK_EVERY if distance == "mae" else 1
-    # The loop's losses are compared with each other only (inf: the first one seen wins).
-    best = BestIterate([a, heads], torch.full_like(start_err, float("inf")))
-
-    # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
-    scale = module_rms(a)  # (G,)
-    s_a, s_h = scale[:, None, None], scale[:, None, None, None]
-    a_p = (a / s_a).requires_grad_(distance != "mae")
-    h_p = (heads / s_h).requires_grad_(distance != "mae")
-    adam = Adam([a_p, h_p])
-
-    def keep_better(err: torch.Tensor) -> torch.Tensor:
-        """Keep the current point where ``err`` (G,) beats the best so far; returns where."""
-        return best.offer(err, lambda: [a_p.detach() * s_a, h_p.detach() * s_h])
-
-    def current_error(target: Targets | OrderKeys, route: torch.Tensor) -> torch.Tensor:
-        return hard_routed_error(target, a_p * s_a, h_p * s_h, route, distance)  # (G, n)
-
-    # Dense low-precision targets only when every step uses every task; sampled steps form
-    # their few tasks' ΔW on the fly.
-    dense = None if sampled else take_targets(delta, slice(None), low)
-    batch = min(tasks_per_step, K) if sampled and tasks_per_step is not None else K
-    mae_work = (
-        # Sampled steps (many adapters): forming the sampled targets dominates, so the torch
-        # path, which needs no kernel runtime (memory flat in K), costs the same.
-        mae_workspace(
-            (delta.shape[0], batch, *delta.shape[2:]),
-            heads.shape[1],
-            low,
-            a.device,
-            fused=False if sampled else None,
-        )
-        if distance == "mae"
-        else None
+    problem = FactorRefinement(
+        delta,
+        routing,
+        distance=distance,
+        num_heads=heads.shape[1],
+        precision=precision,
+        tasks_per_step=tasks_per_step,
+        generator=generator,
     )
-    delta_w: torch.Tensor | OrderKeys | None = dense
-    if dense is not None and mae_work is not None and mae_work.fused:
-        # The fused steps compare every X with the same targets: map them to keys once.
-        delta_w = order_keys(dense)
-    del dense
-    for step in range(steps):
-        check = track and step % check_every == 0
-        target: torch.Tensor | OrderKeys
-        if sampled and generator is not None:
-            idx = torch.randperm(K, generator=generator, device=generator.device)[:batch]
-            idx = idx.to(a.device)
-            target, route = take_targets(delta, idx, low), routing[:, idx]
-        elif delta_w is not None:
-            target, route = delta_w, routing
-        if mae_work is not None:
-            # Hand-written MAE gradient: 2x faster than autograd here (one reused buffer,
-            # no graph), and this loop is where a default merge spends its time.
-            with torch.no_grad():
-                per_module, g_a, g_h = mae_value_and_grads(
-                    target, a_p * s_a, h_p * s_h, route, mae_work, with_loss=check
-                )
-                grads = [g_a * s_a, g_h * s_h]
-        else:
-            per_module = current_error(target, route).mean(1)
-            # Modules are independent; summing keeps each module's gradient its own.
-            grads = list(torch.autograd.grad(per_module.sum(), [a_p, h_p]))
-        if check and per_module is not None:
-            # The loss is evaluated at the current point: record it before stepping away.
-            with torch.no_grad():
-                keep_better(per_module.detach())
-        # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps
-        # settle into the L1 optimum instead of rattling around it.
-        adam.step(grads, cosine_lr(lr, step, steps))
-    with torch.no_grad():
-        # Low-precision loop: the last iterate is judged on the loop's own loss, and only the
-        # winner gets a float32 evaluation (each costs M float32 products and a pass over the
-        # targets). Otherwise the last iterate is evaluated like the others.
-        judged_low = track and low != delta.dtype
-        if judged_low:
-            assert delta_w is not None  # tracked: every step saw every task, densely
-            last = hard_routed_error(
-                delta_w, (a_p * s_a).to(low), (h_p * s_h).to(low), routing, distance
-            )
-            keep_better(last.mean(1).to(best.err.dtype))
-        del mae_work, delta_w
-        best_a, best_h = best.tensors
-        if judged_low:
-            best_tasks = hard_routed_error(delta, best_a, best_h, routing, distance)
-        else:
-            last = current_error(delta, routing)
-            if bool(keep_better(last.mean(1)).all()):
-                best_tasks = last
-            else:  # an earlier iterate won somewhere: the loop saw only its mean
-                best_tasks = hard_routed_error(delta, best_a, best_h, routing, distance)
-        best_err = best_tasks.mean(1)
-        worse = start_err <= best_err  # float32 comparison with the start; ties keep the start
-        best_a[worse], best_h[worse] = a[worse], heads[worse]
-        best_tasks[worse] = start_tasks[worse]
+    (best_a, best_h), best_tasks = refine_parameters(problem, [a, heads], steps=steps, lr=lr)
     return best_a, best_h, best_tasks

@@ -30,6 +30,7 @@ from hydraopt.io.container import (
 )
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.keys import lora_key
+from hydraopt.kinds.lora.check_bundle import check_lora_bundle
 from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import LORA_LAYOUTS, LoraRecord, MergedModule
 from hydraopt.types import Bundle, ModuleSpec
@@ -91,7 +92,7 @@ def with_lora_tensors(
 def load_lora_bundle_from_meta(path: Path, meta: dict[str, Any]) -> Bundle:
     """The LoRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
     tensor_path = path / TENSORS_NAME
-    tensors, quantized = read_bundle_quantized(path, meta)
+    tensors, quantized = read_bundle_quantized(path, meta, check_lora_bundle)
     record = LORA_LAYOUTS[meta.get("tensor_layout", MergedModule.layout)]  # checked on read
     modules: list[ModuleSpec] = []
     merged: dict[str, LoraRecord] = {}

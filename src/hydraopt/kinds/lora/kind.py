@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from hydraopt.kinds.lora.bundle import (
     save_lora_bundle,
     with_lora_tensors,
 )
+from hydraopt.kinds.lora.check_bundle import check_lora_bundle
 from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
 from hydraopt.merge.targets import FactorTargets
@@ -108,6 +109,16 @@ class LoraKind:
 
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> Bundle:
         return load_lora_bundle_from_meta(path, meta)
+
+    def check_bundle_tensors(
+        self,
+        meta: dict[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        tasks: list[str],
+        modules: list[dict[str, Any]],
+        where: Any,
+    ) -> None:
+        check_lora_bundle(meta, tensors, tasks, modules, where)
 
     def export_adapters(
         self,

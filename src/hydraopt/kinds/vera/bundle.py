@@ -26,6 +26,7 @@ from hydraopt.io.container import (
     write_bundle_dir,
 )
 from hydraopt.io.dtypes import DTYPES
+from hydraopt.kinds.vera.check_bundle import check_vera_bundle
 from hydraopt.kinds.vera.load import PROJECTION_KEYS, lambda_key
 from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import MergedVeraModule
@@ -111,7 +112,7 @@ def with_vera_tensors(
 
 def load_vera_bundle_from_meta(path: Path, meta: dict[str, Any]) -> VeraBundle:
     """The VeRA bundle in ``path`` whose ``bundle.json`` (already checked) is ``meta``."""
-    tensors, quantized = read_bundle_quantized(path, meta)
+    tensors, quantized = read_bundle_quantized(path, meta, check_vera_bundle)
     try:
         projections = (tensors["vera_A"].float(), tensors["vera_B"].float())
         modules, merged = [], {}

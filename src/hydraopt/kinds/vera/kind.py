@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from hydraopt.kinds.vera.bundle import (
     vera_bundle_tensors,
     with_vera_tensors,
 )
+from hydraopt.kinds.vera.check_bundle import check_vera_bundle
 from hydraopt.kinds.vera.load import VeraAdapterSet, load_vera_adapter_set
 from hydraopt.merge.base import MergeContext, MergeMethod
 from hydraopt.results import MergedVeraModule, Provenance
@@ -125,6 +126,16 @@ class VeraKind:
 
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> VeraBundle:
         return load_vera_bundle_from_meta(path, meta)
+
+    def check_bundle_tensors(
+        self,
+        meta: dict[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        tasks: list[str],
+        modules: list[dict[str, Any]],
+        where: Any,
+    ) -> None:
+        check_vera_bundle(meta, tensors, tasks, modules, where)
 
     def export_adapters(
         self,

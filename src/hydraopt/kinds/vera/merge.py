@@ -4,10 +4,11 @@ Steps, as for LoRA (docs/methods.md): the exact squared-Frobenius solution with 
 (:mod:`hydraopt.kinds.vera.solve`), then Adam on the *hard-routed* chosen distance over the dense
 ΔW of the chunk's modules, keeping the best iterate per module (never worse than its start).
 
-The refinement uses LoRA's pieces (:mod:`~hydraopt.merge.adam`'s optimiser, schedule and
-best-iterate keeping, :mod:`~hydraopt.merge.measure`'s errors, the least-squares head
-magnitudes of :mod:`~hydraopt.merge.head_scales`); VeRA supplies only its parametrisation (a
-shared vector and M head vectors) and its MAE gradient chained to those vectors.
+The refinement is LoRA's loop (:func:`~hydraopt.merge.refine.refine_parameters`: unit-RMS
+copies, Adam, cosine schedule, best iterate per module) with the least-squares head magnitudes
+of :mod:`~hydraopt.merge.head_scales` after a cosine refinement; VeRA supplies only its
+parameterisation (:class:`VectorRefinement`: a shared vector and M head vectors, their error
+through the LoRA form, and the MAE gradient chained to those vectors).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 
 from hydraopt.kinds.vera.config import Shared, VeraHydraOptConfig
 from hydraopt.kinds.vera.solve import solve_vera
-from hydraopt.merge.adam import Adam, BestIterate, cosine_lr, module_rms
+from hydraopt.merge.adam import module_rms
 from hydraopt.merge.base import check_heads
 from hydraopt.merge.head_scales import head_scale_factors
 from hydraopt.merge.measure import hard_routed_error
+from hydraopt.merge.refine import BestFrom, refine_parameters
 from hydraopt.types import MergedVeraStack, VeraStack
 
 
@@ -58,19 +60,16 @@ def merge_vera_hydraopt(
     # The closed form is exact for squared Frobenius (mse up to a constant): nothing to refine.
     if config.refine_steps > 0 and config.distance != "mse":
         delta = stack.delta()
-        s, heads = refine_vera(
-            delta,
-            stack,
-            config.shared,
-            s,
-            heads,
-            routing,
-            distance=config.distance,
-            steps=config.refine_steps,
-            lr=config.refine_lr,
+        problem = VectorRefinement(delta, stack, config.shared, routing, config.distance)
+        (s, heads), _ = refine_parameters(
+            problem, [s, heads], steps=config.refine_steps, lr=config.refine_lr
         )
         if config.distance == "cos":
-            heads = fit_head_magnitudes(delta, stack, config.shared, s, heads, routing)
+            # The cosine ignores each head's magnitude, the deployed ΔW' does not: ΔW'_c is
+            # linear in head c, so its least-squares factor scales the head vector (and leaves
+            # every cosine unchanged).
+            alpha = head_scale_factors(delta, problem.head_updates([s, heads]), routing)
+            heads = heads * alpha[:, :, None]  # (G, M, n_h)
     return assemble(config.shared, s, heads, routing)
 
 
@@ -88,61 +87,72 @@ def routed_error(
     return hard_routed_error(delta, a, lora_heads, routing, distance)
 
 
-def refine_vera(
-    delta: torch.Tensor,
-    stack: VeraStack,
-    shared: Shared,
-    s: torch.Tensor,
-    heads: torch.Tensor,
-    routing: torch.Tensor,
-    *,
-    distance: str,
-    steps: int,
-    lr: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam (cosine schedule, no weight decay) on the hard-routed distance; the best (shared, heads) per module.
+class VectorRefinement:
+    """VeRA's parameterisation for :func:`~hydraopt.merge.refine.refine_parameters`: the point
+    is (shared vector (G, n_s), head vectors (G, M, n_h)), each optimised as a unit-RMS copy
+    with its own scale per module.
 
-    Both vectors are optimised as unit-RMS copies (one scale per module and vector), so one
-    relative learning rate suits modules and vectors of any magnitude.
+    Every step sees every task in float32, so the loop's losses are compared with the start's
+    error from the first step on (``best_from = "start"``), at every step. MAE steps use
+    :func:`vera_mae_value_and_grads`; the other distances autograd through the LoRA form.
     """
-    with torch.no_grad():  # the start is the error to beat: never worse than it
-        start_err = routed_error(delta, stack, shared, s, heads, routing, distance).mean(1)
-    best = BestIterate([s, heads], start_err)
-    sc_s = module_rms(s)[:, None]  # (G, 1)
-    sc_h = module_rms(heads)[:, None, None]  # (G, 1, 1)
-    p_s = (s / sc_s).requires_grad_(True)
-    p_h = (heads / sc_h).requires_grad_(True)
-    adam = Adam([p_s, p_h])  # the LoRA refinement's optimiser (no torch.optim start-up cost)
 
-    def keep_better(err: torch.Tensor) -> None:
-        best.offer(err, lambda: [p_s.detach() * sc_s, p_h.detach() * sc_h])
+    best_from: BestFrom = "start"
+    check_every: int | None = 1
 
-    work = torch.empty_like(delta) if distance == "mae" else None
-    for step in range(steps):
-        if work is not None:
-            # MAE: the LoRA refinement's hand-written gradient, chained to the vectors (no
-            # autograd graph over the dense (G, K, d, k) tensors: several times faster).
-            with torch.no_grad():
-                per_module, g_s, g_h = vera_mae_value_and_grads(
-                    delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, work
-                )
-                grads = [g_s * sc_s, g_h * sc_h]
-        else:
-            per_module = routed_error(
-                delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance
-            ).mean(1)  # (G,)
-            # Modules are independent: summing keeps each module's gradient its own.
-            grads = list(torch.autograd.grad(per_module.sum(), [p_s, p_h]))
-        with torch.no_grad():  # the loss is at the current point: record it before stepping
-            keep_better(per_module.detach())
-        adam.step(grads, cosine_lr(lr, step, steps))
-    del work
-    with torch.no_grad():
-        keep_better(
-            routed_error(delta, stack, shared, p_s * sc_s, p_h * sc_h, routing, distance).mean(1)
+    def __init__(
+        self,
+        delta: torch.Tensor,
+        stack: VeraStack,
+        shared: Shared,
+        routing: torch.Tensor,
+        distance: str,
+    ):
+        self.delta, self.stack, self.shared = delta, stack, shared
+        self.routing, self.distance = routing, distance
+        self.hand_written = distance == "mae"
+        self.work: torch.Tensor | None = None
+
+    def scales(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
+        s, heads = point
+        return [module_rms(s)[:, None], module_rms(heads)[:, None, None]]  # (G, 1), (G, 1, 1)
+
+    def error(self, point: list[torch.Tensor]) -> torch.Tensor:
+        s, heads = point
+        return routed_error(
+            self.delta, self.stack, self.shared, s, heads, self.routing, self.distance
         )
-    best_s, best_h = best.tensors
-    return best_s, best_h
+
+    def head_updates(self, point: list[torch.Tensor]) -> torch.Tensor:
+        """Each head's ΔW'_c (G, M, d, k)."""
+        s, heads = point
+        a, lora_heads = assemble(self.shared, s, heads, self.routing).as_lora(
+            self.stack.A, self.stack.B
+        )
+        return lora_heads @ a[:, None]
+
+    def begin(self) -> None:
+        # The MAE gradient's one reused (G, K, d, k) buffer.
+        self.work = torch.empty_like(self.delta) if self.hand_written else None
+
+    def loss(self, point: list[torch.Tensor]) -> torch.Tensor:
+        return self.error(point).mean(1)  # (G,)
+
+    def loss_and_grads(
+        self, point: list[torch.Tensor], with_loss: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        # LoRA's hand-written MAE gradient chained to the vectors (no autograd graph over the
+        # dense (G, K, d, k) tensors: several times faster); its loss comes with it.
+        assert self.work is not None
+        s, heads = point
+        loss, g_s, g_h = vera_mae_value_and_grads(
+            self.delta, self.stack, self.shared, s, heads, self.routing, self.work
+        )
+        return loss, [g_s, g_h]
+
+    def finish(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        self.work = None
+        return self.error(point), True
 
 
 def vera_mae_value_and_grads(
@@ -194,22 +204,3 @@ def vera_mae_value_and_grads(
         return loss, g_lambda_d, g_rows
     g_heads = (((signs * s[:, None, :, None]) @ A.transpose(0, 1)) * B).sum(2)  # (G, M, r)
     return loss, g_rows.sum(1), g_heads
-
-
-def fit_head_magnitudes(
-    delta: torch.Tensor,
-    stack: VeraStack,
-    shared: Shared,
-    s: torch.Tensor,
-    heads: torch.Tensor,
-    routing: torch.Tensor,
-) -> torch.Tensor:
-    """Rescale each head by its least-squares magnitude (cosine ignores it; the deployed ΔW' not).
-
-    ΔW' is linear in the head vector, so the factor of
-    :func:`~hydraopt.merge.head_scales.head_scale_factors` scales the head itself and leaves
-    every cosine unchanged.
-    """
-    a, lora_heads = assemble(shared, s, heads, routing).as_lora(stack.A, stack.B)
-    alpha = head_scale_factors(delta, lora_heads @ a[:, None], routing)  # (G, M)
-    return heads * alpha[:, :, None]
