@@ -10,10 +10,13 @@ One entry for four parts, each in its own module, all side by side on the same m
     rounds, load average recorded.
 (d) exactness (serving_exactness.py): greedy answers of ``hydraopt generate`` and of the server
     vs PEFT loading each task's export, ``--exact-prompts`` prompts per task, every bundle.
+(e) margins (serving_margins.py, not run by default): on the prompts of (d), PEFT's top-1/top-2
+    logit gap at every greedy step and the runtime's largest logit difference from PEFT.
 
 Usage:
     python benchmarks/serving.py --bundle M1=DIR --bundle M2=DIR --bundle M5=DIR
-        [--adapters examples/adapters] [--parts memory throughput exactness] [--out DIR] [--quick]
+        [--adapters examples/adapters] [--parts memory throughput exactness margins] [--out DIR]
+        [--quick]
 Writes OUT/serving.json, OUT/serving.md, OUT/serving-memory.png, OUT/serving-throughput.png
 (serving_report.py).
 """
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 
 from real_adapters import commit, machine  # noqa: E402
 from serving_exactness import measure_exactness  # noqa: E402
+from serving_margins import measure_margins  # noqa: E402
 from serving_memory import measure_memory  # noqa: E402
 from serving_report import plot, write_report  # noqa: E402
 from serving_speed import speed_parts  # noqa: E402
@@ -69,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--parts",
         nargs="+",
         default=["memory", "throughput", "exactness"],
-        choices=["memory", "throughput", "exactness"],
+        choices=["memory", "throughput", "exactness", "margins"],
         help="throughput includes the task switch",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
@@ -118,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if "exactness" in args.parts:
             result["exactness"] = measure_exactness(
+                args, base_model, tokenizer, bundles, exports, tasks
+            )
+            save()
+        if "margins" in args.parts:
+            result["margins"] = measure_margins(
                 args, base_model, tokenizer, bundles, exports, tasks
             )
             save()

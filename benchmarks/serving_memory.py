@@ -61,6 +61,7 @@ def memory_child(spec: dict[str, Any], model, tokenizer) -> dict[str, Any]:
             else synthetic_factors(model, spec["K"], spec["M"])
         )
         runtime = RuntimeModel(model, tokenizer, factors)
+        del factors  # as load_model does: what stays is what the runtime holds
         tensor_bytes = runtime.adapter_bytes()
     else:
         from peft import LoraConfig, PeftModel, get_peft_model

@@ -79,6 +79,22 @@ def write_report(result: dict[str, Any], out: Path, name: str = "serving") -> No
                 f"- {e['bundle']} (M = {e.get('heads', '?')}): {got} equal "
                 f"({e['per_task']} prompts per task, {e.get('new_tokens', '?')} new tokens)"
             )
+    if "margins" in result:
+        lines += [
+            "",
+            "**(e) Margins** on the prompts of (d): PEFT (task's export, one prompt at a time) "
+            "decodes greedily; the runtime reads the same tokens (teacher forcing). Smallest "
+            "top-1/top-2 logit gap of PEFT over all steps, largest |runtime - PEFT| logit, steps "
+            "where the runtime's argmax is not PEFT's token:",
+            "",
+            "| bundle | steps | smallest PEFT margin | largest logit difference | argmax differs |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {m['bundle']} | {m['steps']} | {m['min_margin']:.4f} | {m['max_abs_diff']:.2e} "
+            f"| {len(m['argmax_differs'])} |"
+            for m in result["margins"]
+        ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 

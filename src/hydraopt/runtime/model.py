@@ -14,6 +14,7 @@ is refused before anything is installed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from hydraopt.errors import HydraoptError
-from hydraopt.runtime.factors import SharedFactors, shared_factors
+from hydraopt.runtime.factors import ModuleFactors, SharedFactors, shared_factors
 from hydraopt.runtime.layer import RoutedLinear, TaskRows
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ class RuntimeModel:
         model: the base causal LM (modified in place: adapted linears are wrapped).
         tokenizer: its tokenizer (left padding and a pad token, see
             :func:`hydraopt.eval.model.configure_tokenizer`).
-        factors: the bundle's :class:`SharedFactors`.
+        factors: the bundle's :class:`SharedFactors`; ``self.factors`` afterwards refers to the
+            installed layers' tensors instead, so the caller may drop these.
 
     Raises:
         HydraoptError: if the bundle's modules do not fit the model (see module doc).
@@ -53,13 +55,19 @@ class RuntimeModel:
         check_base_model(model, factors)
         self.model = model
         self.tokenizer = tokenizer
-        self.factors = factors
         self.rows = TaskRows()
         self._task_index = {task: i for i, task in enumerate(factors.tasks)}
+        installed = {}
         for name, module_factors in factors.modules.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, RoutedLinear(getattr(parent, child), module_factors, self.rows))
+            layer = RoutedLinear(getattr(parent, child), module_factors, self.rows)
+            setattr(parent, child, layer)
+            installed[name] = ModuleFactors(layer.A, layer.heads, layer.routing)
+        # Keep the factors as the layers hold them (their dtype and layout), not the ones given:
+        # a layer lays its heads side by side (a copy), so holding the given heads as well would
+        # keep every head twice (RSS 2x the adapter bytes at M = K, RESULTS.md 16b).
+        self.factors = dataclasses.replace(factors, modules=installed)
         model.eval()
 
     @property

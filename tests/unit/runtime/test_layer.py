@@ -64,6 +64,29 @@ def test_adapter_bytes_count_a_once_and_m_heads(chat_base, chat_bundle):
     assert runtime.adapter_bytes() == expected
 
 
+@pytest.mark.parametrize("name", ["hydraopt-m2", "ties-m1", "vera-hydraopt-m2"])
+def test_the_runtime_holds_each_adapter_tensor_once(chat_base, chat_bundle, name):
+    """Every adapter tensor the runtime object reaches (its layers' buffers and its ``factors``)
+    lives in the storages ``adapter_bytes`` counts: none is held a second time."""
+    from hydraopt.runtime import load_model
+    from hydraopt.runtime.layer import RoutedLinear
+
+    runtime = load_model(chat_bundle(name)[0], chat_base)
+    layers = [m for m in runtime.model.modules() if isinstance(m, RoutedLinear)]
+    assert layers
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for f in runtime.factors.modules.values()
+        for t in (f.A, f.heads, f.routing)
+    }
+    held.update(
+        (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        for layer in layers
+        for t in layer.buffers()
+    )
+    assert sum(held.values()) == runtime.adapter_bytes()
+
+
 def test_vera_factors_are_as_lora_of_the_projection_slices(chat_bundle):
     from hydraopt.io.bundle import load_any_bundle
 
