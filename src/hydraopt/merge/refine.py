@@ -63,6 +63,7 @@ def refine(
     precision: Precision = "float32",
     tasks_per_step: int | None = None,
     generator: torch.Generator | None = None,
+    momentum: float = 0.9,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its errors.
 
@@ -81,6 +82,7 @@ def refine(
             unbiased estimate of the gradient): the cost of a step stops growing with K. The
             start and the last iterate are then compared on the full float32 error.
         generator: draws the tasks (required when sampling).
+        momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
 
     Returns:
         A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
@@ -110,7 +112,7 @@ def refine(
     s_a, s_h = scale[:, None, None], scale[:, None, None, None]
     a_p = (a / s_a).requires_grad_(distance != "mae")
     h_p = (heads / s_h).requires_grad_(distance != "mae")
-    adam = Adam([a_p, h_p])
+    adam = Adam([a_p, h_p], betas=(momentum, 0.999))
 
     def keep_better(err: torch.Tensor) -> torch.Tensor:
         """Keep the current point where ``err`` (G,) beats the best so far; returns where."""
