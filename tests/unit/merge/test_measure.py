@@ -14,8 +14,8 @@ from hydraopt.merge.targets import FactorTargets
 @pytest.mark.parametrize("distance", ["mae", "mse", "fro"])
 @pytest.mark.parametrize("heads", [1, 3, ERROR_BLOCK + 1, 20])
 def test_factor_targets_error_equals_the_dense_formula(distance, heads):
-    # K > ERROR_BLOCK: several blocks; M <= ERROR_BLOCK forms each head's product once, more
-    # heads form one per task: both must give the plain formula's numbers.
+    # K > ERROR_BLOCK: several blocks; M = 1 subtracts its one product from the formed targets,
+    # more heads form one product per task: both must give the plain formula's numbers.
     stack = random_stack(G=2, K=20, d=7, k=6, r=2, seed=heads)
     targets = FactorTargets(stack.A, stack.scaled_B)
     gen = torch.Generator().manual_seed(heads)
