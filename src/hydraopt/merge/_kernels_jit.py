@@ -95,6 +95,55 @@ def sign_sum_kernel(x, t, raw, route, shift, mask, out, partial, with_signs):
                     partial[g, b, members[p]] = s
 
 
+# float32: the values compare as they are (-0 == +0, like their keys), so neither X nor T needs
+# mapping; the sums and the loss come out bit for bit as sign_sum_kernel's on the keys.
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+def float_sign_sum_kernel(x, t, route, out, partial, with_signs):
+    G, M, n = x.shape
+    K = t.shape[1]
+    blocks = partial.shape[1]
+    with_loss = partial.shape[2] > 0
+    for job in numba.prange(G * blocks):
+        g, b = job // blocks, job % blocks
+        lo = b * BLOCK
+        w = min(n, lo + BLOCK) - lo
+        acc = np.empty(BLOCK, np.float32)  # small integers: exact
+        members = np.empty(K, np.int64)
+        for c in range(M):
+            m = 0
+            for i in range(K):
+                if route[g, i] == c:
+                    members[m] = i
+                    m += 1
+            if m == 0 and with_signs:
+                out[g, c, lo : lo + w] = 0
+                continue
+            xr = x[g, c, lo : lo + w]
+            if with_signs:
+                acc[:w] = 0
+                p = 0
+                while p + 1 < m:  # two tasks per sweep, as in sign_sum_kernel
+                    t0 = t[g, members[p], lo : lo + w]
+                    t1 = t[g, members[p + 1], lo : lo + w]
+                    for j in range(w):
+                        u = xr[j]
+                        acc[j] += np.float32((u > t0[j]) - (u < t0[j]) + (u > t1[j]) - (u < t1[j]))
+                    p += 2
+                if p < m:
+                    t0 = t[g, members[p], lo : lo + w]
+                    for j in range(w):
+                        u = xr[j]
+                        acc[j] += np.float32((u > t0[j]) - (u < t0[j]))
+                out[g, c, lo : lo + w] = acc[:w]
+            if with_loss:
+                for p in range(m):
+                    tr = t[g, members[p], lo : lo + w]
+                    s = 0.0
+                    for j in range(w):
+                        s += abs(np.float64(xr[j]) - np.float64(tr[j]))
+                    partial[g, b, members[p]] = s
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def keys_kernel(bits, mask, out):
     for j in numba.prange(bits.size):

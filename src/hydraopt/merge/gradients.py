@@ -169,7 +169,10 @@ def _mae_fused(
     heads_w = heads.to(delta.dtype)
     a_w = a.to(delta.dtype)
     approx, signs = work[0], work[1]  # (G, M, d, k) each, reused: no page faults per step
-    torch.matmul(heads_w, a_w[:, None], out=approx)
+    M, r = heads.shape[1], a.shape[1]
+    # The heads stacked as M d rows share A': one GEMM per module, written in place. A
+    # broadcast matmul into ``out`` costs a quarter more at M = 2 (same numbers).
+    torch.bmm(heads_w.reshape(G, M * d, r), a_w, out=approx.view(G, M * d, k))
     _, l1 = head_sign_sums(approx, delta, routing, with_loss=with_loss, out=signs)
     loss = None if l1 is None else l1.mean(1).to(a.dtype)
     g_a, g_heads = _head_grads(signs, heads_w, a_w, 1.0 / (K * d * k), a.dtype)

@@ -162,6 +162,7 @@ class HydraOpt:
                 precision=precision,
                 tasks_per_step=config.refine_tasks,
                 generator=generator,
+                momentum=config.refine_momentum(K, precision),
             )
             if config.distance == "cos":
                 heads = fit_head_scales(take_targets(delta, slice(None)), a, heads, routing)

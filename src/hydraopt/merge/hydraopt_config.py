@@ -20,7 +20,10 @@ OWN_HEAD_STEPS, OWN_HEAD_LR = 20, 0.05  # M = K
 # The float32 path (CPUs without fast bfloat16) pays about twice per step: fewer steps there,
 # where every step sees every task (benchmarks/RESULTS.md, "(issue 22) float32 path"). M = 1 is
 # the tight case (the paper's loop is within 0.05 %); from M = 2 on hard routing wins by 20-75 %.
-FLOAT32_ONE_HEAD_STEPS, FLOAT32_SHARED_HEAD_STEPS, FLOAT32_OWN_HEAD_STEPS = 60, 40, 10
+FLOAT32_ONE_HEAD_STEPS, FLOAT32_SHARED_HEAD_STEPS, FLOAT32_OWN_HEAD_STEPS = 45, 40, 10
+# ... and at M = 1 with less momentum in Adam (beta1): 45 steps then end below what 60 reached
+# with torch's 0.9 (benchmarks/RESULTS.md, "(issue 22) float32 path, session 9").
+DEFAULT_MOMENTUM, FLOAT32_ONE_HEAD_MOMENTUM = 0.9, 0.7
 # The fast solver's default head magnitude at M = 1 < K, chosen on the five English tasks' val
 # split (benchmarks/ABLATIONS.md, section 5): 1.5 scored 35.4 there against 33.5 unscaled and
 # TIES's 34.2; 2 and 2.5 fell off again (34.7, 31.7).
@@ -119,15 +122,15 @@ class HydraOptConfig:
         lr >= 0.2), while 20 steps at 0.05 keep 75-90 % of 100 steps' gain at a fifth of the
         cost (benchmarks/RESULTS.md, section 2).
         With float32 MAE products (``precision``, the resolved path) and every task in every
-        step (K <= refine_tasks), a step costs about twice as much: 60 steps (M = 1), 40
-        (1 < M < K) and 10 (M = K) keep the merge >= 100x faster than the paper's loop with its
-        error still below the loop's (benchmarks/RESULTS.md, "(issue 22) float32 path").
+        step (K <= refine_tasks), a step costs about twice as much: 45 steps (M = 1, with
+        :meth:`refine_momentum`'s 0.7), 40 (1 < M < K) and 10 (M = K) keep the merge >= 100x
+        faster than the paper's loop with its error still below the loop's
+        (benchmarks/RESULTS.md, "(issue 22) float32 path" and "... session 9").
         Sampled steps (more adapters) keep 100 / 20.
         """
         own_heads = self.heads >= num_tasks
         steps = self.refine_steps
-        # Only the MAE steps run in the chosen precision; the other distances' cost is the same.
-        fewer = precision == "float32" and self.distance == "mae" and num_tasks <= self.refine_tasks
+        fewer = self._float32_steps(num_tasks, precision)
         if steps is None and fewer:
             steps = FLOAT32_OWN_HEAD_STEPS if own_heads else FLOAT32_SHARED_HEAD_STEPS
             steps = FLOAT32_ONE_HEAD_STEPS if self.heads == 1 and not own_heads else steps
@@ -137,3 +140,19 @@ class HydraOptConfig:
         if lr is None:
             lr = OWN_HEAD_LR if own_heads else SHARED_HEAD_LR
         return steps, lr
+
+    def refine_momentum(self, num_tasks: int, precision: Precision = "bfloat16") -> float:
+        """Adam's beta1 in the refinement: 0.7 with the float32 path's default M = 1 schedule
+        (see :meth:`refine_schedule`), where 45 steps then end below what 60 reached at 0.9
+        (real adapters, whole model); torch's 0.9 everywhere else (a set ``refine_steps``
+        keeps it too)."""
+        one_head = self.heads == 1 and num_tasks > 1
+        if one_head and self.refine_steps is None and self._float32_steps(num_tasks, precision):
+            return FLOAT32_ONE_HEAD_MOMENTUM
+        return DEFAULT_MOMENTUM
+
+    def _float32_steps(self, num_tasks: int, precision: Precision) -> bool:
+        """Whether the float32 path's shorter defaults apply: float32 MAE products, with every
+        task in every step. Only the MAE steps run in the chosen precision; the other
+        distances' cost is the same."""
+        return precision == "float32" and self.distance == "mae" and num_tasks <= self.refine_tasks

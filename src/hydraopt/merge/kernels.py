@@ -7,10 +7,12 @@ a 2-core CPU it cost ~80 % of a step (bfloat16 reductions are particularly slow 
 one sweep that reads X and T once and writes the M d k sums: 3x less time per step at M = 1
 (benchmarks/RESULTS.md). The per-element median of the median start is a second such pass.
 
-Floats are compared through their bit patterns, mapped to integers of the same order (negative
-values: minus the magnitude bits, so -0 and +0 are one key). That works for bfloat16, which numpy
-cannot hold; the targets' keys are computed once per refinement (:func:`order_keys`), so a step
-only maps X and compares 16-bit integers (32 per AVX-512 instruction). Every function here is pure and
+bfloat16, which numpy cannot hold, is compared through its bit patterns, mapped to integers of
+the same order (negative values: minus the magnitude bits, so -0 and +0 are one key); the
+targets' keys are computed once per refinement (:func:`order_keys`), so a step only maps X and
+compares 16-bit integers (32 per AVX-512 instruction). float32 values are compared as they are:
+float compares already order them (-0 == +0), and mapping X and T to 32-bit keys cost a pass
+per step and one per refinement for nothing (the float32 path, issue 22). Every function here is pure and
 returns what torch's plain formulas return (tests compare both on random inputs); the sums of
 absolute errors run in float64, per block, in a fixed order, so results do not depend on threads.
 
@@ -64,13 +66,14 @@ def _as_bits(x: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class OrderKeys:
-    """Targets T kept as order-preserving integer keys of their bits (see the module doc).
+    """Targets T kept as order-preserving keys (see the module doc).
 
     A refinement compares every step's X with the same T: mapping T once saves that work in
-    every step. Same size as T (int16 keys for bfloat16, int32 for float32).
+    every step. Same size as T: int16 keys of bfloat16 targets; float32 targets are their own
+    keys (float compares order them).
 
     Attributes:
-        keys: (G, K, d, k) int16 or int32.
+        keys: (G, K, d, k) int16, or the float32 targets themselves.
         dtype: the targets' float dtype.
     """
 
@@ -83,7 +86,12 @@ class OrderKeys:
 
 
 def order_keys(targets: torch.Tensor) -> OrderKeys:
-    """The keys of a contiguous bfloat16/float32 tensor (-0 and +0 get the same key, 0)."""
+    """The keys of a contiguous bfloat16/float32 tensor (-0 and +0 get the same key, 0).
+
+    float32: the tensor itself, no copy (its values compare like keys, -0 == +0).
+    """
+    if targets.dtype == torch.float32:
+        return OrderKeys(targets.contiguous(), torch.float32)
     int_dtype, _, mask = _BITS[targets.dtype]
     bits = _as_bits(targets).reshape(-1)
     keys = torch.empty(targets.shape, dtype=int_dtype)
@@ -129,12 +137,17 @@ def head_sign_sums(
     if approx.dtype == torch.bfloat16 and K > 2**15 - 1:
         raise ValueError("at most 32767 tasks per call (16-bit sums)")
     _, shift, mask = _BITS[approx.dtype]
-    x = _as_bits(approx).reshape(G, M, d * k)
-    # Raw targets (a one-off call) are mapped to keys block by block inside the kernel.
-    raw = not isinstance(targets, OrderKeys)
-    t = _as_bits(targets) if raw else targets.keys.contiguous().numpy()  # type: ignore[union-attr,arg-type]
-    t = t.reshape(G, K, d * k)
     route = routing.to(torch.int64).contiguous().numpy()
+    floats = approx.dtype == torch.float32  # compared as floats: neither side needs keys
+    x = (approx.contiguous().numpy() if floats else _as_bits(approx)).reshape(G, M, d * k)
+    # Raw bfloat16 targets (a one-off call) are mapped to keys block by block inside the kernel.
+    raw = not isinstance(targets, OrderKeys)
+    t_tensor = targets if raw else targets.keys  # type: ignore[union-attr]
+    if floats:
+        t = t_tensor.contiguous().numpy()  # type: ignore[union-attr]
+    else:
+        t = _as_bits(t_tensor) if raw else t_tensor.contiguous().numpy()  # type: ignore[arg-type,union-attr]
+    t = t.reshape(G, K, d * k)
     if not with_signs:
         signs = approx.new_empty(G, M, 0, 0)
     elif out is None:
@@ -143,13 +156,17 @@ def head_sign_sums(
         raise ValueError("out must be a contiguous tensor like approx")
     else:
         signs = out
-    bits = _as_bits(signs).reshape(G, M, -1)
     blocks = -(-(d * k) // BLOCK)
     partial = np.zeros((G, blocks, K if with_loss else 0))
     _set_threads()
-    _jit().sign_sum_kernel(
-        x, t, raw, route, np.int32(shift), x.dtype.type(mask), bits, partial, with_signs
-    )
+    if floats:
+        sums = signs.numpy().reshape(G, M, -1)
+        _jit().float_sign_sum_kernel(x, t, route, sums, partial, with_signs)
+    else:
+        bits = _as_bits(signs).reshape(G, M, -1)
+        _jit().sign_sum_kernel(
+            x, t, raw, route, np.int32(shift), x.dtype.type(mask), bits, partial, with_signs
+        )
     loss = torch.from_numpy(partial.sum(1) / (d * k)) if with_loss else None
     return (signs if with_signs else None), loss
 

@@ -103,7 +103,12 @@ class Parameterisation(Protocol):
 
 
 def refine_parameters(
-    problem: Parameterisation, start: list[torch.Tensor], *, steps: int, lr: float
+    problem: Parameterisation,
+    start: list[torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    momentum: float = 0.9,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Adam (cosine schedule, no weight decay) from ``start``; the best point per module.
 
@@ -112,6 +117,7 @@ def refine_parameters(
         start: the starting point, (G, ...) tensors.
         steps: optimisation steps (0 returns the start, evaluated).
         lr: learning rate *relative* to each tensor's RMS per module.
+        momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
 
     Returns:
         The best point per module (never worse than the start) and its float32 error (G, K).
@@ -129,7 +135,7 @@ def refine_parameters(
     params = [
         (t / s).requires_grad_(not problem.hand_written) for t, s in zip(start, scales, strict=True)
     ]
-    adam = Adam(params)
+    adam = Adam(params, betas=(momentum, 0.999))
 
     def current() -> list[torch.Tensor]:
         return [p * s for p, s in zip(params, scales, strict=True)]
@@ -312,6 +318,7 @@ def refine(
     precision: Precision = "float32",
     tasks_per_step: int | None = None,
     generator: torch.Generator | None = None,
+    momentum: float = 0.9,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its errors.
 
@@ -330,6 +337,7 @@ def refine(
             unbiased estimate of the gradient): the cost of a step stops growing with K. The
             start and the last iterate are then compared on the full float32 error.
         generator: draws the tasks (required when sampling).
+        momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
 
     Returns:
         A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
@@ -344,5 +352,7 @@ def refine(
         tasks_per_step=tasks_per_step,
         generator=generator,
     )
-    (best_a, best_h), best_tasks = refine_parameters(problem, [a, heads], steps=steps, lr=lr)
+    (best_a, best_h), best_tasks = refine_parameters(
+        problem, [a, heads], steps=steps, lr=lr, momentum=momentum
+    )
     return best_a, best_h, best_tasks

@@ -255,7 +255,7 @@ def test_result_dtype_holds_the_same_bits_as_casting_at_the_save(make_adapter, r
 
 
 def test_float32_path_takes_fewer_steps_where_every_step_sees_every_task():
-    assert HydraOptConfig(heads=1).refine_schedule(5, "float32") == (60, 1.0)
+    assert HydraOptConfig(heads=1).refine_schedule(5, "float32") == (45, 1.0)
     assert HydraOptConfig(heads=2).refine_schedule(5, "float32") == (40, 1.0)
     assert HydraOptConfig(heads=4).refine_schedule(5, "float32") == (40, 1.0)
     assert HydraOptConfig(heads=5).refine_schedule(5, "float32") == (10, 0.05)
@@ -267,14 +267,29 @@ def test_float32_path_takes_fewer_steps_where_every_step_sees_every_task():
     assert HydraOptConfig(heads=2, refine_steps=30).refine_schedule(5, "float32") == (30, 1.0)
 
 
-@pytest.mark.parametrize(("precision", "steps"), [("float32", 60), ("bfloat16", 100)])
-def test_merge_refines_with_the_resolved_precisions_schedule(monkeypatch, precision, steps):
+def test_float32_one_head_schedule_takes_less_momentum():
+    assert HydraOptConfig(heads=1).refine_momentum(5, "float32") == 0.7
+    # Everywhere else torch's beta1: bf16, M > 1, M = K, sampled steps, other distances, set steps.
+    assert HydraOptConfig(heads=1).refine_momentum(5, "bfloat16") == 0.9
+    assert HydraOptConfig(heads=2).refine_momentum(5, "float32") == 0.9
+    assert HydraOptConfig(heads=1).refine_momentum(1, "float32") == 0.9
+    assert HydraOptConfig(heads=1).refine_momentum(40, "float32") == 0.9
+    assert HydraOptConfig(heads=1, distance="fro").refine_momentum(5, "float32") == 0.9
+    assert HydraOptConfig(heads=1, refine_steps=60).refine_momentum(5, "float32") == 0.9
+
+
+@pytest.mark.parametrize(
+    ("precision", "steps", "momentum"), [("float32", 45, 0.7), ("bfloat16", 100, 0.9)]
+)
+def test_merge_refines_with_the_resolved_precisions_schedule(
+    monkeypatch, precision, steps, momentum
+):
     import hydraopt.merge.hydraopt as module
 
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["steps"], kwargs["precision"]))
+        seen.append((kwargs["steps"], kwargs["precision"], kwargs["momentum"]))
         return refine(*args, **kwargs)
 
     monkeypatch.setattr(module, "refine", spy)
@@ -282,7 +297,7 @@ def test_merge_refines_with_the_resolved_precisions_schedule(monkeypatch, precis
     get_method("hydraopt").merge(
         random_stack(K=3), cfg, generator=torch.Generator().manual_seed(0), context=CTX
     )
-    assert seen == [(steps, precision)]
+    assert seen == [(steps, precision, momentum)]
 
 
 def test_refine_schedule_defaults_depend_on_whether_heads_are_shared():
