@@ -337,9 +337,15 @@ def bundle_label(bundle: Bundle | VeraBundle) -> str:
     """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``, with its storage
     point for a method that has several: ``"shared_basis 10 %"``); the bare method name for a
     method this version does not know; a quantized bundle's bit widths appended
-    (``"ties 4-bit"``), as ``hydraopt.sweep`` labels its runs."""
+    (``"ties 4-bit"``), as ``hydraopt.sweep`` labels its runs; a budget-mode bundle by its
+    goal (``"hydraopt budget 20 % 8/4-bit"``)."""
     label = bundle.method
-    if bundle.method in list_methods():
+    budget, max_error = bundle.config.get("budget"), bundle.config.get("max_error")
+    if budget is not None or max_error is not None:
+        # Budget mode (issue 19): M (and width) per module, so the goal names the row.
+        goal = f"budget {budget:g} %" if budget is not None else f"max error {max_error:g}"
+        label = f"{bundle.method} {goal}"
+    elif bundle.method in list_methods():
         method = get_method(bundle.method)
         label = method.label(bundle.num_heads)
         # Several storage points of one method (shared_basis R=8, 10 %) need their own rows.
