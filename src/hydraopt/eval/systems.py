@@ -10,6 +10,8 @@ paths: renaming a directory keeps its cache, retraining or re-merging invalidate
   ``hydraopt export`` are ordinary PEFT dirs and are evaluated through this class.
 - :class:`PerTaskVera`: the same for PEFT VeRA dirs (S = 100: the paper's Table 3 measures VeRA
   merges against separate VeRAs). Merged VeRA adapters exported as PEFT VeRA dirs go here too.
+- :class:`~hydraopt.eval.quantized_lora.QuantizedLora`: the per-task LoRA dirs kept separate,
+  each A and B quantized at 8 or 4 bits (S from their exact bytes).
 - :class:`BundleSystem`: a bundle dir, LoRA or VeRA; each task's routed head (LoRA) or routed
   vectors with the shared projections (VeRA) are applied in memory, writing no files (S from the
   bundle's storage accounting). Generations equal those of the bundle's PEFT export.
@@ -70,7 +72,7 @@ class System(Protocol):
 
     @property
     def kind(self) -> str:
-        """``"zero-shot"``, ``"lora"``, ``"vera"`` or ``"bundle"``."""
+        """``"zero-shot"``, ``"lora"``, ``"lora-quantized"``, ``"vera"`` or ``"bundle"``."""
         ...
 
     @property
