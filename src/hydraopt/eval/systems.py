@@ -343,11 +343,12 @@ def bundle_label(bundle: Bundle | VeraBundle) -> str:
     goal (``"hydraopt budget 20 % 8/4-bit"``)."""
     label = bundle.method
     budget, max_error = bundle.config.get("budget"), bundle.config.get("max_error")
-    if budget is not None or max_error is not None:
+    known = bundle.method in list_methods()
+    if known and get_method(bundle.method).takes_heads and (budget or max_error) is not None:
         # Budget mode (issue 19): M (and width) per module, so the goal names the row.
         goal = f"budget {budget:g} %" if budget is not None else f"max error {max_error:g}"
         label = f"{bundle.method} {goal}"
-    elif bundle.method in list_methods():
+    elif known:
         method = get_method(bundle.method)
         label = method.label(bundle.num_heads)
         # Several storage points of one method (shared_basis R=8, 10 %) need their own rows.
