@@ -68,6 +68,82 @@ def _least_error(config: Any) -> Any:
     return config
 
 
+@dataclass(frozen=True)
+class BudgetCandidates:
+    """Every (M, bits) a module may take, merged once: what each budget chooses from.
+
+    Several budgets over the same adapters (``evaluate --budget 10 15 20``) share one set:
+    the K merges and their quantized copies are the expensive part, the choice is cheap.
+
+    Attributes:
+        method: the registry method (one that takes M).
+        configs: the resolved config of M = 1..K, in order.
+        merged: M -> the 16-bit bundle.
+        stored: (M, bits) -> that bundle as stored at ``bits`` (errors measured after).
+        bits: the allowed widths.
+        group_size: values per scale at 8/4 bits.
+        dtype: the bundle dtype.
+        bytes_per_param: bytes of a 16-bit value in ``dtype``.
+    """
+
+    method: str
+    configs: tuple[Any, ...]
+    merged: dict[int, Any]
+    stored: dict[tuple[int, int], Any]
+    bits: tuple[int, ...]
+    group_size: int
+    dtype: str
+    bytes_per_param: int
+
+
+def budget_candidates(
+    aset: Any,
+    *,
+    method: str = "hydraopt",
+    options: Mapping[str, Any] | None = None,
+    bits: Sequence[int] = (16,),
+    group_size: int = DEFAULT_GROUP_SIZE,
+    dtype: str = "float16",
+    engine: EngineOptions | None = None,
+    progress: ProgressArg = None,
+    bytes_per_param: int = 2,
+    least_percent: float | None = None,
+) -> BudgetCandidates:
+    """Merge M = 1..K once and store each at every width of ``bits``.
+
+    Args:
+        least_percent: the smallest budget that will be asked for: refused, if no choice fits
+            it, right after M = 1 (before the merges at M > 1).
+        the rest: as for :func:`merge_to_budget`.
+
+    Raises:
+        HydraoptError: a budget outside (0, 100] or below the smallest bundle; adapters that
+            are not LoRA.
+    """
+    for b in bits:
+        check_bits(b, group_size)
+    budget = budget_bytes(aset, least_percent if least_percent is not None else 100.0)
+    K = len(aset.tasks)
+    given = {k: v for k, v in (options or {}).items() if k != "heads"}
+    configs = [
+        _least_error(resolve_config(method, {**given, "heads": m}, K, aset.kind))
+        for m in range(1, K + 1)
+    ]
+    merged: dict[int, Any] = {}  # M -> 16-bit bundle
+    stored: dict[tuple[int, int], Any] = {}  # (M, bits) -> bundle as stored (errors after)
+    for m, config in enumerate(configs, start=1):
+        merged[m] = merge_adapter_set(
+            aset, method, config, engine=engine, progress=progress, bytes_per_param=bytes_per_param
+        )
+        for b in bits:
+            stored[(m, b)] = quantize_merged(merged[m], aset, b, group_size, dtype=dtype)
+        if m == 1 and least_percent is not None:
+            _check_reachable(stored, bits, budget, least_percent, dtype)
+    return BudgetCandidates(
+        method, tuple(configs), merged, stored, tuple(bits), group_size, dtype, bytes_per_param
+    )
+
+
 def merge_to_budget(
     aset: Any,
     percent: float | None,
@@ -105,27 +181,38 @@ def merge_to_budget(
     """
     for b in bits:
         check_bits(b, group_size)
-    if (percent is None) == (max_error is None):
-        raise HydraoptError("give exactly one of --budget PCT and --max-error E")
-    if max_error is not None and not max_error >= 0:
-        raise HydraoptError(f"--max-error must be a number >= 0, got {max_error}")
+    _check_goal(percent, max_error)
+    budget_bytes(aset, percent if percent is not None else 100.0)  # refuse a bad % before merging
+    candidates = budget_candidates(
+        aset,
+        method=method,
+        options=options,
+        bits=bits,
+        group_size=group_size,
+        dtype=dtype,
+        engine=engine,
+        progress=progress,
+        bytes_per_param=bytes_per_param,
+        least_percent=percent,
+    )
+    return choose_budget(candidates, aset, percent, max_error=max_error)
+
+
+def choose_budget(
+    candidates: BudgetCandidates,
+    aset: Any,
+    percent: float | None,
+    *,
+    max_error: float | None = None,
+) -> tuple[Any, BudgetChoice]:
+    """Per module the (M, bits) of least total error within ``percent`` (or the fewest bytes
+    within ``max_error``), and the bundle holding them; see :func:`merge_to_budget`."""
+    _check_goal(percent, max_error)
     budget = budget_bytes(aset, percent if percent is not None else 100.0)
+    stored, merged, dtype = candidates.stored, candidates.merged, candidates.dtype
     K = len(aset.tasks)
-    given = {k: v for k, v in (options or {}).items() if k != "heads"}
-    configs = [
-        _least_error(resolve_config(method, {**given, "heads": m}, K, aset.kind))
-        for m in range(1, K + 1)
-    ]
-    merged: dict[int, Any] = {}  # M -> 16-bit bundle
-    stored: dict[tuple[int, int], Any] = {}  # (M, bits) -> bundle as stored (errors after)
-    for m, config in enumerate(configs, start=1):
-        merged[m] = merge_adapter_set(
-            aset, method, config, engine=engine, progress=progress, bytes_per_param=bytes_per_param
-        )
-        for b in bits:
-            stored[(m, b)] = quantize_merged(merged[m], aset, b, group_size, dtype=dtype)
-        if m == 1 and percent is not None:
-            _check_reachable(stored, bits, budget, percent, dtype)
+    if percent is not None:
+        _check_reachable(stored, candidates.bits, budget, percent, dtype)
     names = [spec.name for spec in aset.modules]
     keys = sorted(stored)
     sizes = {key: module_nbytes(stored[key], dtype) for key in keys}
@@ -156,12 +243,12 @@ def merge_to_budget(
     widths = {name: key[1] for name, key in picked.items()}
     base = merged[1]
     config = {
-        **config_to_dict(configs[-1]),
+        **config_to_dict(candidates.configs[-1]),
         "heads": None,  # per module: bundle.json modules[].heads
         "budget": percent,
         "max_error": max_error,
-        "bits": list(bits),
-        "group_size": group_size,
+        "bits": list(candidates.bits),
+        "group_size": candidates.group_size,
     }
     provenance = dataclasses.replace(
         base.provenance,
@@ -170,16 +257,23 @@ def merge_to_budget(
     )
     composite = get_kind(aset.kind).build_bundle(
         aset,
-        method,
+        candidates.method,
         config,
         {n: merged[heads[n]].merged[n] for n in names},
         provenance,
-        bytes_per_param,
+        candidates.bytes_per_param,
     )
-    bundle = quantize_merged(composite, aset, widths, group_size, dtype=dtype)
+    bundle = quantize_merged(composite, aset, widths, candidates.group_size, dtype=dtype)
     total = sum(module_nbytes(bundle, dtype).values())
     error = sum(sum(row) for row in bundle.provenance.errors.values())
     return bundle, BudgetChoice(heads, widths, total, budget, error)
+
+
+def _check_goal(percent: float | None, max_error: float | None) -> None:
+    if (percent is None) == (max_error is None):
+        raise HydraoptError("give exactly one of --budget PCT and --max-error E")
+    if max_error is not None and not max_error >= 0:
+        raise HydraoptError(f"--max-error must be a number >= 0, got {max_error}")
 
 
 def _check_reachable(

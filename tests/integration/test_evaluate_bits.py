@@ -35,6 +35,11 @@ def test_evaluate_merges_once_and_scores_every_bit_width(
     meta = json.loads((out / "bundles" / "task_arithmetic_4-bit" / "bundle.json").read_text())
     assert meta["format_version"] == 3
     assert by_label["task_arithmetic 4-bit"]["storage_percent"] < 0.3 * 50
+    # The separate adapters at 4 bits, group 32: 4 + 16/32 bits per value of 16, exactly.
+    separate = by_label["LoRA 4-bit"]
+    assert separate["storage_percent"] == 100.0 * 4.5 / 16
+    assert (separate["bits"], separate["group_size"], separate["kind"]) == (4, 32, "lora-quantized")
+    assert [s["label"] for s in systems][:3] == ["zero-shot", "LoRA", "LoRA 4-bit"]
 
 
 def test_evaluate_refuses_bad_bits_before_loading_the_model(

@@ -2,12 +2,15 @@
 
 Systems are given as ``--system zero-shot``, ``--system lora=ROOT`` (``ROOT/<task>/`` PEFT LoRA
 dirs, e.g. the output of ``hydraopt export``), ``--system vera=ROOT`` (the same with PEFT VeRA
-dirs, e.g. ``hydraopt finetune --adapter vera`` or an exported VeRA merge) and ``--system
-bundle=DIR`` (a bundle, heads applied in memory), each optionally ``:LABEL``-suffixed.
-``--merge-from ADAPTER_ROOT`` first merges the per-task adapters (LoRA or VeRA) with every
-``--methods`` and HydraOpt ``--heads`` (bundles cached under ``OUT/bundles/``) and evaluates
-zero-shot, the separate adapters and every bundle: the paper's Table 1 (LoRA) or Table 3 (VeRA)
-in one command. Generations are cached (``OUT/cache`` by
+dirs, e.g. ``hydraopt finetune --adapter vera`` or an exported VeRA merge), ``--system
+lora@BITS=ROOT`` (the LoRA dirs kept separate, each A and B quantized at 8 or 4 bits with
+``--group-size``) and ``--system bundle=DIR`` (a bundle, heads applied in memory), each
+optionally ``:LABEL``-suffixed. ``--merge-from ADAPTER_ROOT`` first merges the per-task adapters
+(LoRA or VeRA) with every ``--methods`` and HydraOpt ``--heads`` at every ``--bits`` width, and
+with ``--budget PCT ...`` HydraOpt per-module M and widths under each byte budget (bundles cached
+under ``OUT/bundles/``), and evaluates zero-shot, the separate adapters (LoRA: at every
+``--bits`` width) and every bundle: the paper's Table 1 (LoRA) or Table 3 (VeRA) in one command,
+in bytes. Generations are cached (``OUT/cache`` by
 default), so a rerun only decodes what is new.
 
 Model and generation code (transformers, PEFT) is imported inside :func:`run`, so building the
@@ -17,18 +20,24 @@ parser stays cheap.
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydraopt.cli.bits import add_bits_args, bits_values
+from hydraopt.cli.evaluate_merge import (
+    build_budget_bundles,
+    build_bundles,
+    check_budgets,
+    merge_kind,
+)
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.tasks import TASKS_ENV_VAR
 
 if TYPE_CHECKING:
     from hydraopt.eval.systems import System
-    from hydraopt.types import Bundle, VeraBundle
 
+DEFAULT_GROUP_SIZE = 64  # --group-size's default (hydraopt.quantized_bundle imports torch)
 # The baselines of the paper's Table 1: TA, TIES, DARE, DARE-TIES.
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 SYSTEM_KINDS = ("zero-shot", "lora", "vera", "bundle")
@@ -53,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SPEC",
         dest="systems",
-        help="zero-shot | lora=ROOT | vera=ROOT | bundle=DIR, each with an optional :LABEL "
-        "(repeatable)",
+        help="zero-shot | lora=ROOT | lora@BITS=ROOT (8 or 4: each adapter quantized, "
+        "--group-size) | vera=ROOT | bundle=DIR, each with an optional :LABEL (repeatable)",
     )
     p.add_argument("--out", required=True, type=Path, help="results dir (created or reused)")
     p.add_argument("--limit", type=int, help="first N examples of each split (default all)")
@@ -89,6 +98,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="M values of the methods that take M, i.e. HydraOpt (default 1..K; none: skip them)",
     )
     g.add_argument("--seed", type=int, default=0, help="merge seed (DARE's drop mask; default 0)")
+    g.add_argument(
+        "--budget",
+        type=float,
+        nargs="+",
+        metavar="PCT",
+        help="also HydraOpt in budget mode at each PCT (%% of the separate adapters' 16-bit "
+        "bytes): M and the width (among --bits) chosen per module; LoRA only",
+    )
     add_bits_args(p, many=True)
     p.set_defaults(func=run)
 
@@ -98,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from hydraopt.threads import check_threads
 
     check_threads(args.threads)  # before minutes of model loading, not inside torch
+    check_budgets(args)  # before minutes of merging
     from hydraopt.cli.display import print_table
     from hydraopt.eval.harness import evaluate
     from hydraopt.eval.report import write_report
@@ -114,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         model_path=args.model,
         progress=not args.quiet,
     )
-    systems = [parse_system(spec) for spec in args.systems]
+    systems = [
+        parse_system(spec, tasks=args.tasks, group_size=args.group_size) for spec in args.systems
+    ]
     if args.merge_from is not None:
         systems = merged_systems(args, systems)
     if not systems:
@@ -148,13 +168,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_system(spec: str) -> System:
-    """``zero-shot[:LABEL]``, ``lora=ROOT[:LABEL]``, ``vera=ROOT[:LABEL]`` or ``bundle=DIR[:LABEL]``
-    -> a system.
+def parse_system(
+    spec: str, *, tasks: Sequence[str] = (), group_size: int = DEFAULT_GROUP_SIZE
+) -> System:
+    """``zero-shot[:LABEL]``, ``lora=ROOT[:LABEL]``, ``lora@BITS=ROOT[:LABEL]``,
+    ``vera=ROOT[:LABEL]`` or ``bundle=DIR[:LABEL]`` -> a system.
+
+    Args:
+        spec: the ``--system`` value.
+        tasks: the tasks evaluated (``lora@BITS`` counts their adapters' bytes for S %).
+        group_size: values per scale of ``lora@BITS``'s quantized factors.
 
     Raises:
-        HydraoptError: For another kind, a missing dir, or an unreadable bundle.
+        HydraoptError: For another kind or width, a missing dir, or an unreadable bundle.
     """
+    from hydraopt.eval.quantized_lora import QuantizedLora
     from hydraopt.eval.systems import PER_TASK_SYSTEMS, ZeroShot, bundle_system
 
     kind, _, value = spec.partition("=")
@@ -162,19 +190,23 @@ def parse_system(spec: str) -> System:
         kind, _, zero_shot_label = kind.partition(":")
         if kind != "zero-shot":
             raise HydraoptError(
-                f"--system {spec!r}: expected zero-shot, lora=ROOT, vera=ROOT or bundle=DIR "
-                f"(+ optional :LABEL)"
+                f"--system {spec!r}: expected zero-shot, lora=ROOT, lora@BITS=ROOT, vera=ROOT or "
+                f"bundle=DIR (+ optional :LABEL)"
             )
         return ZeroShot(zero_shot_label or "zero-shot")
-    if kind not in SYSTEM_KINDS[1:]:
+    kind, at, width = kind.partition("@")
+    if kind not in SYSTEM_KINDS[1:] or (at and (kind != "lora" or width not in ("16", "8", "4"))):
         raise HydraoptError(
-            f"--system {spec!r}: unknown kind {kind!r}; use lora=ROOT, vera=ROOT or bundle=DIR"
+            f"--system {spec!r}: unknown kind {kind + at + width!r}; use lora=ROOT, "
+            f"lora@8=ROOT, lora@4=ROOT, vera=ROOT or bundle=DIR"
         )
     path, label = _split_label(value)
     if not path.is_dir():
         raise HydraoptError(f"--system {spec!r}: {path} is not a directory")
     if kind == "bundle":
         return bundle_system(path, label)
+    if at and width != "16":
+        return QuantizedLora(path, tuple(tasks), int(width), group_size, label or "")
     per_task = PER_TASK_SYSTEMS[kind]
     return per_task(root=path, label=label or per_task.label)
 
@@ -195,116 +227,25 @@ def merged_systems(args: argparse.Namespace, given: list[System]) -> list[System
     Zero-shot and the separate adapters of ``--merge-from`` are added unless ``given`` already
     has them.
     """
+    from hydraopt.eval.quantized_lora import QuantizedLora
     from hydraopt.eval.systems import PER_TASK_SYSTEMS, ZeroShot, bundle_system
 
     root = args.merge_from
-    separate = PER_TASK_SYSTEMS[merge_kind(args)]
+    kind = merge_kind(args)
+    separate = PER_TASK_SYSTEMS[kind]
     zero_shot: list[System] = [s for s in given if isinstance(s, ZeroShot)] or [ZeroShot()]
     systems: list[System] = [*zero_shot]
     if not any(isinstance(s, separate) and s.root == root for s in given):
         systems.append(separate(root=root))
+    if kind == "lora":  # the fair baseline in bytes: the separate adapters at every width
+        for b in (int(w) for w in bits_values(args) if w != 16):
+            if not any(
+                isinstance(s, QuantizedLora)
+                and (s.root, s.bits, s.group_size) == (root, b, args.group_size)
+                for s in given
+            ):
+                systems.append(QuantizedLora(root, tuple(args.tasks), b, args.group_size))
     systems += [s for s in given if not isinstance(s, ZeroShot)]
     systems += [bundle_system(path) for path in build_bundles(args)]
+    systems += [bundle_system(path) for path in build_budget_bundles(args)]
     return systems
-
-
-def merge_kind(args: argparse.Namespace) -> str:
-    """``"lora"`` or ``"vera"``: the kind of ``--merge-from``'s adapters (its first task's dir;
-    ``load_adapter_set`` refuses a mix when it merges).
-
-    Raises:
-        HydraoptError: For a task without an adapter dir (naming the path it expected).
-    """
-    from hydraopt.eval.systems import adapter_kind
-
-    root: Path = args.merge_from
-    missing = [t for t in args.tasks if not (root / t / "adapter_config.json").is_file()]
-    if missing:
-        raise HydraoptError(
-            f"--merge-from {root}: no PEFT adapter for task(s) {missing} "
-            f"(expected {root}/<task>/adapter_config.json)"
-        )
-    return adapter_kind(root / args.tasks[0])
-
-
-def build_bundles(args: argparse.Namespace) -> list[Path]:
-    """Merge ``--merge-from``'s adapters with every method, reusing ``OUT/bundles/<name>``.
-
-    LoRA and VeRA adapters take the same path: ``load_adapter_set`` reads either kind, each
-    method is resolved with that kind's config, and the bundles are saved as that kind.
-
-    Returns:
-        The bundle dirs, baselines first (in ``--methods`` order), then HydraOpt by M.
-
-    Raises:
-        HydraoptError: For a missing adapter, a bad method or M, or a cached bundle made from
-            other tasks, another seed or another adapter kind.
-    """
-    from hydraopt.engine import EngineOptions
-    from hydraopt.io.bundle import load_any_bundle, save_bundle
-    from hydraopt.io.peft import load_adapter_set
-    from hydraopt.merge.registry import get_method, list_methods
-    from hydraopt.sweep import plan_sweep, sweep
-
-    root: Path = args.merge_from
-    tasks = list(args.tasks)
-    kind = merge_kind(args)
-    known = list_methods()
-    unknown = [m for m in args.methods if m not in known]
-    if unknown:
-        raise HydraoptError(f"unknown --methods {unknown}; known: {known}")
-    methods = list(dict.fromkeys(args.methods))
-    methods += [m for m in known if get_method(m).takes_heads and m not in methods]
-    # Refuses a bad M or bit width before spending time on any merge.
-    bits = [int(b) for b in bits_values(args)]
-    runs = plan_sweep(
-        methods, len(tasks), kind, heads=args.heads, bits=bits, group_size=args.group_size
-    )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    paths, todo = [], []
-    for run in runs:
-        path = args.out / "bundles" / run.dirname
-        if (path / "bundle.json").is_file():
-            cached = load_any_bundle(path)
-            _check_cached_bundle(cached, path, tasks, args.seed, kind)
-            if {(q.bits, q.group_size) for q in cached.quantized.values()} - {
-                (run.bits, run.group_size)
-            }:
-                raise HydraoptError(
-                    f"{path} was quantized with another group size than --group-size "
-                    f"{run.group_size}; delete it or use another --out"
-                )
-        else:
-            todo.append(run)
-        paths.append(path)
-    if todo:
-        aset = load_adapter_set([root / t for t in tasks], tasks)
-        for run, bundle in sweep(
-            aset,
-            todo,
-            engine=EngineOptions(seed=args.seed),
-            progress=not args.quiet,
-            on_start=lambda run: print(f"merging {run.dirname} ...", file=sys.stderr),
-        ):
-            save_bundle(bundle, args.out / "bundles" / run.dirname)
-    return paths
-
-
-def _check_cached_bundle(
-    bundle: Bundle | VeraBundle, path: Path, tasks: list[str], seed: int, kind: str
-) -> None:
-    merged_seed = bundle.provenance.seed
-    if list(bundle.tasks) != tasks or (merged_seed is not None and merged_seed != seed):
-        raise HydraoptError(
-            f"{path} was merged from tasks {list(bundle.tasks)} with seed "
-            f"{merged_seed}, not {tasks} with seed {seed}; delete it or use another --out"
-        )
-    found = bundle.kind
-    if found != kind:
-        raise HydraoptError(
-            f"{path} was merged from {found.upper()} adapters, but --merge-from holds "
-            f"{kind.upper()} adapters; delete it or use another --out"
-        )

@@ -10,6 +10,8 @@ paths: renaming a directory keeps its cache, retraining or re-merging invalidate
   ``hydraopt export`` are ordinary PEFT dirs and are evaluated through this class.
 - :class:`PerTaskVera`: the same for PEFT VeRA dirs (S = 100: the paper's Table 3 measures VeRA
   merges against separate VeRAs). Merged VeRA adapters exported as PEFT VeRA dirs go here too.
+- :class:`~hydraopt.eval.quantized_lora.QuantizedLora`: the per-task LoRA dirs kept separate,
+  each A and B quantized at 8 or 4 bits (S from their exact bytes).
 - :class:`BundleSystem`: a bundle dir, LoRA or VeRA; each task's routed head (LoRA) or routed
   vectors with the shared projections (VeRA) are applied in memory, writing no files (S from the
   bundle's storage accounting). Generations equal those of the bundle's PEFT export.
@@ -70,7 +72,7 @@ class System(Protocol):
 
     @property
     def kind(self) -> str:
-        """``"zero-shot"``, ``"lora"``, ``"vera"`` or ``"bundle"``."""
+        """``"zero-shot"``, ``"lora"``, ``"lora-quantized"``, ``"vera"`` or ``"bundle"``."""
         ...
 
     @property
@@ -337,9 +339,16 @@ def bundle_label(bundle: Bundle | VeraBundle) -> str:
     """Default row label: the method's label (``"hydraopt M=2"``, ``"ties"``, with its storage
     point for a method that has several: ``"shared_basis 10 %"``); the bare method name for a
     method this version does not know; a quantized bundle's bit widths appended
-    (``"ties 4-bit"``), as ``hydraopt.sweep`` labels its runs."""
+    (``"ties 4-bit"``), as ``hydraopt.sweep`` labels its runs; a budget-mode bundle by its
+    goal (``"hydraopt budget 20 % 8/4-bit"``)."""
     label = bundle.method
-    if bundle.method in list_methods():
+    budget, max_error = bundle.config.get("budget"), bundle.config.get("max_error")
+    known = bundle.method in list_methods()
+    if known and get_method(bundle.method).takes_heads and (budget or max_error) is not None:
+        # Budget mode (issue 19): M (and width) per module, so the goal names the row.
+        goal = f"budget {budget:g} %" if budget is not None else f"max error {max_error:g}"
+        label = f"{bundle.method} {goal}"
+    elif known:
         method = get_method(bundle.method)
         label = method.label(bundle.num_heads)
         # Several storage points of one method (shared_basis R=8, 10 %) need their own rows.

@@ -85,7 +85,7 @@ def test_parse_system_knows_vera(tmp_path: Path) -> None:
     assert isinstance(labelled, PerTaskVera) and labelled.label == "VeRA r=256"
     lora = parse_system(f"lora={tmp_path}")
     assert type(lora) is PerTaskLora and lora.label == "LoRA"
-    with pytest.raises(HydraoptError, match="unknown kind 'dora'; use lora=ROOT, vera=ROOT"):
+    with pytest.raises(HydraoptError, match="unknown kind 'dora'; use lora=ROOT, lora@8=ROOT"):
         parse_system(f"dora={tmp_path}")
     with pytest.raises(HydraoptError, match="is not a directory"):
         parse_system(f"vera={tmp_path / 'missing'}")
