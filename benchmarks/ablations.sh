@@ -9,6 +9,8 @@
 #   benchmarks/ablations.sh valcore    # M = 1 default on val: distances, head scale, TIES
 #   benchmarks/ablations.sh val        # the same plus the baselines' coefficient grids on val
 #   benchmarks/ablations.sh rank [8|16]      # Table 5: per-rank tables (needs `finetune`)
+#   benchmarks/ablations.sh m1tables   # M = 1 x1.5 on the QA x4 and all-8 tables (test)
+#   benchmarks/ablations.sh valties    # TIES weight/density grid on val
 #   benchmarks/ablations.sh valtest    # the val grid's systems on test (Table 1 setting)
 #   benchmarks/ablations.sh cost [SHAPE]     # Table 17: merge time and peak RSS of every method
 #   benchmarks/ablations.sh report     # print the tables, write the distance PNG
@@ -157,6 +159,38 @@ step_val() {  # the baselines' whole grid next to them (the core rows come from 
 step_valtest() {
   val_systems
   evaluate "$RES/ablation-val-test" test "${SYSTEMS[@]}"
+}
+
+# Item 5 on the other two tables: the val-chosen M = 1 (heads x1.5) on QA x4 and all-8 (test,
+# 100 examples per task, their tables' setting; TIES and unscaled M = 1 rows are in table-qa4 /
+# table-all8). Each table gets its own results dir.
+step_m1tables() {
+  local name root tasks out
+  for name in qa4 all8; do
+    case $name in
+      qa4) root=examples/adapters-multilingual; tasks=(en-qa de-qa es-qa zh-qa) ;;
+      all8) root=examples/adapters-all; tasks=(en-gc en-sr en-ts en-ta en-qa de-qa es-qa zh-qa) ;;
+    esac
+    out=$BUNDLES/$name/hydraopt_mae_M1_x1.5
+    if [ ! -f "$out/bundle.json" ]; then
+      stamp "merge $out"
+      hydra merge "${tasks[@]/#/$root/}" --heads 1 --head-scale 1.5 --threads "$MERGE_THREADS" \
+        --out "$out" --force > /dev/null 2>&1 || { echo "merge $out failed" >&2; return 1; }
+    fi
+    stamp "evaluate -> $RES/ablation-m1-$name (test)"
+    hydra evaluate --tasks "${tasks[@]}" --split test --limit 100 --batch-size 16 \
+      --threads "$THREADS" --tasks-root "$TASKS_ROOT" --out "$RES/ablation-m1-$name" \
+      --cache "$CACHE" --quiet --system "bundle=$out:hydraopt M=1 heads x1.5"
+  done
+}
+
+# Item 5, fair both ways: TIES's weight and density on val (the paper's w = 1, d = 0.5 is the
+# centre; valcore has it), so the best val-tuned TIES can be read off next to M = 1 x1.5.
+step_valties() {
+  local wd
+  SYSTEMS=()
+  for wd in 1.0/0.5 0.5/0.5 1.5/0.5 1.0/0.3 1.0/0.7; do ties_system "${wd%/*}" "${wd#*/}"; done
+  evaluate "$RES/ablation-val-ties" val "${SYSTEMS[@]}"
 }
 
 # Paper Table 5: the Table 1 rows at r = 8 and r = 16 (each once its five adapters exist).
