@@ -54,7 +54,7 @@ def budget_bytes(aset: Any, percent: float) -> int:
     """``percent`` of the K separate adapters' bytes at 16 bits, rounded down to a byte."""
     if not 0.0 < percent <= 100.0:
         raise HydraoptError(f"--budget is a percentage in (0, 100], got {percent}")
-    if aset.kind != "lora":  # VeRA's reference would be its λ vectors: another yardstick
+    if not get_kind(aset.kind).separate_factors:
         raise HydraoptError("--budget with a method that takes M is for LoRA adapters")
     return int(percent / 100.0 * 2 * adapters_params(aset.modules, len(aset.tasks)))
 

@@ -195,7 +195,7 @@ def separate_point(
             are not quantized here).
     """
     check_bits(bits, group_size)
-    if aset.kind != "lora":
+    if not get_kind(aset.kind).separate_factors:
         raise ValueError(f"separate quantized points are for LoRA adapters, not {aset.kind}")
     errors: dict[str, list[float]] = {}
     zero: dict[str, list[float]] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydraopt.engine import EngineOptions, merge_adapter_set, resolve_config
+from hydraopt.kinds.registry import get_kind
 from hydraopt.merge.base import SweepPoints, config_to_dict
 from hydraopt.merge.registry import get_method
 from hydraopt.progress import ProgressArg
@@ -147,7 +148,7 @@ def separate_points(
 ) -> list[dict[str, Any]]:
     """Sweep points of the K separate LoRA adapters stored at each of ``bits`` but 16 (the
     100 % reference), in the sweep's point format; none for VeRA adapters."""
-    if aset.kind != "lora":
+    if not get_kind(aset.kind).separate_factors:
         return []
     reference = 2 * sum(len(aset.tasks) * m.r * (m.d + m.k) for m in aset.modules)
     points = []

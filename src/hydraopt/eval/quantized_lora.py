@@ -27,6 +27,7 @@ import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.peft import load_adapter_set
+from hydraopt.kinds.registry import get_kind
 from hydraopt.quantize import QuantizedTensor, dequantize, quantize, quantized_nbytes
 from hydraopt.quantized_bundle import DEFAULT_GROUP_SIZE, check_bits
 from hydraopt.types import ModuleSpec
@@ -83,7 +84,7 @@ def quantize_lora_adapter(aset: Any, task: str, bits: int, group_size: int) -> Q
     if bits == 16:
         raise ValueError("16 bits is the adapter itself; quantize at 8 or 4")
     check_bits(bits, group_size)
-    if aset.kind != "lora":
+    if not get_kind(aset.kind).separate_factors:
         raise ValueError(f"separate quantized adapters are LoRA adapters, not {aset.kind}")
     k = list(aset.tasks).index(task)
     factors: dict[str, tuple[QuantizedTensor, QuantizedTensor, float]] = {}
@@ -156,7 +157,7 @@ class QuantizedLora:
                 f"(expected {missing[0]}/adapter_config.json)"
             )
         aset = load_adapter_set(dirs, list(tasks), check_values=False)
-        if aset.kind != "lora":
+        if not get_kind(aset.kind).separate_factors:
             raise HydraoptError(
                 f"system {self.label!r}: {self.root} holds {aset.kind} adapters; only LoRA "
                 f"adapters are evaluated quantized and separate"

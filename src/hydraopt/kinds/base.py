@@ -78,6 +78,10 @@ class AdapterKind(Protocol):
     display_name: str  # as users write it: "LoRA", "VeRA"
     peft_type: str  # adapter_config.json's peft_type
     frozen_tensors: tuple[str, ...]  # bundle tensors kept as they are: never quantized, not counted
+    # Whether the K separate adapters are factor pairs (A, B) that are stored, quantized and
+    # counted in bytes as such: the yardstick of byte budgets and of the separate-quantized
+    # baselines. VeRA's trainable part is its λ vectors, another yardstick.
+    separate_factors: bool
 
     def load_adapter_set(
         self,

@@ -32,6 +32,7 @@ class LoraKind:
     display_name = "LoRA"
     peft_type = "LORA"
     frozen_tensors: tuple[str, ...] = ()
+    separate_factors = True
 
     def load_adapter_set(
         self,

@@ -33,6 +33,7 @@ class VeraKind:
     name = "vera"
     display_name = "VeRA"
     peft_type = "VERA"
+    separate_factors = False  # its trainable part is the λ vectors: another yardstick
     frozen_tensors: tuple[str, ...] = (
         VERA_FROZEN  # shared projections: bit-equal to the training ones, uncounted
     )
