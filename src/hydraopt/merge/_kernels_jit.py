@@ -25,6 +25,17 @@ def target_keys(row, raw, mask, buf):
     return buf[: row.size]
 
 
+@numba.njit(inline="always", cache=True)
+def route_members(route, g, c, members):
+    """The tasks module ``g`` routes to head ``c``, written into ``members``; returns how many."""
+    m = 0
+    for i in range(route.shape[1]):
+        if route[g, i] == c:
+            members[m] = i
+            m += 1
+    return m
+
+
 # fastmath reassoc only lets the float64 loss sums vectorise; their order is still fixed per
 # work item, so the loss does not depend on the thread count.
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
@@ -49,11 +60,7 @@ def sign_sum_kernel(x, t, raw, route, shift, mask, out, partial, with_signs):
         kt1 = np.empty(BLOCK, x.dtype)
 
         for c in range(M):
-            m = 0
-            for i in range(K):
-                if route[g, i] == c:
-                    members[m] = i
-                    m += 1
+            m = route_members(route, g, c, members)
             if m == 0 and with_signs:
                 out[g, c, lo : lo + w] = 0
                 continue
@@ -110,11 +117,7 @@ def float_sign_sum_kernel(x, t, route, out, partial, with_signs):
         acc = np.empty(BLOCK, np.float32)  # small integers: exact
         members = np.empty(K, np.int64)
         for c in range(M):
-            m = 0
-            for i in range(K):
-                if route[g, i] == c:
-                    members[m] = i
-                    m += 1
+            m = route_members(route, g, c, members)
             if m == 0 and with_signs:
                 out[g, c, lo : lo + w] = 0
                 continue
