@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +111,8 @@ class LoraKind:
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> Bundle:
         return load_lora_bundle_from_meta(path, meta)
 
-    def check_bundle_tensors(
-        self,
-        meta: dict[str, Any],
-        tensors: Mapping[str, torch.Tensor],
-        tasks: list[str],
-        modules: list[dict[str, Any]],
-        where: Any,
-    ) -> None:
-        check_lora_bundle(meta, tensors, tasks, modules, where)
+    # The kind's checks as they are (signature: AdapterKind.check_bundle_tensors).
+    check_bundle_tensors = staticmethod(check_lora_bundle)
 
     def export_adapters(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +128,8 @@ class VeraKind:
     def load_bundle(self, path: Path, meta: dict[str, Any]) -> VeraBundle:
         return load_vera_bundle_from_meta(path, meta)
 
-    def check_bundle_tensors(
-        self,
-        meta: dict[str, Any],
-        tensors: Mapping[str, torch.Tensor],
-        tasks: list[str],
-        modules: list[dict[str, Any]],
-        where: Any,
-    ) -> None:
-        check_vera_bundle(meta, tensors, tasks, modules, where)
+    # The kind's checks as they are (signature: AdapterKind.check_bundle_tensors).
+    check_bundle_tensors = staticmethod(check_vera_bundle)
 
     def export_adapters(
         self,
