@@ -11,6 +11,7 @@
 #   benchmarks/ablations.sh rank [8|16]      # Table 5: per-rank tables (needs `finetune`)
 #   benchmarks/ablations.sh m1tables   # M = 1 x1.5 on the QA x4 and all-8 tables (test)
 #   benchmarks/ablations.sh valties    # TIES weight/density grid on val
+#   benchmarks/ablations.sh tiestest   # the best val-tuned TIES on test (Table 1 setting)
 #   benchmarks/ablations.sh valtest    # the val grid's systems on test (Table 1 setting)
 #   benchmarks/ablations.sh cost [SHAPE]     # Table 17: merge time and peak RSS of every method
 #   benchmarks/ablations.sh report     # print the tables, write the distance PNG
@@ -191,6 +192,17 @@ step_valties() {
   SYSTEMS=()
   for wd in 1.0/0.5 0.5/0.5 1.5/0.5 1.0/0.3 1.0/0.7; do ties_system "${wd%/*}" "${wd#*/}"; done
   evaluate "$RES/ablation-val-ties" val "${SYSTEMS[@]}"
+}
+
+# Item 5's must-show: the val grid's best TIES (w = 1, d = 0.3; ablation-val-ties) on test next
+# to the default M = 1 (heads x1.5) and the paper's TIES, all three from the cache but the first.
+step_tiestest() {
+  SYSTEMS=()
+  ties_system 1.0 0.3
+  ties_system 1.0 0.5
+  merge "$BUNDLES/r32/hydraopt_mae_M1_hs1.5" examples/adapters --heads 1 --head-scale 1.5
+  SYSTEMS+=(--system "bundle=$BUNDLES/r32/hydraopt_mae_M1_hs1.5:hydraopt M=1 (default, heads x1.5)")
+  evaluate "$RES/ablation-ties-test" test "${SYSTEMS[@]}"
 }
 
 # Paper Table 5: the Table 1 rows at r = 8 and r = 16 (each once its five adapters exist).
