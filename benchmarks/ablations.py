@@ -40,6 +40,7 @@ EXAMPLES = REPO / "examples" / "adapters"
 EN = ("en-gc", "en-sr", "en-ts", "en-ta", "en-qa")
 SYNTHETIC_CACHE = REPO / "runs" / "ablations" / "synthetic"
 HEADS = (1, 2, 5)  # HydraOpt rows of the cost table (K = 5)
+BASIS_BUDGETS = (10, 20)  # shared_basis rows: percent of the separate adapters (it needs one)
 
 
 # --- cost -------------------------------------------------------------------------------------
@@ -53,6 +54,8 @@ def cost_runs() -> list[tuple[str, str, dict[str, Any]]]:
     for method in list_methods():
         if method == "hydraopt":
             runs += [(f"hydraopt M={m}", method, {"heads": m}) for m in HEADS]
+        elif method == "shared_basis":
+            runs += [(f"shared_basis {b} %", method, {"budget": b}) for b in BASIS_BUDGETS]
         else:
             runs.append((method, method, {}))
     return runs
@@ -103,6 +106,8 @@ def run_cost(args: argparse.Namespace) -> dict[str, Any]:
     for shape in args.shapes:
         dirs = adapter_dirs(shape)
         for label, method, options in cost_runs():
+            if args.only and not any(label.startswith(o) for o in args.only):
+                continue
             config = {
                 "adapters": [str(d) for d in dirs],
                 "method": method,
@@ -395,6 +400,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--out", type=Path, default=RESULTS / "ablation-cost")
+    c.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="run only the rows whose label starts with one of these; the other rows of an "
+        "existing OUT/cost.json are kept (one row re-measured without redoing the table)",
+    )
     sub.add_parser("report", help="print the tables (and write the distance PNG)")
     mg = sub.add_parser("magnitude", help="merged ΔW' against each task's ΔW_i (no decoding)")
     mg.add_argument("bundles", nargs="+", type=Path)
@@ -416,6 +429,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         scale_heads(args)
     else:
         result = run_cost(args)
+        old = args.out / "cost.json"
+        if args.only and old.is_file():
+            new = {(r["shape"], r["label"]) for r in result["rows"]}
+            kept = [
+                r
+                for r in json.loads(old.read_text())["rows"]
+                if (r["shape"], r["label"]) not in new
+            ]
+            result["rows"] = kept + result["rows"]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cost.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / "cost.md").write_text(cost_markdown(result))
