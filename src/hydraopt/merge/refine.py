@@ -17,7 +17,7 @@ optimiser and schedule (:mod:`~hydraopt.merge.adam`); the precision is chosen ou
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -25,8 +25,9 @@ from hydraopt.devices import Precision
 from hydraopt.merge.adam import Adam, BestIterate, cosine_lr, module_rms
 from hydraopt.merge.gradients import MaeWorkspace, mae_value_and_grads, mae_workspace
 from hydraopt.merge.kernels import OrderKeys, order_keys
-from hydraopt.merge.measure import distance_to_zero, hard_routed_error
+from hydraopt.merge.measure import distance_to_zero, hard_routed_error, hard_routed_errors
 from hydraopt.merge.targets import FactorTargets, Targets, take_targets
+from hydraopt.types import Measured
 
 # Re-exported for callers that import the refinement's pieces from here (shared_basis_refine).
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "distance_to_zero",
     "hard_routed_error",
     "refine",
+    "refine_measured",
     "refine_parameters",
     "take_targets",
 ]
@@ -102,6 +104,19 @@ class Parameterisation(Protocol):
         ...
 
 
+@runtime_checkable
+class MeasuresTogether(Protocol):
+    """A :class:`Parameterisation` that measures several points in one pass over its targets."""
+
+    def errors(self, points: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """:meth:`Parameterisation.error` of each point, the same numbers, in one pass."""
+        ...
+
+    def release(self) -> None:
+        """Free what :meth:`Parameterisation.begin` set up (:meth:`finish` without measuring)."""
+        ...
+
+
 def refine_parameters(
     problem: Parameterisation,
     start: list[torch.Tensor],
@@ -122,13 +137,26 @@ def refine_parameters(
     Returns:
         The best point per module (never worse than the start) and its float32 error (G, K).
     """
-    with torch.no_grad():
-        start_tasks = problem.error(start)
-    if steps <= 0:
-        return start, start_tasks
-    start_err = start_tasks.mean(1)
-    first = start_err if problem.best_from == "start" else torch.full_like(start_err, float("inf"))
-    best = BestIterate(start, first)
+    # A loop that looks at no loss (sampled steps) ends on its last iterate, and compares it with
+    # the start only after the loop: a problem that measures points together then measures both
+    # in one pass there (at K = 1,000 forming the targets, not the steps, dominates the merge).
+    together = (
+        problem
+        if steps > 0
+        and problem.best_from == "loop"
+        and problem.check_every is None
+        and isinstance(problem, MeasuresTogether)
+        else None
+    )
+    if together is None:
+        with torch.no_grad():
+            start_tasks = problem.error(start)
+        if steps <= 0:
+            return start, start_tasks
+        start_err = start_tasks.mean(1)
+    G = start[0].shape[0]
+    unbeaten = torch.full((G,), float("inf"), device=start[0].device)
+    best = BestIterate(start, start_err if problem.best_from == "start" else unbeaten)
 
     # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
     scales = problem.scales(start)
@@ -166,6 +194,17 @@ def refine_parameters(
         # settle into the L1 optimum instead of rattling around it.
         adam.step(grads, cosine_lr(lr, step, steps))
     with torch.no_grad():
+        if together is not None:
+            together.release()
+            point = current()
+            start_tasks, last = together.errors([start, point])
+            start_err, last_err = start_tasks.mean(1), last.mean(1)
+            # As below: a NaN last iterate or a tie keeps the start.
+            worse = (start_err <= last_err) | last_err.isnan()
+            for kept, first_t in zip(point, start, strict=True):
+                kept[worse] = first_t[worse]
+            last[worse] = start_tasks[worse]
+            return point, last
         last, exact = problem.finish(current())
         improved = keep_better(last.mean(1).to(best.err.dtype))
         point = best.tensors
@@ -213,6 +252,7 @@ class FactorRefinement:
         precision: Precision,
         tasks_per_step: int | None,
         generator: torch.Generator | None,
+        with_zero: bool = False,
     ):
         self.delta, self.routing, self.distance, self.num_heads = (
             delta,
@@ -220,6 +260,9 @@ class FactorRefinement:
             distance,
             num_heads,
         )
+        # The zero yardstick f(ΔW_i, 0), measured in the same pass as :meth:`errors` when asked.
+        self.with_zero = with_zero
+        self.zero: torch.Tensor | None = None
         self.K = delta.shape[1]
         self.sampled = tasks_per_step is not None and tasks_per_step < self.K
         self.generator = generator
@@ -242,6 +285,18 @@ class FactorRefinement:
 
     def error(self, point: list[torch.Tensor]) -> torch.Tensor:
         return hard_routed_error(self.delta, point[0], point[1], self.routing, self.distance)
+
+    def errors(self, points: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        pairs = [(p[0], p[1]) for p in points]
+        with_zero = self.with_zero and self.zero is None
+        errs, zero = hard_routed_errors(
+            self.delta, pairs, self.routing, self.distance, with_zero=with_zero
+        )
+        self.zero = zero if with_zero else self.zero
+        return errs
+
+    def release(self) -> None:
+        self.work = self.targets = None
 
     def begin(self) -> None:
         if self.sampled and self.generator is None:
@@ -300,13 +355,21 @@ class FactorRefinement:
             assert self.targets is not None  # tracked: every step saw every task, densely
             low = [t.to(self.low) for t in point]
             last = hard_routed_error(self.targets, low[0], low[1], self.routing, self.distance)
-        self.work = self.targets = None
+        self.release()
         if judged_low:
             return last, False
         return self.error(point), True
 
 
 def refine(
+    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AdamW on the hard-routed distance; see :func:`_refine` (its keyword arguments)."""
+    best_a, best_h, err, _ = _refine(delta, a, heads, routing, **kw)
+    return best_a, best_h, err
+
+
+def _refine(
     delta: Targets,
     a: torch.Tensor,
     heads: torch.Tensor,
@@ -319,7 +382,8 @@ def refine(
     tasks_per_step: int | None = None,
     generator: torch.Generator | None = None,
     momentum: float = 0.9,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_zero: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its errors.
 
     Args:
@@ -338,6 +402,8 @@ def refine(
             start and the last iterate are then compared on the full float32 error.
         generator: draws the tasks (required when sampling).
         momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
+        with_zero: also measure f(ΔW_i, 0) where the final evaluation passes over the targets
+            anyway (None where it did not).
 
     Returns:
         A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
@@ -351,8 +417,20 @@ def refine(
         precision=precision,
         tasks_per_step=tasks_per_step,
         generator=generator,
+        with_zero=with_zero,
     )
     (best_a, best_h), best_tasks = refine_parameters(
         problem, [a, heads], steps=steps, lr=lr, momentum=momentum
     )
-    return best_a, best_h, best_tasks
+    return best_a, best_h, best_tasks, problem.zero
+
+
+def refine_measured(
+    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor, Measured]:
+    """:func:`refine` (same arguments), with the errors and the zero yardstick as a
+    :class:`Measured`; the yardstick comes from the last evaluation's pass when it could."""
+    best_a, best_h, err, zero = _refine(delta, a, heads, routing, with_zero=True, **kw)
+    if zero is None:
+        zero = distance_to_zero(delta, kw["distance"])
+    return best_a, best_h, Measured(kw["distance"], err, zero)
