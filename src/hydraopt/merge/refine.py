@@ -278,6 +278,7 @@ class FactorRefinement:
         self.check_every = None if self.sampled else (CHECK_EVERY if self.hand_written else 1)
         self.work: MaeWorkspace | None = None
         self.targets: torch.Tensor | OrderKeys | None = None
+        self.sample_buf: torch.Tensor | None = None
 
     def scales(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
         scale = module_rms(point[0])  # (G,): balanced, so one scale suits A' and the heads
@@ -296,7 +297,7 @@ class FactorRefinement:
         return errs
 
     def release(self) -> None:
-        self.work = self.targets = None
+        self.work = self.targets = self.sample_buf = None
 
     def begin(self) -> None:
         if self.sampled and self.generator is None:
@@ -316,6 +317,13 @@ class FactorRefinement:
                 fused=False if self.sampled else None,
             )
         self.targets = dense
+        if self.sampled and isinstance(self.delta, FactorTargets):
+            # Each step's sampled ΔW into one reused buffer: a fresh one per step faults its
+            # pages in anew (G x batch x d x k, 64 MiB in bf16 at 1B shape), as slow as the GEMM.
+            G, _, d, k = self.delta.shape
+            self.sample_buf = torch.empty(
+                G, self.batch, d, k, dtype=self.low, device=self.routing.device
+            )
         if dense is not None and self.work is not None and self.work.fused:
             # The fused steps compare every X with the same targets: map them to keys once.
             self.targets = order_keys(dense)
@@ -326,6 +334,11 @@ class FactorRefinement:
             gen = self.generator
             idx = torch.randperm(self.K, generator=gen, device=gen.device)[: self.batch]
             idx = idx.to(self.routing.device)
+            if self.sample_buf is not None and isinstance(self.delta, FactorTargets):
+                # FactorTargets.take(idx, self.low), written into the reused buffer
+                b, a = self.delta.scaled_B[:, idx], self.delta.A[:, idx]
+                taken = torch.matmul(b.to(self.low), a.to(self.low), out=self.sample_buf)
+                return taken, self.routing[:, idx]
             return take_targets(self.delta, idx, self.low), self.routing[:, idx]
         assert self.targets is not None  # not sampled: begin() formed every task's targets
         return self.targets, self.routing

@@ -293,12 +293,20 @@ class _OneByOne:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def begin(self):
+        self.inner.begin()
+        self.inner.sample_buf = None  # each step's targets freshly formed, as before
 
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize(("M", "lr"), [(1, 0.3), (3, 0.3), (11, 0.05), (3, 1e6)])
-def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_result(M, lr):
+def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_result(
+    M, lr, precision
+):
     # Sampled steps look at no loss: the start and the last iterate are measured together after
-    # the loop (and the zero yardstick with them). The point and the errors must be those of
-    # measuring each on its own, bit for bit, including where the start wins (lr = 1e6).
+    # the loop (and the zero yardstick with them), and each step's sampled targets go into one
+    # reused buffer. The point and the errors must be those of measuring each on its own and
+    # forming fresh targets, bit for bit, including where the start wins (lr = 1e6).
     from hydraopt.merge.measure import distance_to_zero
     from hydraopt.merge.refine import (
         FactorRefinement,
@@ -317,7 +325,7 @@ def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_res
 
     def problem(wrap):
         inner = FactorRefinement(
-            lazy, routing, distance="mae", num_heads=M, precision="float32", tasks_per_step=4,
+            lazy, routing, distance="mae", num_heads=M, precision=precision, tasks_per_step=4,
             generator=torch.Generator().manual_seed(5), with_zero=True,
         )  # fmt: skip
         return (_OneByOne(inner) if wrap else inner), inner
@@ -335,7 +343,7 @@ def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_res
     assert torch.equal(zero, distance_to_zero(lazy, "mae"))
     if lr > 1:  # the start won everywhere: kept exactly
         assert torch.equal(got_point[0], a) and torch.equal(got_point[1], heads)
-    kw = dict(distance="mae", steps=8, lr=lr, tasks_per_step=4)
+    kw = dict(distance="mae", steps=8, lr=lr, tasks_per_step=4, precision=precision)
     gen = torch.Generator().manual_seed(5)
     _, _, measured = refine_measured(lazy, a, heads, routing, **kw, generator=gen)
     assert torch.equal(measured.zero, zero)

@@ -50,9 +50,7 @@ def test_one_pass_errors_equal_the_separate_evaluations_bit_for_bit(distance):
     routings.append(torch.arange(K).expand(2, K))
     for (a, h), routing in zip(points, routings, strict=True):
         pair = [(a, h), (a * 1.5, h)]
-        (first, second), zero = hard_routed_errors(
-            targets, pair, routing, distance, with_zero=True
-        )
+        (first, second), zero = hard_routed_errors(targets, pair, routing, distance, with_zero=True)
         assert torch.equal(first, hard_routed_error(targets, a, h, routing, distance))
         assert torch.equal(second, hard_routed_error(targets, a * 1.5, h, routing, distance))
         assert zero is not None
