@@ -118,7 +118,10 @@ def hard_routed_errors(
     Returns:
         The errors (G, K) of each point, in order, and the zero distance (G, K) or None.
     """
-    if isinstance(delta, torch.Tensor) or distance not in SEPARABLE or torch.is_grad_enabled():
+    needs_graph = torch.is_grad_enabled() and any(
+        a.requires_grad or h.requires_grad for a, h in points
+    )
+    if isinstance(delta, torch.Tensor) or distance not in SEPARABLE or needs_graph:
         one_by_one = [hard_routed_error(delta, a, h, routing, distance) for a, h in points]
         return one_by_one, distance_to_zero(delta, distance) if with_zero else None
     G, K, d, k = delta.shape
