@@ -22,14 +22,13 @@ from hydraopt.merge.base import MergeContext, method_heads, select_fields
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.head_scales import fit_head_scales
 from hydraopt.merge.hydraopt_config import HydraOptConfig
-from hydraopt.merge.measure import distance_to_zero
 from hydraopt.merge.median_start import median_start
 from hydraopt.merge.paper import paper_solve
-from hydraopt.merge.refine import refine
+from hydraopt.merge.refine import refine_measured
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
 from hydraopt.merge.targets import FactorTargets, Targets, take_targets
-from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, VeraStack
+from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
 
 # The config lives torch-free in hydraopt_config; importable from here as before.
 __all__ = ["PAPER_FIELDS", "HydraOpt", "HydraOptConfig"]
@@ -151,7 +150,7 @@ class HydraOpt:
             # Medians cost a sort over the tasks: only where the refinement sees every task.
             if config.distance == "mae" and config.start == "auto" and dense is not None:
                 a, heads = median_start(dense, stack.A, a, heads, routing)
-            a, heads, err = refine(
+            a, heads, measured = refine_measured(
                 delta,
                 a,
                 heads,
@@ -167,10 +166,10 @@ class HydraOpt:
             if config.distance == "cos":
                 heads = fit_head_scales(take_targets(delta, slice(None)), a, heads, routing)
             else:
-                # The refinement's final float32 evaluation is the result's error: hand it on
-                # instead of having the engine form the K updates again.
-                zero = distance_to_zero(delta, config.distance)
-                return MergedStack(a, heads, routing, Measured(config.distance, err, zero))
+                # The refinement's final float32 evaluation is the result's error (with the zero
+                # yardstick, from the same pass where it could): hand it on instead of having the
+                # engine form the K updates again.
+                return MergedStack(a, heads, routing, measured)
         return MergedStack(a, heads, routing)
 
     def merge_vera(

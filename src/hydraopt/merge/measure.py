@@ -3,10 +3,13 @@
 The distances themselves are :mod:`~hydraopt.merge.distances`'; this module decides how to
 evaluate them over many tasks: the fused MAE kernel where it applies, the separable formulas a
 block of tasks at a time in one reused buffer (memory flat in K), or the plain formulas where a
-gradient is needed.
+gradient is needed; and (:func:`hard_routed_errors`) several points and the zero yardstick from
+one formation of each block's targets, which at K = 1,000 is what a merge's time goes into.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -90,6 +93,68 @@ def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
             block = block.clone()  # a view of the caller's tensor: the formulas work in place
         out.append(SEPARABLE[distance](block, d * k))
     return torch.cat(out, dim=1)
+
+
+def hard_routed_errors(
+    delta: Targets,
+    points: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    routing: torch.Tensor,
+    distance: str,
+    *,
+    with_zero: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`hard_routed_error` of several points (A', heads) and, if asked,
+    :func:`distance_to_zero`, the same numbers bit for bit, in one pass over the targets.
+
+    With targets kept as factors (many adapters) each task's ΔW is formed once here instead of
+    once per evaluation: at K = 1,000 at 1B shape forming them dominated the merge (RESULTS.md
+    section 19). Other targets or distances are evaluated one by one.
+
+    Args:
+        delta: (G, K, d, k) the original updates, dense or as factors.
+        points: (A' (G, r, k), heads (G, M, d, r)) pairs, all routed by ``routing`` (G, K).
+        with_zero: also return f(ΔW_i, 0).
+
+    Returns:
+        The errors (G, K) of each point, in order, and the zero distance (G, K) or None.
+    """
+    needs_graph = torch.is_grad_enabled() and any(
+        a.requires_grad or h.requires_grad for a, h in points
+    )
+    if isinstance(delta, torch.Tensor) or distance not in SEPARABLE or needs_graph:
+        one_by_one = [hard_routed_error(delta, a, h, routing, distance) for a, h in points]
+        return one_by_one, distance_to_zero(delta, distance) if with_zero else None
+    G, K, d, k = delta.shape
+    g_idx = torch.arange(G, device=routing.device)[:, None]
+    formula = SEPARABLE[distance]
+    # One head: its single H A' (G, 1, d, k) is subtracted from every task's ΔW.
+    singles = [h @ a[:, None] if h.shape[1] == 1 else None for a, h in points]
+    errors: list[list[torch.Tensor]] = [[] for _ in points]
+    zero: list[torch.Tensor] = []
+    # Two buffers reused by every block: a fresh (G, ERROR_BLOCK, d, k) tensor per product is a
+    # fresh mmap whose pages fault in one by one (at 1B shape 128 MiB each, as slow as the GEMM).
+    size = G * min(ERROR_BLOCK, K) * d * k
+    target_buf = torch.empty(size, dtype=delta.dtype, device=routing.device)
+    error_buf = torch.empty(size, dtype=delta.dtype, device=routing.device)
+    for lo in range(0, K, ERROR_BLOCK):
+        block = slice(lo, lo + ERROR_BLOCK)
+        n = min(K, lo + ERROR_BLOCK) - lo
+        # (G, n, d, k), formed once for every point: FactorTargets.take into the buffer.
+        targets = target_buf[: G * n * d * k].view(G, n, d, k)
+        torch.matmul(delta.scaled_B[:, block], delta.A[:, block], out=targets)
+        err = error_buf[: G * n * d * k].view(G, n, d, k)
+        for out, (a, h), single in zip(errors, points, singles, strict=True):
+            # The same operations, in the same order, as hard_routed_error's blocked loop.
+            if single is not None:
+                torch.sub(targets, single, out=err)
+            else:
+                torch.matmul(h[g_idx, routing[:, block]], a[:, None], out=err)  # (G, n, d, k)
+                err.sub_(targets)
+            out.append(formula(err, d * k))
+        if with_zero:
+            zero.append(formula(targets, d * k))  # last: the formula overwrites its input
+    joined = [torch.cat(out, dim=1) for out in errors]
+    return joined, torch.cat(zero, dim=1) if with_zero else None
 
 
 def _fused_mae_error(

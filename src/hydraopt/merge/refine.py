@@ -1,13 +1,14 @@
-"""Gradient refinement with the routing held fixed: the one loop, and LoRA's (A', heads) in it.
+"""Gradient refinement with the routing held fixed: LoRA's (A', heads) in the one loop.
 
 The closed form is exact for the squared Frobenius distance; for MAE (the paper's default), the
 unsquared Frobenius norm or the cosine distance, a short Adam run from it lowers the *hard-routed*
 error, which is what gets deployed. The best iterate per module is kept, so refinement can only
 improve on its starting point.
 
-:func:`refine_parameters` is the loop (unit-RMS copies, Adam with a cosine schedule, the best
-iterate per module); a :class:`Parameterisation` supplies what is optimised: LoRA's (A', heads)
-here (:class:`FactorRefinement`, used by :func:`refine`), VeRA's λ vectors in
+:func:`~hydraopt.merge.refine_loop.refine_parameters` is the loop (unit-RMS copies, Adam with a
+cosine schedule, the best iterate per module); a
+:class:`~hydraopt.merge.refine_loop.Parameterisation` supplies what is optimised: LoRA's
+(A', heads) here (:class:`FactorRefinement`, used by :func:`refine`), VeRA's λ vectors in
 :mod:`hydraopt.kinds.vera.merge`. The pieces live one job per module: targets
 (:mod:`~hydraopt.merge.targets`), measured errors (:mod:`~hydraopt.merge.measure`, formulas from
 :mod:`~hydraopt.merge.distances`), the MAE gradients (:mod:`~hydraopt.merge.gradients`), the
@@ -17,23 +18,31 @@ optimiser and schedule (:mod:`~hydraopt.merge.adam`); the precision is chosen ou
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any
 
 import torch
 
 from hydraopt.devices import Precision
-from hydraopt.merge.adam import Adam, BestIterate, cosine_lr, module_rms
+from hydraopt.merge.adam import Adam, cosine_lr, module_rms
 from hydraopt.merge.gradients import MaeWorkspace, mae_value_and_grads, mae_workspace
 from hydraopt.merge.kernels import OrderKeys, order_keys
-from hydraopt.merge.measure import distance_to_zero, hard_routed_error
+from hydraopt.merge.measure import distance_to_zero, hard_routed_error, hard_routed_errors
+from hydraopt.merge.refine_loop import (
+    BestFrom,
+    MeasuresTogether,
+    Parameterisation,
+    refine_parameters,
+)
 from hydraopt.merge.targets import FactorTargets, Targets, take_targets
+from hydraopt.types import Measured
 
-# Re-exported for callers that import the refinement's pieces from here (shared_basis_refine).
+# Re-exported for callers that import the refinement's pieces from here (the loop's names too).
 __all__ = [
     "Adam",
     "BestFrom",
     "FactorRefinement",
     "FactorTargets",
+    "MeasuresTogether",
     "Parameterisation",
     "Targets",
     "balance",
@@ -41,6 +50,7 @@ __all__ = [
     "distance_to_zero",
     "hard_routed_error",
     "refine",
+    "refine_measured",
     "refine_parameters",
     "take_targets",
 ]
@@ -48,137 +58,6 @@ __all__ = [
 CHECK_EVERY = 10  # MAE refinement: steps between looks at the loss
 
 PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-# Where the best-so-far starts. "start": at the start point and its float32 error, so a loop loss
-# replaces it only by beating that error (the loop's losses must then be comparable with it:
-# every task, float32). "loop": at +inf, so the loop's losses are compared only with each other
-# (they may be sampled or low precision) and the winner with the start only after the loop, on
-# its float32 error; ties keep the start.
-BestFrom = Literal["start", "loop"]
-
-
-class Parameterisation(Protocol):
-    """What :func:`refine_parameters` optimises: a kind's tensors, their errors and gradients.
-
-    A *point* is the list of the kind's tensors, (G, ...) each, at their true scale; the loop
-    optimises unit-RMS copies and hands the methods points.
-
-    Attributes:
-        best_from: where the best-so-far starts (:data:`BestFrom`).
-        check_every: steps between looks at the loop's loss; None: never (sampled losses).
-        hand_written: gradients come from :meth:`loss_and_grads` (no autograd graph); otherwise
-            from autograd through :meth:`loss`.
-    """
-
-    best_from: BestFrom
-    check_every: int | None
-    hand_written: bool
-
-    def scales(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One RMS per module for each tensor, shaped to broadcast against it."""
-        ...
-
-    def error(self, point: list[torch.Tensor]) -> torch.Tensor:
-        """The float32 hard-routed error (G, K) of ``point`` on every task."""
-        ...
-
-    def begin(self) -> None:
-        """Set up what the steps reuse (workspaces, targets in the loop's precision)."""
-        ...
-
-    def loss(self, point: list[torch.Tensor]) -> torch.Tensor:
-        """This step's mean-over-tasks loss (G,), differentiable w.r.t. ``point``."""
-        ...
-
-    def loss_and_grads(
-        self, point: list[torch.Tensor], with_loss: bool
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """This step's loss (G,) (None if not ``with_loss`` and it costs extra) and gradients."""
-        ...
-
-    def finish(self, point: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-        """The last iterate's error (G, K) and whether it is :meth:`error`'s (float32, every
-        task); frees what :meth:`begin` set up."""
-        ...
-
-
-def refine_parameters(
-    problem: Parameterisation,
-    start: list[torch.Tensor],
-    *,
-    steps: int,
-    lr: float,
-    momentum: float = 0.9,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Adam (cosine schedule, no weight decay) from ``start``; the best point per module.
-
-    Args:
-        problem: what is optimised and how its error is measured.
-        start: the starting point, (G, ...) tensors.
-        steps: optimisation steps (0 returns the start, evaluated).
-        lr: learning rate *relative* to each tensor's RMS per module.
-        momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
-
-    Returns:
-        The best point per module (never worse than the start) and its float32 error (G, K).
-    """
-    with torch.no_grad():
-        start_tasks = problem.error(start)
-    if steps <= 0:
-        return start, start_tasks
-    start_err = start_tasks.mean(1)
-    first = start_err if problem.best_from == "start" else torch.full_like(start_err, float("inf"))
-    best = BestIterate(start, first)
-
-    # Optimise unit-RMS copies, one scale per module, so one learning rate suits every module.
-    scales = problem.scales(start)
-    params = [
-        (t / s).requires_grad_(not problem.hand_written) for t, s in zip(start, scales, strict=True)
-    ]
-    adam = Adam(params, betas=(momentum, 0.999))
-
-    def current() -> list[torch.Tensor]:
-        return [p * s for p, s in zip(params, scales, strict=True)]
-
-    def keep_better(err: torch.Tensor) -> torch.Tensor:
-        """Keep the current point where ``err`` (G,) beats the best so far; returns where."""
-        return best.offer(
-            err, lambda: [p.detach() * s for p, s in zip(params, scales, strict=True)]
-        )
-
-    problem.begin()
-    for step in range(steps):
-        check = problem.check_every is not None and step % problem.check_every == 0
-        per_module: torch.Tensor | None
-        if problem.hand_written:
-            with torch.no_grad():
-                per_module, raw = problem.loss_and_grads(current(), with_loss=check)
-                grads = [g * s for g, s in zip(raw, scales, strict=True)]
-        else:
-            per_module = problem.loss(current())
-            # Modules are independent; summing keeps each module's gradient its own.
-            grads = list(torch.autograd.grad(per_module.sum(), params))
-        if check and per_module is not None:
-            # The loss is evaluated at the current point: record it before stepping away.
-            with torch.no_grad():
-                keep_better(per_module.detach())
-        # Cosine decay: large early steps leave the Frobenius optimum fast, small late steps
-        # settle into the L1 optimum instead of rattling around it.
-        adam.step(grads, cosine_lr(lr, step, steps))
-    with torch.no_grad():
-        last, exact = problem.finish(current())
-        improved = keep_better(last.mean(1).to(best.err.dtype))
-        point = best.tensors
-        # Evaluated again unless the last iterate won everywhere on its float32 error (an earlier
-        # one won somewhere, or the last was judged in low precision).
-        last_won = exact and bool(improved.all())
-        best_tasks = last if last_won else problem.error(point)
-        if problem.best_from == "loop":
-            worse = start_err <= best_tasks.mean(1)  # float32 comparison; ties keep the start
-            for kept, first_t in zip(point, start, strict=True):
-                kept[worse] = first_t[worse]
-            best_tasks[worse] = start_tasks[worse]
-    return point, best_tasks
 
 
 def balance(a: torch.Tensor, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +92,7 @@ class FactorRefinement:
         precision: Precision,
         tasks_per_step: int | None,
         generator: torch.Generator | None,
+        with_zero: bool = False,
     ):
         self.delta, self.routing, self.distance, self.num_heads = (
             delta,
@@ -220,6 +100,9 @@ class FactorRefinement:
             distance,
             num_heads,
         )
+        # The zero yardstick f(ΔW_i, 0), measured in the same pass as :meth:`errors` when asked.
+        self.with_zero = with_zero
+        self.zero: torch.Tensor | None = None
         self.K = delta.shape[1]
         self.sampled = tasks_per_step is not None and tasks_per_step < self.K
         self.generator = generator
@@ -235,6 +118,7 @@ class FactorRefinement:
         self.check_every = None if self.sampled else (CHECK_EVERY if self.hand_written else 1)
         self.work: MaeWorkspace | None = None
         self.targets: torch.Tensor | OrderKeys | None = None
+        self.sample_buf: torch.Tensor | None = None
 
     def scales(self, point: list[torch.Tensor]) -> list[torch.Tensor]:
         scale = module_rms(point[0])  # (G,): balanced, so one scale suits A' and the heads
@@ -242,6 +126,18 @@ class FactorRefinement:
 
     def error(self, point: list[torch.Tensor]) -> torch.Tensor:
         return hard_routed_error(self.delta, point[0], point[1], self.routing, self.distance)
+
+    def errors(self, points: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        pairs = [(p[0], p[1]) for p in points]
+        with_zero = self.with_zero and self.zero is None
+        errs, zero = hard_routed_errors(
+            self.delta, pairs, self.routing, self.distance, with_zero=with_zero
+        )
+        self.zero = zero if with_zero else self.zero
+        return errs
+
+    def release(self) -> None:
+        self.work = self.targets = self.sample_buf = None
 
     def begin(self) -> None:
         if self.sampled and self.generator is None:
@@ -261,6 +157,13 @@ class FactorRefinement:
                 fused=False if self.sampled else None,
             )
         self.targets = dense
+        if self.sampled and isinstance(self.delta, FactorTargets):
+            # Each step's sampled ΔW into one reused buffer: a fresh one per step faults its
+            # pages in anew (G x batch x d x k, 64 MiB in bf16 at 1B shape), as slow as the GEMM.
+            G, _, d, k = self.delta.shape
+            self.sample_buf = torch.empty(
+                G, self.batch, d, k, dtype=self.low, device=self.routing.device
+            )
         if dense is not None and self.work is not None and self.work.fused:
             # The fused steps compare every X with the same targets: map them to keys once.
             self.targets = order_keys(dense)
@@ -271,6 +174,11 @@ class FactorRefinement:
             gen = self.generator
             idx = torch.randperm(self.K, generator=gen, device=gen.device)[: self.batch]
             idx = idx.to(self.routing.device)
+            if self.sample_buf is not None and isinstance(self.delta, FactorTargets):
+                # FactorTargets.take(idx, self.low), written into the reused buffer
+                b, a = self.delta.scaled_B[:, idx], self.delta.A[:, idx]
+                taken = torch.matmul(b.to(self.low), a.to(self.low), out=self.sample_buf)
+                return taken, self.routing[:, idx]
             return take_targets(self.delta, idx, self.low), self.routing[:, idx]
         assert self.targets is not None  # not sampled: begin() formed every task's targets
         return self.targets, self.routing
@@ -300,13 +208,21 @@ class FactorRefinement:
             assert self.targets is not None  # tracked: every step saw every task, densely
             low = [t.to(self.low) for t in point]
             last = hard_routed_error(self.targets, low[0], low[1], self.routing, self.distance)
-        self.work = self.targets = None
+        self.release()
         if judged_low:
             return last, False
         return self.error(point), True
 
 
 def refine(
+    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AdamW on the hard-routed distance; see :func:`_refine` (its keyword arguments)."""
+    best_a, best_h, err, _ = _refine(delta, a, heads, routing, **kw)
+    return best_a, best_h, err
+
+
+def _refine(
     delta: Targets,
     a: torch.Tensor,
     heads: torch.Tensor,
@@ -319,7 +235,8 @@ def refine(
     tasks_per_step: int | None = None,
     generator: torch.Generator | None = None,
     momentum: float = 0.9,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_zero: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its errors.
 
     Args:
@@ -338,6 +255,8 @@ def refine(
             start and the last iterate are then compared on the full float32 error.
         generator: draws the tasks (required when sampling).
         momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
+        with_zero: also measure f(ΔW_i, 0) where the final evaluation passes over the targets
+            anyway (None where it did not).
 
     Returns:
         A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
@@ -351,8 +270,20 @@ def refine(
         precision=precision,
         tasks_per_step=tasks_per_step,
         generator=generator,
+        with_zero=with_zero,
     )
     (best_a, best_h), best_tasks = refine_parameters(
         problem, [a, heads], steps=steps, lr=lr, momentum=momentum
     )
-    return best_a, best_h, best_tasks
+    return best_a, best_h, best_tasks, problem.zero
+
+
+def refine_measured(
+    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor, Measured]:
+    """:func:`refine` (same arguments), with the errors and the zero yardstick as a
+    :class:`Measured`; the yardstick comes from the last evaluation's pass when it could."""
+    best_a, best_h, err, zero = _refine(delta, a, heads, routing, with_zero=True, **kw)
+    if zero is None:
+        zero = distance_to_zero(delta, kw["distance"])
+    return best_a, best_h, Measured(kw["distance"], err, zero)

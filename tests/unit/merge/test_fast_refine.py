@@ -277,3 +277,73 @@ def test_distance_to_zero_is_the_error_of_storing_nothing(distance):
         assert got.shape == (2, 11)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
     assert torch.equal(dense, kept)  # the in-place formulas worked on a copy
+
+
+class _OneByOne:
+    """A FactorRefinement seen only through the Parameterisation protocol: every point measured
+    on its own (the evaluation order before the one-pass one)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.best_from, self.check_every = inner.best_from, inner.check_every
+        self.hand_written = inner.hand_written
+
+    def __getattr__(self, name):
+        if name in ("errors", "release"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def begin(self):
+        self.inner.begin()
+        self.inner.sample_buf = None  # each step's targets freshly formed, as before
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("M", "lr"), [(1, 0.3), (3, 0.3), (11, 0.05), (3, 1e6)])
+def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_result(
+    M, lr, precision
+):
+    # Sampled steps look at no loss: the start and the last iterate are measured together after
+    # the loop (and the zero yardstick with them), and each step's sampled targets go into one
+    # reused buffer. The point and the errors must be those of measuring each on its own and
+    # forming fresh targets, bit for bit, including where the start wins (lr = 1e6).
+    from hydraopt.merge.measure import distance_to_zero
+    from hydraopt.merge.refine import (
+        FactorRefinement,
+        MeasuresTogether,
+        balance,
+        refine_measured,
+        refine_parameters,
+    )
+    from hydraopt.merge.targets import FactorTargets
+
+    stack = random_stack(G=3, K=11, d=9, k=8, r=2, seed=M)
+    lazy = FactorTargets(stack.A, stack.scaled_B)
+    routing = torch.randint(0, M, (3, 11), generator=torch.Generator().manual_seed(1))
+    routing[:, :M] = torch.arange(M)  # every head used
+    a, heads = balance(*closed_form_start(stack, routing, M))
+
+    def problem(wrap):
+        inner = FactorRefinement(
+            lazy, routing, distance="mae", num_heads=M, precision=precision, tasks_per_step=4,
+            generator=torch.Generator().manual_seed(5), with_zero=True,
+        )  # fmt: skip
+        return (_OneByOne(inner) if wrap else inner), inner
+
+    runs = []
+    for wrap in (False, True):
+        p, inner = problem(wrap)
+        assert isinstance(p, MeasuresTogether) != wrap
+        runs.append((refine_parameters(p, [a, heads], steps=8, lr=lr), inner.zero))
+    (got_point, got_err), zero = runs[0]
+    (want_point, want_err), none = runs[1]
+    for x, y in zip([*got_point, got_err], [*want_point, want_err], strict=True):
+        assert torch.equal(x, y)
+    assert none is None and zero is not None
+    assert torch.equal(zero, distance_to_zero(lazy, "mae"))
+    if lr > 1:  # the start won everywhere: kept exactly
+        assert torch.equal(got_point[0], a) and torch.equal(got_point[1], heads)
+    kw = dict(distance="mae", steps=8, lr=lr, tasks_per_step=4, precision=precision)
+    gen = torch.Generator().manual_seed(5)
+    _, _, measured = refine_measured(lazy, a, heads, routing, **kw, generator=gen)
+    assert torch.equal(measured.zero, zero)

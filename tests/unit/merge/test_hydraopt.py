@@ -14,7 +14,7 @@ from hydraopt.merge.distances import cos, fro, mae, mse
 from hydraopt.merge.hydraopt import HydraOptConfig
 from hydraopt.merge.measure import hard_routed_error
 from hydraopt.merge.paper import init_params, paper_solve
-from hydraopt.merge.refine import refine
+from hydraopt.merge.refine import refine, refine_measured
 from hydraopt.merge.registry import get_method
 
 CTX = MergeContext(num_tasks=3, num_factor_tensors=8)
@@ -290,9 +290,9 @@ def test_merge_refines_with_the_resolved_precisions_schedule(
 
     def spy(*args, **kwargs):
         seen.append((kwargs["steps"], kwargs["precision"], kwargs["momentum"]))
-        return refine(*args, **kwargs)
+        return refine_measured(*args, **kwargs)
 
-    monkeypatch.setattr(module, "refine", spy)
+    monkeypatch.setattr(module, "refine_measured", spy)
     cfg = HydraOptConfig(heads=1, refine_precision=precision)
     get_method("hydraopt").merge(
         random_stack(K=3), cfg, generator=torch.Generator().manual_seed(0), context=CTX

@@ -7,7 +7,12 @@ import torch
 from helpers import random_stack
 
 from hydraopt.merge.distances import get_distance
-from hydraopt.merge.measure import ERROR_BLOCK, hard_routed_error
+from hydraopt.merge.measure import (
+    ERROR_BLOCK,
+    distance_to_zero,
+    hard_routed_error,
+    hard_routed_errors,
+)
 from hydraopt.merge.targets import FactorTargets
 
 
@@ -27,3 +32,33 @@ def test_factor_targets_error_equals_the_dense_formula(distance, heads):
     got = hard_routed_error(targets, a, head_b, routing, distance)
     assert got.shape == (2, 20)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("distance", ["mae", "mse", "fro"])
+def test_one_pass_errors_equal_the_separate_evaluations_bit_for_bit(distance):
+    # Several points and the zero yardstick from one formation of each block's targets: the
+    # very numbers of hard_routed_error and distance_to_zero (the merge's results must not move).
+    stack = random_stack(G=2, K=ERROR_BLOCK * 2 + 3, d=7, k=6, r=2, seed=3)
+    targets = FactorTargets(stack.A, stack.scaled_B)
+    gen = torch.Generator().manual_seed(1)
+    K = stack.A.shape[1]
+    points = [
+        (torch.randn(2, 2, 6, generator=gen), torch.randn(2, heads, 7, 2, generator=gen))
+        for heads in (1, 3, K)
+    ]
+    routings = [torch.zeros(2, K, dtype=torch.long), torch.randint(0, 3, (2, K), generator=gen)]
+    routings.append(torch.arange(K).expand(2, K))
+    for (a, h), routing in zip(points, routings, strict=True):
+        pair = [(a, h), (a * 1.5, h)]
+        (first, second), zero = hard_routed_errors(targets, pair, routing, distance, with_zero=True)
+        assert torch.equal(first, hard_routed_error(targets, a, h, routing, distance))
+        assert torch.equal(second, hard_routed_error(targets, a * 1.5, h, routing, distance))
+        assert zero is not None
+        assert torch.equal(zero, distance_to_zero(targets, distance))
+    # Dense targets take the one-by-one path: the same numbers too.
+    a, h = points[1]
+    (dense_err,), none = hard_routed_errors(stack.delta(), [(a, h)], routings[1], distance)
+    assert none is None
+    torch.testing.assert_close(
+        dense_err, hard_routed_error(targets, a, h, routings[1], distance), rtol=1e-5, atol=1e-7
+    )
