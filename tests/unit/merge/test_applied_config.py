@@ -16,8 +16,8 @@ from hydraopt.cli.main import main
 from hydraopt.devices import resolve_precision
 from hydraopt.engine import resolve_config
 from hydraopt.io.bundle import META_NAME, load_bundle
-from hydraopt.kinds.vera.config import VeraHydraOptConfig
 from hydraopt.kinds.registry import get_kind
+from hydraopt.kinds.vera.config import VeraHydraOptConfig
 from hydraopt.kinds.vera.kind import VERA
 from hydraopt.merge.base import MergeContext, applied_config, build_config, config_to_dict
 from hydraopt.merge.hydraopt import HydraOptConfig
