@@ -23,7 +23,7 @@ from hydraopt.engine_chunks import (
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.kinds.registry import get_kind
-from hydraopt.merge.base import applied_config, build_config, method_heads
+from hydraopt.merge.base import build_config, method_heads
 from hydraopt.merge.registry import get_method
 from hydraopt.progress import ProgressArg, as_callback
 from hydraopt.results import Provenance
@@ -130,7 +130,6 @@ def merge_adapter_set(
         sources={info.task: str(info.path) for info in aset.adapters},
     )
     # Only the fields that applied (resolved), so the bundle says what ran.
-    recorded = applied_config(get_method(method), config, K, device=str(engine.device))
-    return get_kind(aset.kind).build_bundle(
-        aset, method, recorded, merged, provenance, bytes_per_param
-    )
+    kind = get_kind(aset.kind)
+    recorded = kind.applied_config(get_method(method), config, K, str(engine.device))
+    return kind.build_bundle(aset, method, recorded, merged, provenance, bytes_per_param)

@@ -19,14 +19,7 @@ import hydraopt.eval.finetune as finetune_module
 from hydraopt.cli import finetune as finetune_cli
 from hydraopt.eval.finetune import FinetuneConfig, finetune
 from hydraopt.eval.finetune_loop import target_loss
-from hydraopt.eval.generate import (
-    applied_adapter,
-    apply_lora_factors,
-    apply_peft_adapter,
-    generate,
-    lora_layers,
-    remove_adapters,
-)
+from hydraopt.eval.generate import applied_adapter, apply_peft_adapter, generate, remove_adapters
 from hydraopt.eval.tasks import (
     MAX_NEW_TOKENS,
     build_prompt,
@@ -34,6 +27,7 @@ from hydraopt.eval.tasks import (
     load_task,
     measure_max_new_tokens,
 )
+from hydraopt.kinds.lora.apply import apply_lora_factors, lora_layers
 from hydraopt.kinds.lora.finetune import init_lora_model, lora_A_fingerprint
 
 QUESTION = (

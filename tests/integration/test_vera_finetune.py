@@ -27,9 +27,10 @@ from hydraopt.cli import finetune as finetune_cli
 from hydraopt.cli.main import main
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.finetune import FinetuneConfig, finetune
-from hydraopt.eval.generate import applied_adapter, generate, lora_layers, remove_adapters
+from hydraopt.eval.generate import applied_adapter, generate, remove_adapters
 from hydraopt.eval.systems import BundleSystem, PerTaskLora, PerTaskVera
-from hydraopt.eval.vera_adapter import (
+from hydraopt.kinds.lora.apply import lora_layers
+from hydraopt.kinds.vera.apply import (
     VeraWeights,
     apply_vera_weights,
     vera_layers,

@@ -33,6 +33,7 @@ from hydraopt.cli.evaluate_merge import (
 )
 from hydraopt.errors import HydraoptError
 from hydraopt.eval.tasks import TASKS_ENV_VAR
+from hydraopt.kinds.names import KIND_TRAITS
 
 if TYPE_CHECKING:
     from hydraopt.eval.systems import System
@@ -40,7 +41,9 @@ if TYPE_CHECKING:
 DEFAULT_GROUP_SIZE = 64  # --group-size's default (hydraopt.quantized_bundle imports torch)
 # The baselines of the paper's Table 1: TA, TIES, DARE, DARE-TIES.
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-SYSTEM_KINDS = ("zero-shot", "lora", "vera", "bundle")
+# --system KIND=ROOT: the separate adapters of each adapter kind, between these two.
+SYSTEM_KINDS = ("zero-shot", *KIND_TRAITS, "bundle")
+QUANTIZED_WIDTHS = ("16", "8", "4")  # --system KIND@BITS, for kinds stored as factor pairs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -195,7 +198,9 @@ def parse_system(
             )
         return ZeroShot(zero_shot_label or "zero-shot")
     kind, at, width = kind.partition("@")
-    if kind not in SYSTEM_KINDS[1:] or (at and (kind != "lora" or width not in ("16", "8", "4"))):
+    traits = KIND_TRAITS.get(kind)
+    quantizable = traits is not None and traits.separate_factors and width in QUANTIZED_WIDTHS
+    if kind not in SYSTEM_KINDS[1:] or (at and not quantizable):
         raise HydraoptError(
             f"--system {spec!r}: unknown kind {kind + at + width!r}; use lora=ROOT, "
             f"lora@8=ROOT, lora@4=ROOT, vera=ROOT or bundle=DIR"
@@ -237,7 +242,7 @@ def merged_systems(args: argparse.Namespace, given: list[System]) -> list[System
     systems: list[System] = [*zero_shot]
     if not any(isinstance(s, separate) and s.root == root for s in given):
         systems.append(separate(root=root))
-    if kind == "lora":  # the fair baseline in bytes: the separate adapters at every width
+    if KIND_TRAITS[kind].separate_factors:  # the fair baseline in bytes: at every width
         for b in (int(w) for w in bits_values(args) if w != 16):
             if not any(
                 isinstance(s, QuantizedLora)

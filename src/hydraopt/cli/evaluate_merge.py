@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from hydraopt.cli.bits import bits_values
 from hydraopt.errors import HydraoptError
+from hydraopt.kinds.names import KIND_TRAITS
 
 if TYPE_CHECKING:
     from hydraopt.types import Bundle, VeraBundle
@@ -164,8 +165,12 @@ def build_budget_bundles(args: argparse.Namespace) -> list[Path]:
 
     tasks = list(args.tasks)
     kind = merge_kind(args)
-    if kind != "lora":
-        raise HydraoptError("--budget is for LoRA adapters; --merge-from holds VeRA adapters")
+    if not KIND_TRAITS[kind].separate_factors:  # budgets are shares of the factors' bytes
+        factored = " or ".join(t.display_name for t in KIND_TRAITS.values() if t.separate_factors)
+        raise HydraoptError(
+            f"--budget is for {factored} adapters; --merge-from holds "
+            f"{KIND_TRAITS[kind].display_name} adapters"
+        )
     bits = [int(b) for b in bits_values(args)]
     paths, todo = [], []
     for percent in budgets:

@@ -33,7 +33,7 @@ from hydraopt.quantized_bundle import DEFAULT_GROUP_SIZE, check_bits
 from hydraopt.types import ModuleSpec
 
 if TYPE_CHECKING:
-    from hydraopt.eval.generate import LoraFactorMap
+    from hydraopt.kinds.lora.apply import LoraFactorMap
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
-from hydraopt.kinds.registry import get_kind
+from hydraopt.kinds.registry import KINDS, get_kind, kind_of_peft_type
 from hydraopt.merge.base import SweepPoints
 from hydraopt.merge.registry import get_method, list_methods
 from hydraopt.types import Bundle, VeraBundle
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 _INFERENCE_IRRELEVANT_CONFIG = frozenset({"inference_mode"})
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-# adapter_config.json's peft_type -> the system kind that evaluates such dirs.
-_KIND_OF_PEFT_TYPE = {"LORA": "lora", "VERA": "vera"}
 _CHUNK = 1 << 20
 
 
@@ -229,7 +227,7 @@ class PerTaskVera(PerTaskAdapters):
     """One PEFT VeRA adapter dir per task (see :class:`PerTaskAdapters`).
 
     PEFT builds the VeRA layers from the dir (the saved projections included), exactly as
-    ``PeftModel.from_pretrained`` does; :func:`hydraopt.eval.vera_adapter.apply_vera_weights` is the
+    ``PeftModel.from_pretrained`` does; :func:`hydraopt.kinds.vera.apply.apply_vera_weights` is the
     in-memory equivalent and gives the same logits.
     """
 
@@ -256,12 +254,13 @@ def adapter_kind(directory: str | Path) -> str:
         peft_type = json.loads(path.read_text(encoding="utf-8")).get("peft_type")
     except (OSError, json.JSONDecodeError, AttributeError) as error:
         raise HydraoptError(f"cannot read {path}: {error}") from error
-    if peft_type not in _KIND_OF_PEFT_TYPE:
+    kind = kind_of_peft_type(peft_type) if isinstance(peft_type, str) else None
+    if kind is None:
         raise HydraoptError(
             f"{path}: peft_type {peft_type!r} is not evaluated here "
-            f"(supported: {sorted(_KIND_OF_PEFT_TYPE)})"
+            f"(supported: {sorted(k.peft_type for k in KINDS.values())})"
         )
-    return _KIND_OF_PEFT_TYPE[peft_type]
+    return kind.name
 
 
 @dataclass(frozen=True)

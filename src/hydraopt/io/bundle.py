@@ -2,7 +2,8 @@
 plus the kind's tensors (:mod:`hydraopt.kinds`).
 
 LoRA bundles are format version 1; VeRA bundles are version 2 with ``adapter_kind: "vera"``
-(docs/bundle-format.md). The container's names are re-exported here.
+(docs/bundle-format.md). The container's names are re-exported here, and LoRA's typed reader
+(:func:`hydraopt.kinds.lora.bundle.load_lora_bundle`) as ``load_bundle``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydraopt.errors import HydraoptError
 from hydraopt.io.container import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -20,8 +20,9 @@ from hydraopt.io.container import (
     read_bundle_meta,
 )
 from hydraopt.io.dtypes import DTYPES
+from hydraopt.kinds.lora.bundle import load_lora_bundle as load_bundle
+from hydraopt.kinds.names import LEGACY_BUNDLE_KIND
 from hydraopt.kinds.registry import get_kind
-from hydraopt.types import Bundle
 
 __all__ = [
     "DTYPES",
@@ -54,21 +55,4 @@ def save_bundle(
 def load_any_bundle(path: str | Path) -> Any:
     """Read a LoRA or a VeRA bundle directory (tensors as float32)."""
     meta = read_bundle_meta(path)
-    return get_kind(meta.get("adapter_kind", "lora")).load_bundle(Path(path), meta)
-
-
-def load_bundle(path: str | Path) -> Bundle:
-    """Read a LoRA bundle directory written by :func:`save_bundle` (tensors as float32).
-
-    Raises:
-        HydraoptError: for anything but a readable LoRA bundle (a VeRA bundle included: read
-            those with :func:`load_any_bundle`).
-    """
-    meta = read_bundle_meta(path)
-    kind = meta.get("adapter_kind", "lora")
-    if kind != "lora":
-        raise HydraoptError(
-            f"{path}: a {kind.upper()} bundle has no LoRA factors; read it with "
-            "hydraopt.load_any_bundle or export it (hydraopt export) to PEFT adapter dirs"
-        )
-    return get_kind("lora").load_bundle(Path(path), meta)
+    return get_kind(meta.get("adapter_kind", LEGACY_BUNDLE_KIND)).load_bundle(Path(path), meta)

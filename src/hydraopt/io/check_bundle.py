@@ -22,8 +22,9 @@ import torch
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.names import check_task_names
+from hydraopt.kinds.names import KIND_TRAITS, LEGACY_BUNDLE_KIND
 
-ADAPTER_KINDS = ("lora", "vera")
+ADAPTER_KINDS = tuple(KIND_TRAITS)
 
 # A kind's own checks of its tensors and fields: (meta, tensors, tasks, modules, where), run after
 # the kind-independent ones below (so tasks, modules and routing are already sound).
@@ -47,7 +48,7 @@ def check_bundle_header(meta: dict[str, Any], where: str | Path) -> None:
     version = meta.get("format_version")
     if not is_int(version) or version < 1:
         raise HydraoptError(f"{where}: format_version must be an integer >= 1, got {version!r}")
-    kind = meta.get("adapter_kind", "lora")
+    kind = meta.get("adapter_kind", LEGACY_BUNDLE_KIND)
     if kind not in ADAPTER_KINDS:
         raise HydraoptError(f"{where}: adapter_kind must be one of {ADAPTER_KINDS}, got {kind!r}")
 

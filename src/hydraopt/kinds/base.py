@@ -99,6 +99,13 @@ class AdapterKind(Protocol):
         """The config class ``method`` takes for this kind (refuses a method that has none)."""
         ...
 
+    def applied_config(
+        self, method: MergeMethod, config: Any, num_tasks: int, device: str
+    ) -> dict[str, Any]:
+        """The fields of ``config`` (this kind's config for ``method``) that applied to a merge
+        of K = ``num_tasks`` adapters, resolved: what the bundle records as its ``config``."""
+        ...
+
     def merge_group(
         self,
         method: MergeMethod,

@@ -83,7 +83,8 @@ class MergeMethod(Protocol):
 
     # Optional: ``applied_config(config, num_tasks, device) -> dict``, the fields of ``config`` that a
     # merge of K = num_tasks adapters uses, resolved; see :func:`applied_config` (a method
-    # without it records every field).
+    # without it records every field). A method whose VeRA config is its own class names that
+    # config's fields with ``applied_vera_config(config, num_tasks) -> dict``.
 
 
 @runtime_checkable

@@ -63,35 +63,26 @@ class HydraOpt:
         return f"{self.name} M={num_heads}"
 
     def applied_config(
-        self, config: HydraOptConfig | VeraHydraOptConfig, num_tasks: int, device: str = "cpu"
+        self, config: HydraOptConfig, num_tasks: int, device: str = "cpu"
     ) -> dict[str, Any]:
         """The fields the chosen solver reads for K = ``num_tasks``, the refinement schedule
         worked out (see :meth:`merge`: M = 1 and M = K route without a search, so ``restarts``
         is unused there; ``mse`` skips the refinement, so its fields are unused)."""
-        if isinstance(config, HydraOptConfig) and config.solver == "paper":
+        if config.solver == "paper":
             scale = config.resolved_head_scale(num_tasks)
             return select_fields(config, PAPER_FIELDS, head_scale=scale)
-        # solver, head_scale: LoRA; shared: VeRA
-        used = {"heads", "distance", "solver", "shared", "head_scale"}
-        if 1 < config.heads < num_tasks:
-            used.add("restarts")
-        resolved: dict[str, Any] = {}
-        if isinstance(config, VeraHydraOptConfig):
-            steps, lr = config.refine_steps, config.refine_lr
-        else:
-            # The schedule depends on the precision path the merge's device takes (issue 22).
-            precision = resolve_precision(config.refine_precision, torch.device(device))
-            steps, lr = config.refine_schedule(num_tasks, precision)
-            resolved["refine_precision"] = precision
-            resolved["head_scale"] = config.resolved_head_scale(num_tasks)
-        if config.distance != "mse":
-            used.add("refine_steps")
-            if steps > 0:
-                used |= {"refine_lr", "refine_precision", "refine_tasks"}  # the last two: LoRA
-                # The median start needs the dense targets, formed only when every task is seen.
-                if config.distance == "mae" and getattr(config, "refine_tasks", 0) >= num_tasks:
-                    used.add("start")
-        return select_fields(config, used, refine_steps=steps, refine_lr=lr, **resolved)
+        # The schedule depends on the precision path the merge's device takes (issue 22).
+        precision = resolve_precision(config.refine_precision, torch.device(device))
+        steps, lr = config.refine_schedule(num_tasks, precision)
+        resolved = {
+            "refine_precision": precision,
+            "head_scale": config.resolved_head_scale(num_tasks),
+        }
+        return _applied_fast(config, num_tasks, steps, lr, resolved)
+
+    def applied_vera_config(self, config: VeraHydraOptConfig, num_tasks: int) -> dict[str, Any]:
+        """:meth:`applied_config` for VeRA adapters (the kind calls it): the set schedule."""
+        return _applied_fast(config, num_tasks, config.refine_steps, config.refine_lr, {})
 
     def merge(
         self,
@@ -186,3 +177,26 @@ class HydraOpt:
 
         method_heads(self, config, stack.lambda_b.shape[1])
         return merge_vera_hydraopt(stack, config, generator=generator)
+
+
+def _applied_fast(
+    config: HydraOptConfig | VeraHydraOptConfig,
+    num_tasks: int,
+    steps: int,
+    lr: float,
+    resolved: dict[str, Any],
+) -> dict[str, Any]:
+    """The fast solver's fields that apply for K = ``num_tasks``, ``steps`` and ``lr`` of the
+    refinement resolved (and ``resolved``'s other fields)."""
+    # solver, head_scale: LoRA; shared: VeRA
+    used = {"heads", "distance", "solver", "shared", "head_scale"}
+    if 1 < config.heads < num_tasks:
+        used.add("restarts")
+    if config.distance != "mse":
+        used.add("refine_steps")
+        if steps > 0:
+            used |= {"refine_lr", "refine_precision", "refine_tasks"}  # the last two: LoRA
+            # The median start needs the dense targets, formed only when every task is seen.
+            if config.distance == "mae" and getattr(config, "refine_tasks", 0) >= num_tasks:
+                used.add("start")
+    return select_fields(config, used, refine_steps=steps, refine_lr=lr, **resolved)

@@ -58,7 +58,8 @@ def test_applied_weights_equal_a_hand_quantization_and_peft_from_disk(
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from hydraopt.eval.generate import applied_adapter, lora_layers, lora_weights
+    from hydraopt.eval.generate import applied_adapter
+    from hydraopt.kinds.lora.apply import lora_layers, lora_weights
 
     system = QuantizedLora(root, TASKS, bits, group_size)
     system.check_tasks(TASKS)

@@ -16,7 +16,9 @@ from hydraopt.cli.main import main
 from hydraopt.devices import resolve_precision
 from hydraopt.engine import resolve_config
 from hydraopt.io.bundle import META_NAME, load_bundle
+from hydraopt.kinds.registry import get_kind
 from hydraopt.kinds.vera.config import VeraHydraOptConfig
+from hydraopt.kinds.vera.kind import VERA
 from hydraopt.merge.base import MergeContext, applied_config, build_config, config_to_dict
 from hydraopt.merge.hydraopt import HydraOptConfig
 from hydraopt.merge.registry import get_method, list_methods
@@ -93,7 +95,7 @@ CASES = [(name, {}, "lora") for name in CLASSIC] + [
 def test_fields_left_out_do_not_change_the_result(name: str, options: dict, kind: str) -> None:
     config = resolve_config(name, options, K, kind)
     want = merge(name, config, kind)
-    recorded = applied_config(get_method(name), config, K)
+    recorded = get_kind(kind).applied_config(get_method(name), config, K, "cpu")
     assert same(merge(name, build_config(type(config), recorded), kind), want)
     for field in [f.name for f in dataclasses.fields(config) if f.name not in recorded]:
         if field in ("heads", "budget"):  # heads: only checked against the M the method fixes
@@ -147,7 +149,7 @@ def test_what_each_method_records() -> None:
         "temperature": 0.2,
         "head_scale": 1.0,
     }
-    assert applied_config(hydra, VeraHydraOptConfig(heads=2), K) == {
+    assert VERA.applied_config(hydra, VeraHydraOptConfig(heads=2), K, "cpu") == {
         "heads": 2,
         "distance": "mae",
         "shared": "lambda_d",

@@ -25,12 +25,14 @@ from hydraopt.io.container import (
     TENSORS_NAME,
     bundle_fields,
     provenance_meta,
+    read_bundle_meta,
     read_bundle_quantized,
     write_bundle_dir,
 )
 from hydraopt.io.dtypes import DTYPES
 from hydraopt.io.keys import lora_key
 from hydraopt.kinds.lora.check_bundle import check_lora_bundle
+from hydraopt.kinds.lora.traits import LORA_TRAITS
 from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import LORA_LAYOUTS, LoraRecord, MergedModule
 from hydraopt.types import Bundle, ModuleSpec
@@ -87,6 +89,24 @@ def with_lora_tensors(
         meta = {"name": spec.name, "d": spec.d, "k": spec.k, "r": spec.r, **module.module_meta()}
         merged[spec.name] = type(module).from_tensors(own, meta, module.routing)
     return dataclasses.replace(bundle, merged=merged, quantized=dict(quantized))
+
+
+def load_lora_bundle(path: str | Path) -> Bundle:
+    """Read a LoRA bundle directory written by :func:`save_lora_bundle` (tensors as float32);
+    ``hydraopt.load_bundle``.
+
+    Raises:
+        HydraoptError: for anything but a readable LoRA bundle (a VeRA bundle included: read
+            those with :func:`hydraopt.io.bundle.load_any_bundle`).
+    """
+    meta = read_bundle_meta(path)
+    kind = meta.get("adapter_kind", LORA_TRAITS.name)  # version 1 bundles have no field: LoRA
+    if kind != LORA_TRAITS.name:
+        raise HydraoptError(
+            f"{path}: a {kind.upper()} bundle has no LoRA factors; read it with "
+            "hydraopt.load_any_bundle or export it (hydraopt export) to PEFT adapter dirs"
+        )
+    return load_lora_bundle_from_meta(Path(path), meta)
 
 
 def load_lora_bundle_from_meta(path: Path, meta: dict[str, Any]) -> Bundle:

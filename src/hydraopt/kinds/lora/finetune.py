@@ -16,8 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from hydraopt.eval.finetune_config import FinetuneConfig
-from hydraopt.eval.generate import lora_layers, lora_weights
 from hydraopt.kinds.base import FinetuneRecipe
+from hydraopt.kinds.lora.apply import lora_layers, lora_weights
 
 
 def init_lora_model(model: PreTrainedModel, config: FinetuneConfig) -> PeftModel:

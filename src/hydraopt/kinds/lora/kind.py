@@ -18,7 +18,8 @@ from hydraopt.kinds.lora.bundle import (
 )
 from hydraopt.kinds.lora.check_bundle import check_lora_bundle
 from hydraopt.kinds.lora.load import AdapterSet, load_lora_adapter_set
-from hydraopt.merge.base import MergeContext, MergeMethod
+from hydraopt.kinds.lora.traits import LORA_TRAITS
+from hydraopt.merge.base import MergeContext, MergeMethod, applied_config
 from hydraopt.merge.targets import FactorTargets
 from hydraopt.results import LoraRecord, Provenance
 from hydraopt.storage import records_storage_report
@@ -28,11 +29,11 @@ from hydraopt.types import Bundle, ModuleSpec
 class LoraKind:
     """PEFT LoRA adapters (``peft_type: "LORA"``); see :class:`hydraopt.kinds.base.AdapterKind`."""
 
-    name = "lora"
-    display_name = "LoRA"
-    peft_type = "LORA"
+    name = LORA_TRAITS.name
+    display_name = LORA_TRAITS.display_name
+    peft_type = LORA_TRAITS.peft_type
+    separate_factors = LORA_TRAITS.separate_factors
     frozen_tensors: tuple[str, ...] = ()
-    separate_factors = True
 
     def load_adapter_set(
         self,
@@ -50,6 +51,11 @@ class LoraKind:
 
     def config_class(self, method: MergeMethod) -> type:
         return method.config_class
+
+    def applied_config(
+        self, method: MergeMethod, config: Any, num_tasks: int, device: str
+    ) -> dict[str, Any]:
+        return applied_config(method, config, num_tasks, device=device)
 
     def merge_group(
         self,

@@ -8,7 +8,8 @@ Modules: ``projections`` (PEFT-exact regeneration of A and B), ``shapes`` (each 
 features), ``load`` (adapter dirs -> a lazy ``VeraAdapterSet``; the io edge), ``config`` (the
 typed HydraOpt-on-VeRA config), ``solve`` (pure tensor closed form and routing), ``merge``
 (HydraOpt's ``merge_vera``: closed form + refinement), ``bundle`` (bundle files and PEFT export),
-``analysis`` (λd / λb similarity across tasks), ``kind`` (the
+``analysis`` (λd / λb similarity across tasks), ``apply`` (VeRA weights applied to a model in
+memory), ``traits`` (torch-free name and PEFT type), ``kind`` (the
 :class:`~hydraopt.kinds.base.AdapterKind` implementation). The classic merges' ``merge_vera`` lives with
 them in :mod:`hydraopt.merge.classic`.
 """

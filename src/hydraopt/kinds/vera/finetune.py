@@ -14,8 +14,8 @@ from peft import PeftModel, VeraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from hydraopt.eval.finetune_config import FinetuneConfig
-from hydraopt.eval.vera_adapter import vera_projections
 from hydraopt.kinds.base import FinetuneRecipe
+from hydraopt.kinds.vera.apply import vera_projections
 
 
 def init_vera_model(model: PreTrainedModel, config: FinetuneConfig) -> PeftModel:

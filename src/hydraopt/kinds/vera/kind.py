@@ -21,7 +21,8 @@ from hydraopt.kinds.vera.bundle import (
 )
 from hydraopt.kinds.vera.check_bundle import check_vera_bundle
 from hydraopt.kinds.vera.load import VeraAdapterSet, load_vera_adapter_set
-from hydraopt.merge.base import MergeContext, MergeMethod
+from hydraopt.kinds.vera.traits import VERA_TRAITS
+from hydraopt.merge.base import MergeContext, MergeMethod, applied_config
 from hydraopt.results import MergedVeraModule, Provenance
 from hydraopt.storage import vera_storage_report
 from hydraopt.types import ModuleSpec, VeraBundle
@@ -30,10 +31,10 @@ from hydraopt.types import ModuleSpec, VeraBundle
 class VeraKind:
     """PEFT VeRA adapters (``peft_type: "VERA"``); see :class:`hydraopt.kinds.base.AdapterKind`."""
 
-    name = "vera"
-    display_name = "VeRA"
-    peft_type = "VERA"
-    separate_factors = False  # its trainable part is the λ vectors: another yardstick
+    name = VERA_TRAITS.name
+    display_name = VERA_TRAITS.display_name
+    peft_type = VERA_TRAITS.peft_type
+    separate_factors = VERA_TRAITS.separate_factors  # its trainable part is the λ vectors
     frozen_tensors: tuple[str, ...] = (
         VERA_FROZEN  # shared projections: bit-equal to the training ones, uncounted
     )
@@ -55,6 +56,16 @@ class VeraKind:
         if method.vera_config_class is None:
             raise HydraoptError(f"method {method.name!r} does not merge VERA adapters")
         return method.vera_config_class
+
+    def applied_config(
+        self, method: MergeMethod, config: Any, num_tasks: int, device: str
+    ) -> dict[str, Any]:
+        # A method with a VeRA config of its own (HydraOpt) records it with its VeRA entry point;
+        # the others take one config for both kinds.
+        own = getattr(method, "applied_vera_config", None)
+        if own is None:
+            return applied_config(method, config, num_tasks, device=device)
+        return dict(own(config, num_tasks))
 
     def merge_group(
         self,
@@ -146,7 +157,7 @@ class VeraKind:
         """The shared projections and the task's routed (λb, λd) per module: the very numbers
         the bundle's PEFT export holds (its projections are float32 in both)."""
         # Imported here: the in-memory VeRA layers need peft, which merging does not.
-        from hydraopt.eval.vera_adapter import VeraWeights
+        from hydraopt.kinds.vera.apply import VeraWeights
 
         vera_a, vera_b = bundle.projections
         return VeraWeights(vera_a, vera_b, bundle.task_vectors(task))

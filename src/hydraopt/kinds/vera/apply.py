@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel, VeraConfig, get_peft_model
 from peft.tuners.vera import VeraLayer, VeraModel
 
-from hydraopt.eval.generate import linear_module, module_name
+from hydraopt.eval.linear_layers import linear_module, module_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -34,7 +34,7 @@ class VeraWeights:
         vera_A: (r, k_max) shared down-projection.
         vera_B: (d_max, r) shared up-projection.
         lambdas: module name -> ``(λb (d,), λd (r,))``; names as in
-            :func:`hydraopt.eval.generate.apply_lora_factors`.
+            :func:`hydraopt.kinds.lora.apply.apply_lora_factors`.
     """
 
     vera_A: torch.Tensor
