@@ -285,14 +285,14 @@ def test_sweep_tolerance_stops_each_module_on_its_own():
     stops = []
     for g in range(3):
         A, B = a64[g : g + 1], b64[g : g + 1]
-        U, V = hosvd(A, B, 4)
-        before = float(squared_error(A, B, full_cores(A, B, U, V))[0])
+        _, V = hosvd(A, B, 4)
+        before = math.inf
         n = 0
-        while n < 30:  # the reference: its own loop, its own stopping sweep
+        while n < 30:  # the reference: its own loop, its own stopping sweep (the second or later)
             n += 1
             U, V = hooi_sweep(A, B, V)
             after = float(squared_error(A, B, full_cores(A, B, U, V))[0])
-            if before - after <= tol * before:
+            if n > 1 and before - after <= tol * before:
                 break
             before = after
         stops.append(n)
