@@ -304,3 +304,19 @@ def test_sweep_tolerance_stops_each_module_on_its_own():
     assert min(stops) < 30 and len(set(stops)) > 1  # modules stopped early, at different sweeps
     exact = closed_form(a64, b64, 4, "full", sweeps=30)  # tol = 0: all 30 sweeps
     assert bool((exact.squared_error <= grouped.squared_error * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize(("d", "k"), [(10, 16), (16, 10)])  # K r = 12: one side many-task wide
+def test_float32_many_tasks_agrees_with_float64(d, k):
+    """Float32 adapters with K r > min(d, k) are fitted in float32 (working_dtype), the narrow
+    side's small Gram in float64: same squared error as the float64 fit to float32 rounding, and
+    orthonormal U, V."""
+    stack = random_stack(G=2, K=4, d=d, k=k, r=3, seed=21)
+    lo = closed_form(stack.A, stack.scaled_B, 5, "full", sweeps=3)
+    hi = closed_form(stack.A.double(), stack.scaled_B.double(), 5, "full", sweeps=3)
+    assert lo.U.dtype == torch.float32
+    torch.testing.assert_close(lo.squared_error.double(), hi.squared_error, rtol=1e-5, atol=0)
+    eye = torch.eye(5, dtype=torch.float64)
+    for basis in (lo.U, lo.V):
+        gram = basis.double().transpose(1, 2) @ basis.double()
+        torch.testing.assert_close(gram, eye.expand_as(gram), atol=1e-5, rtol=0)
