@@ -126,18 +126,23 @@ def top_eigh(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def top_left_singular(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` left singular vectors (G, n, R) of x (G, n, m) and their σ² (G, R).
 
-    Through the smaller Gram: xᵀx (m x m, then U = x w / σ) when m <= n, else x xᵀ. Directions
-    with no energy (a rank-deficient x) are completed to an orthonormal set: they carry nothing,
-    but the cores and the export need R orthonormal columns.
+    Through the smaller Gram: xᵀx (m x m, then U = x w / σ) when m <= n, else x xᵀ (in x's
+    dtype: float32 for many tasks, see :func:`working_dtype`). Directions with no energy (a
+    rank-deficient x) are completed to an orthonormal set: they carry nothing, but the cores
+    and the export need R orthonormal columns.
     """
     G, n, m = x.shape
     if m <= n:
-        vals, w = top_eigh(x.transpose(1, 2) @ x, min(rank, m))  # (G, R'), (G, m, R')
+        # The small m x m Gram in float64 whatever x's dtype: U = x w / σ needs σ accurate
+        # down to the 1e-10 cut, or near-empty directions come out non-orthonormal.
+        x64 = x.to(torch.float64)
+        vals, w = top_eigh(x64.transpose(1, 2) @ x64, min(rank, m))  # (G, R'), (G, m, R')
         vals = vals.clamp_min(0.0)
         sigma = vals.sqrt()
         tiny = sigma <= sigma[:, :1].clamp_min(1e-300) * 1e-10
-        u = (x @ w) / torch.where(tiny, 1.0, sigma)[:, None, :]  # (G, n, R')
-        u = torch.where(tiny[:, None, :], 0.0, u)
+        u = (x64 @ w) / torch.where(tiny, 1.0, sigma)[:, None, :]  # (G, n, R')
+        u = torch.where(tiny[:, None, :], 0.0, u).to(x.dtype)
+        vals = vals.to(x.dtype)
     else:
         vals, u = top_eigh(x @ x.transpose(1, 2), rank)
         vals = vals.clamp_min(0.0)
@@ -179,16 +184,25 @@ def triangular_factor(x: torch.Tensor) -> torch.Tensor:
 
 def hosvd(A: torch.Tensor, scaled_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HOSVD start: U (G, d, R) and V (G, k, R) from the factors A (G, K, r, k), B (G, K, d, r)."""
-    G, K, r, k = A.shape
-    d = scaled_B.shape[2]
+    return hosvd_left(A, scaled_B, rank), hosvd_right(A, scaled_B, rank)
+
+
+def hosvd_left(A: torch.Tensor, scaled_B: torch.Tensor, rank: int) -> torch.Tensor:
+    """U (G, d, R) of the HOSVD: top-R left singular vectors of [ΔW_1 ... ΔW_K]."""
+    G, K, r, _ = A.shape
     # ΔW_i ΔW_iᵀ = B_i (A_i A_iᵀ) B_iᵀ = (B_i R_iᵀ)(B_i R_iᵀ)ᵀ with A_iᵀ = Q_i R_i.
     r_a = triangular_factor(A.transpose(-1, -2))  # (G, K, r, r)
     left = scaled_B @ r_a.transpose(-1, -2)  # (G, K, d, r)
-    r_b = triangular_factor(scaled_B)  # (G, K, r, r)
+    d = scaled_B.shape[2]
+    return top_left_singular(left.permute(0, 2, 1, 3).reshape(G, d, K * r), rank)[0]
+
+
+def hosvd_right(A: torch.Tensor, scaled_B: torch.Tensor, rank: int) -> torch.Tensor:
+    """V (G, k, R) of the HOSVD: top-R right singular vectors of [ΔW_1; ...; ΔW_K]."""
+    G, K, r, k = A.shape
+    r_b = triangular_factor(scaled_B)  # (G, K, r, r): ΔW_iᵀ ΔW_i = A_iᵀ R_bᵀ R_b A_i
     right = A.transpose(-1, -2) @ r_b.transpose(-1, -2)  # (G, K, k, r)
-    U, _ = top_left_singular(left.permute(0, 2, 1, 3).reshape(G, d, K * r), rank)
-    V, _ = top_left_singular(right.permute(0, 2, 1, 3).reshape(G, k, K * r), rank)
-    return U, V
+    return top_left_singular(right.permute(0, 2, 1, 3).reshape(G, k, K * r), rank)[0]
 
 
 def full_cores(
@@ -208,7 +222,9 @@ def diagonal_cores(
 
 
 def hooi_sweep(
-    A: torch.Tensor, scaled_B: torch.Tensor, V: torch.Tensor
+    A: torch.Tensor,
+    scaled_B: torch.Tensor,
+    V: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Tucker-2 sweep: U for the given V, then V for that U (each an exact maximiser).
 
@@ -324,8 +340,22 @@ def squared_error(
     """Σ_i ||ΔW_i||² - Σ_i ||S_i||² (G,): the error of least-squares cores on orthonormal U, V."""
     if energy is None:
         energy = total_energy(A, scaled_B)
-    kept = cores.square().flatten(1).sum(1)
+    kept = cores.to(energy.dtype).square().flatten(1).sum(1)
     return (energy - kept).clamp_min(0.0)
+
+
+def working_dtype(A: torch.Tensor, d: int, k: int) -> torch.dtype:
+    """float64, or A's own dtype where the tasks outnumber the module's width (K r > min(d, k)).
+
+    Few tasks (K r <= d, k): every Gram is K r x K r or smaller and float64 costs nothing, so
+    the exactness guarantees hold to float64 for float32 adapters. Many tasks: the d x d and
+    k x k Grams of d x K r matrices, their eigh and the products around them were the whole
+    cost (K = 100 at SmolLM2 shape, issue 18), and float32 halves it; the errors that steer
+    the sweeps and the budget (energies summed in float64) move by ~1e-6 relative, far below
+    the sweeps' 1e-3 stopping tolerance.
+    """
+    K, r = A.shape[1], A.shape[2]
+    return A.dtype if K * r > min(d, k) else torch.float64
 
 
 def closed_form(
@@ -337,7 +367,10 @@ def closed_form(
     cp_sweeps: int = 0,
     tol: float = 0.0,
 ) -> MergedBasisStack:
-    """U, V and the cores minimising the squared Frobenius error (HOSVD + sweeps), in float64.
+    """U, V and the cores minimising the squared Frobenius error (HOSVD + sweeps).
+
+    In float64, or for many tasks in A's dtype (:func:`working_dtype`); diagonal cores always
+    continue in float64.
 
     Args:
         A: (G, K, r, k); scaled_B: (G, K, d, r), LoRA scale folded in.
@@ -346,8 +379,9 @@ def closed_form(
         sweeps: alternating sweeps after the HOSVD start (diagonal: as many Procrustes sweeps
             again after the full-core ones, then ``cp_sweeps`` CP-ALS sweeps).
         cp_sweeps: diagonal cores: CP-ALS sweeps with free U, V (0: orthonormal U, V).
-        tol: a module stops sweeping once a sweep lowers its squared error by less than ``tol``
-            of it (0: always ``sweeps`` sweeps); the loop ends when all have stopped.
+        tol: a module stops sweeping once a sweep (the second or later) lowers its squared
+            error by less than ``tol`` of it (0: always ``sweeps`` sweeps); the loop ends when
+            all have stopped.
 
     Returns:
         The stack in A's dtype; ``squared_error`` from the float64 factors.
@@ -356,27 +390,36 @@ def closed_form(
     d = scaled_B.shape[2]
     if not 1 <= rank <= min(d, k):
         raise HydraoptError(f"rank R must be in [1, min(d, k) = {min(d, k)}], got {rank}")
-    a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
-    U, V = hosvd(a64, b64, rank)
-    cores = full_cores(a64, b64, U, V)  # (G, K, R, R)
-    energy = total_energy(a64, b64)  # (G,)
-    before = squared_error(a64, b64, cores, energy)
-    done = torch.zeros_like(before, dtype=torch.bool)  # (G,) modules whose sweeps stopped
-    for _ in range(sweeps):
-        new_U, new_V = hooi_sweep(a64, b64, V)
+    work = working_dtype(A, d, k)
+    a, b = A.to(work), scaled_B.to(work)
+    energy = total_energy(A.to(torch.float64), scaled_B.to(torch.float64))  # (G,)
+    # A sweep's U step reads only V, so with sweeps the HOSVD's U is never used: it is not
+    # computed (a d x d Gram and its eigh). The first sweep always runs; the tolerance then
+    # compares each sweep with the one before.
+    V = hosvd_right(a, b, rank)
+    if sweeps == 0:
+        U = hosvd_left(a, b, rank)
+        cores = full_cores(a, b, U, V)  # (G, K, R, R)
+    done = torch.zeros_like(energy, dtype=torch.bool)  # (G,) modules whose sweeps stopped
+    before = energy  # (G,) the previous sweep's squared error, set by the first sweep
+    for i in range(sweeps):
+        new_U, new_V = hooi_sweep(a, b, V)
         # A stopped module keeps its factors, so each module's result is the one it gets alone,
         # whatever group (chunk) the engine put it in.
-        U = torch.where(done[:, None, None], U, new_U)
+        U = new_U if i == 0 else torch.where(done[:, None, None], U, new_U)
         V = torch.where(done[:, None, None], V, new_V)
-        cores = full_cores(a64, b64, U, V)
+        cores = full_cores(a, b, U, V)
         if tol > 0:
-            after = squared_error(a64, b64, cores, energy)
-            # Later sweeps gain less than this one did (measured on SmolLM2-shape modules:
-            # relative drops 2e-3, 6e-4, 5e-4, 3e-4, ... at R = 16; < 1e-5 after one at R = 64).
-            done |= before - after <= tol * before
+            after = squared_error(a, b, cores, energy)
+            if i > 0:
+                # Later sweeps gain less than this one did (measured on SmolLM2-shape modules:
+                # relative drops 2e-3, 6e-4, 5e-4, 3e-4, ... at R = 16; < 1e-5 at R = 64).
+                done |= before - after <= tol * before
+                if bool(done.all()):
+                    break
             before = after
-            if bool(done.all()):
-                break
+    a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
+    U, V, cores = U.to(torch.float64), V.to(torch.float64), cores.to(torch.float64)
     if core == "diagonal":
         U, V = diagonalising_rotation(U, V, cores)
         cores = diagonal_cores(a64, b64, U, V)

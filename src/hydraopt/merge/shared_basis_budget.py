@@ -31,6 +31,7 @@ from hydraopt.merge.shared_basis import (
     diagonalising_rotation,
     full_cores,
     hosvd,
+    working_dtype,
 )
 
 
@@ -82,13 +83,16 @@ def rank_curves(
     d = scaled_B.shape[2]
     a64, b64 = A.to(torch.float64), scaled_B.to(torch.float64)
     top = max_rank(d, k, r, K) if top is None else min(top, max_rank(d, k, r, K))
-    U, V = hosvd(a64, b64, top)
-    cores = full_cores(a64, b64, U, V)  # (G, K, top, top)
+    work = working_dtype(A, d, k)  # float32 for many tasks, as the merge (issue 18)
+    a, b = A.to(work), scaled_B.to(work)
+    U, V = hosvd(a, b, top)
     if core == "full":
-        energy = cores.square().sum(1).cumsum(1).cumsum(2)  # (G, top, top)
+        cores = full_cores(a, b, U, V)  # (G, K, top, top)
+        energy = cores.square().sum(1).to(torch.float64).cumsum(1).cumsum(2)  # (G, top, top)
         captured = torch.diagonal(energy, dim1=1, dim2=2)  # (G, top)
     else:
-        U, V = diagonalising_rotation(U, V, cores)
+        U, V = U.to(torch.float64), V.to(torch.float64)
+        U, V = diagonalising_rotation(U, V, full_cores(a64, b64, U, V))
         per_dir = diagonal_cores(a64, b64, U, V).square().sum(1)  # (G, top)
         captured = per_dir.sort(dim=1, descending=True).values.cumsum(1)
     total = total_energy(a64, b64)  # (G,)
