@@ -21,11 +21,12 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from profile_merge import timed  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
@@ -78,17 +79,6 @@ def time_phases(seconds: dict[str, float]) -> None:
         if f is not None:
             key = f"{module_name.rsplit('.', 1)[-1]}.{name}"
             setattr(module, name, timed(seconds, key, f))
-
-
-def timed(seconds: dict[str, float], key: str, f: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return f(*args, **kwargs)
-        finally:
-            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-
-    return wrapper
 
 
 def merge_once(args: argparse.Namespace) -> None:
