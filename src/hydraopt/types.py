@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 
 from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import (
     LoraRecord,
+    LoraView,
     MergedVeraModule,
     Provenance,
     StorageReport,
@@ -143,16 +144,15 @@ class Bundle:
         i = self.tasks.index(task)
         return {name: (m.A, m.heads[int(m.routing[i])]) for name, m in self.merged.items()}
 
-    def lora_view(self) -> dict[str, LoraView]:
+    def lora_view(self, factored: bool = False) -> dict[str, LoraView]:
         """Per module the merge in LoRA form: A' (r, k), heads (M, d, r) scale folded in, routing.
 
         A LoRA bundle already is that form (float32 as loaded). Every bundle kind has this
         method, so a reader that applies ΔW'_i = heads[routing[i]] @ A' serves any kind.
+        ``factored=True`` keeps a record's shared left factor apart where it has one (``basis``,
+        heads in it; see :class:`LoraView`), so that it is held once, not folded into K heads.
         """
-        return {
-            name: LoraView(m.A.float(), m.heads.float(), m.routing)
-            for name, m in self.merged.items()
-        }
+        return {name: m.lora_view(factored) for name, m in self.merged.items()}
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,11 @@ class VeraBundle:
             )
         return out
 
-    def lora_view(self) -> dict[str, LoraView]:
+    def lora_view(self, factored: bool = False) -> dict[str, LoraView]:
         """Per module the merge in LoRA form: A' (r, k), heads (M, d, r), routing (K,).
+
+        ``factored`` is accepted for the interface's sake: a VeRA merge has no shared left
+        factor to keep apart (its λb rows scale B per task).
 
         Through :meth:`MergedVeraStack.as_lora` with the module's projection slices
         ``vera_A[:, :k]`` and ``vera_B[:d, :]`` (PEFT's slices), so ΔW'_i = heads[routing[i]] @ A'
@@ -236,19 +239,3 @@ class VeraBundle:
             )  # (1, r, k), (1, M, d, r)
             out[spec.name] = LoraView(a[0].contiguous(), heads[0].contiguous(), routing)
         return out
-
-
-class LoraView(NamedTuple):
-    """One module of a bundle in LoRA form, whatever the bundle's kind (see ``lora_view``).
-
-    A named tuple: ``a, heads, routing = bundle.lora_view()[name]`` works as well as the names.
-
-    Attributes:
-        A: (r, k) float32 shared A'.
-        heads: (M, d, r) float32, any scale folded in.
-        routing: (K,) int64 head index per task.
-    """
-
-    A: torch.Tensor
-    heads: torch.Tensor
-    routing: torch.Tensor

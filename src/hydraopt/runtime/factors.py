@@ -24,18 +24,23 @@ class ModuleFactors:
 
     Attributes:
         A: (r, k) the shared A', held once for every task.
-        heads: (M, d, r) the heads, any scale folded in (ΔW_i = heads[routing[i]] @ A).
+        heads: (M, d, r) the heads, any scale folded in (ΔW_i = heads[routing[i]] @ A); with a
+            ``basis``, (M, R, r) heads in it.
         routing: (K,) int64 head index of each task.
+        basis: None, or (d, R) the shared left factor, held once (ΔW_i = basis @
+            heads[routing[i]] @ A): a ``shared_basis`` bundle's U.
     """
 
     A: torch.Tensor
     heads: torch.Tensor
     routing: torch.Tensor
+    basis: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(d, k, r) of the module."""
-        return int(self.heads.shape[1]), int(self.A.shape[1]), int(self.A.shape[0])
+        d = self.heads.shape[1] if self.basis is None else self.basis.shape[0]
+        return int(d), int(self.A.shape[1]), int(self.A.shape[0])
 
 
 @dataclass(frozen=True)
@@ -69,11 +74,17 @@ def shared_factors(bundle: Bundle | VeraBundle | str | Path) -> SharedFactors:
 
     Returns:
         The :class:`SharedFactors` of every module, float32 — from the bundle's own
-        ``lora_view()``, which every bundle kind has.
+        ``lora_view(factored=True)``, which every bundle kind has: a shared left factor
+        (``shared_basis``'s U) stays apart, held once beside the K small cores.
     """
     loaded = load_any_bundle(bundle) if isinstance(bundle, (str, Path)) else bundle
     modules = {
-        name: ModuleFactors(view.A.float(), view.heads.float(), view.routing.long())
-        for name, view in loaded.lora_view().items()
+        name: ModuleFactors(
+            view.A.float(),
+            view.heads.float(),
+            view.routing.long(),
+            None if view.basis is None else view.basis.float(),
+        )
+        for name, view in loaded.lora_view(factored=True).items()
     }
     return SharedFactors(loaded.tasks, loaded.base_model, modules, loaded.kind, loaded.method)

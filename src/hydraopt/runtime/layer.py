@@ -52,18 +52,23 @@ class RoutedLinear(nn.Module):
     (M·r)-wide vector (zeros elsewhere) and one matmul with the heads laid side by side, (d, M·r),
     gives every row its own update, added into the base output by the same GEMM (``addmm_``): four
     kernels per layer, whatever the mix of tasks. With many heads, one batched matmul over the
-    rows' gathered heads. No Python loop over tasks, heads or tokens.
+    rows' gathered heads. No Python loop over tasks, heads or tokens. With a shared left
+    ``basis`` U (d, R) (``shared_basis`` bundles), the heads are (R, r) cores: the routed product
+    lands in an R-wide vector per row and one GEMM with U adds it into the base output, so U is
+    held once instead of inside K (d, R) heads.
 
     Args:
         base: the original linear layer (kept, not copied).
-        factors: the module's A' (r, k), heads (M, d, r) and routing (K,).
+        factors: the module's A' (r, k), heads (M, d, r) (or (M, R, r) with a basis), routing
+            (K,) and optional basis (d, R).
         rows: the model's shared :class:`TaskRows`.
     """
 
     A: torch.Tensor  # (r, k)
-    heads: torch.Tensor  # (M, d, r), a view of heads_side_by_side
-    heads_side_by_side: torch.Tensor  # (d, M*r)
+    heads: torch.Tensor  # (M, d', r), a view of heads_side_by_side; d' = R with a basis, else d
+    heads_side_by_side: torch.Tensor  # (d', M*r)
     routing: torch.Tensor  # (K,)
+    basis: torch.Tensor | None  # (d, R) or None
 
     def __init__(self, base: nn.Linear, factors: ModuleFactors, rows: TaskRows) -> None:
         super().__init__()
@@ -76,16 +81,18 @@ class RoutedLinear(nn.Module):
         self.base = base
         dtype = base.weight.dtype
         device = base.weight.device
-        M = int(factors.heads.shape[0])
-        side = factors.heads.to(device, dtype).permute(1, 0, 2).reshape(d, M * r)  # (d, M*r)
+        M, inner = int(factors.heads.shape[0]), int(factors.heads.shape[1])  # inner = d or R
+        side = factors.heads.to(device, dtype).permute(1, 0, 2).reshape(inner, M * r)
         # Buffers, not parameters: the runtime never trains, and state_dict() shows them. The
         # heads are held once, side by side; `heads` is a view of the same storage.
         self.register_buffer("A", factors.A.to(device, dtype).contiguous(), persistent=False)
         self.register_buffer("heads_side_by_side", side.contiguous(), persistent=False)
         self.register_buffer(
-            "heads", self.heads_side_by_side.view(d, M, r).permute(1, 0, 2), persistent=False
+            "heads", self.heads_side_by_side.view(inner, M, r).permute(1, 0, 2), persistent=False
         )
         self.register_buffer("routing", factors.routing.to(device), persistent=False)  # (K,)
+        basis = None if factors.basis is None else factors.basis.to(device, dtype).contiguous()
+        self.register_buffer("basis", basis, persistent=False)  # (d, R) or None
         self.rows = rows
         self._selection: tuple[int, torch.Tensor] | None = None  # (rows.version, selection)
 
@@ -94,8 +101,17 @@ class RoutedLinear(nn.Module):
         if ids is None:
             raise RuntimeError("no task per row set: call the runtime model, not its layers")
         out = self.base(x)  # (B, ..., d)
-        flat_out = out.view(-1, out.shape[-1])  # (B*T, d), the same storage
         z = F.linear(x, self.A)  # (B, ..., r)
+        if self.basis is None:
+            return self._add_routed(z, ids, out)
+        # The cores' products in the basis' R coordinates, then one GEMM with U into the output.
+        inner = self._add_routed(z, ids, z.new_zeros(*z.shape[:-1], self.basis.shape[1]))
+        out.view(-1, out.shape[-1]).addmm_(inner.reshape(-1, inner.shape[-1]), self.basis.T)
+        return out
+
+    def _add_routed(self, z: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (B, ..., d') plus every row's head applied to its z (B, ..., r)."""
+        flat_out = out.view(-1, out.shape[-1])  # (B*T, d'), the same storage
         num_heads, rows = self.heads.shape[0], z.shape[0]
         if num_heads == 1:
             flat_out.addmm_(z.reshape(-1, z.shape[-1]), self.heads_side_by_side.T)
@@ -121,5 +137,8 @@ class RoutedLinear(nn.Module):
         return self._selection[1]
 
     def extra_repr(self) -> str:
-        d, r = self.heads.shape[1], self.heads.shape[2]
-        return f"k={self.A.shape[1]}, d={d}, r={r}, heads={self.heads.shape[0]}"
+        r, M = self.heads.shape[2], self.heads.shape[0]
+        if self.basis is None:
+            return f"k={self.A.shape[1]}, d={self.heads.shape[1]}, r={r}, heads={M}"
+        d, R = self.basis.shape
+        return f"k={self.A.shape[1]}, d={d}, r={r}, basis R={R}, heads={M}"

@@ -63,7 +63,7 @@ class RuntimeModel:
             parent = model.get_submodule(parent_name)
             layer = RoutedLinear(getattr(parent, child), module_factors, self.rows)
             setattr(parent, child, layer)
-            installed[name] = ModuleFactors(layer.A, layer.heads, layer.routing)
+            installed[name] = ModuleFactors(layer.A, layer.heads, layer.routing, layer.basis)
         # Keep the factors as the layers hold them (their dtype and layout), not the ones given:
         # a layer lays its heads side by side (a copy), so holding the given heads as well would
         # keep every head twice (RSS 2x the adapter bytes at M = K, RESULTS.md 16b).
@@ -166,12 +166,14 @@ class RuntimeModel:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def adapter_bytes(self) -> int:
-        """Bytes of adapter tensors held (A', heads, routing of every module), counted once."""
+        """Bytes of adapter tensors held (A', heads, routing, basis of every module), counted
+        once."""
         seen: set[int] = set()
         total = 0
         for module in self.model.modules():
             if isinstance(module, RoutedLinear):
-                for t in (module.A, module.heads, module.routing):
+                held = (module.A, module.heads, module.routing, module.basis)
+                for t in (t for t in held if t is not None):
                     key = t.untyped_storage().data_ptr()
                     if key not in seen:
                         seen.add(key)

@@ -36,6 +36,33 @@ def test_each_row_gets_its_routed_dense_update(M):
             torch.testing.assert_close(got[b], x[b] @ w.T + base.bias)
 
 
+@pytest.mark.parametrize("M", [1, 2, 4, 12])
+def test_a_shared_left_basis_is_applied_once_after_the_routed_cores(M):
+    """With a basis U (d, R) the heads are (R, r) cores: ΔW_i = U core_i A' for every row, the
+    layer holding U once (not K products U core_i)."""
+    gen = torch.Generator().manual_seed(2)
+    d, k, r, R, K = 6, 5, 3, 2, 4
+    core = ModuleFactors(
+        torch.randn(r, k, generator=gen),
+        torch.randn(M, R, r, generator=gen),
+        (torch.arange(K) * 5) % M,
+        torch.randn(d, R, generator=gen),
+    )
+    assert core.shape == (d, k, r)
+    base = nn.Linear(k, d, bias=True)
+    rows = TaskRows()
+    layer = RoutedLinear(base, core, rows)
+    assert layer.basis is not None and layer.basis.shape == (d, R)
+    assert layer.heads.shape == (M, R, r)
+    x = torch.randn(4, 6, k, generator=torch.Generator().manual_seed(3))  # (B, T, k)
+    for ids in ([3, 0, 2, 1], [1, 1, 3, 0]):
+        rows.ids = torch.tensor(ids)
+        got = layer(x)  # (B, T, d)
+        for b, task in enumerate(ids):
+            delta = core.basis @ core.heads[core.routing[task]] @ core.A  # (d, k)
+            torch.testing.assert_close(got[b], x[b] @ (base.weight + delta).T + base.bias)
+
+
 def test_shape_mismatch_and_missing_modules_are_refused():
     model = nn.Sequential()
     model.add_module("q", nn.Linear(5, 3))
@@ -61,6 +88,27 @@ def test_adapter_bytes_count_a_once_and_m_heads(chat_base, chat_bundle):
     for f in shared_factors(bundle_dir).modules.values():
         d, k, r = f.shape
         expected += 4 * (r * k + 2 * d * r) + 8 * 3  # float32 A' and 2 heads, int64 routing of K=3
+    assert runtime.adapter_bytes() == expected
+
+
+def test_a_shared_basis_bundle_is_held_as_u_v_once_and_k_cores(chat_base, chat_adapters, tmp_path):
+    """The runtime keeps a shared_basis bundle's U and V once per module and K (R, R) cores, not
+    K heads U S_i (d, R): its bytes are exactly d R + k R + K R² floats plus the routing."""
+    import hydraopt
+    from hydraopt.runtime import load_model
+
+    aset = hydraopt.load_adapter_set(chat_adapters["lora"])
+    bundle = hydraopt.merge_adapter_set(aset, "shared_basis", {"budget": 40.0})
+    hydraopt.save_bundle(bundle, tmp_path / "bundle")
+    runtime = load_model(tmp_path / "bundle", chat_base)
+    K = len(bundle.tasks)
+    expected = 0
+    for spec in bundle.modules:
+        R = bundle.merged[spec.name].rank
+        expected += 4 * (spec.d * R + spec.k * R + K * R * R) + 8 * K  # float32, int64 routing
+        f = runtime.factors.modules[spec.name]
+        assert f.basis is not None and f.basis.shape == (spec.d, R)
+        assert f.heads.shape == (K, R, R)
     assert runtime.adapter_bytes() == expected
 
 

@@ -1,5 +1,6 @@
-"""The runtime serves a ``shared_basis`` bundle (through ``lora_view``: A' = Vᵀ, heads U S_i,
-identity routing) exactly as PEFT serves its export (per-module ranks via rank_pattern)."""
+"""The runtime serves a ``shared_basis`` bundle (through ``lora_view(factored=True)``: A' = Vᵀ,
+U held once, the K cores S_i as heads, identity routing) exactly as PEFT serves its export
+(per-module ranks via rank_pattern)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def test_greedy_outputs_and_logits_equal_peft_on_the_export(chat_base, chat_adap
     assert len({rec.rank for rec in bundle.merged.values()}) > 1  # ranks differ per module
     hydraopt.save_bundle(bundle, tmp_path / "bundle")  # float16
     loaded = hydraopt.load_any_bundle(tmp_path / "bundle")
-    # The runtime forms U S_i in float32 from the stored float16 U and cores; a float32 export
-    # writes that same product, a float16 one (the default) rounds it once more (~1e-3
+    # The runtime applies U and S_i in float32 from the stored float16 U and cores; a float32
+    # export writes their product U S_i, a float16 one (the default) rounds it once more (~1e-3
     # relative; this random model's logits move by up to ~0.03 under it), which can flip a
     # near-tie of its greedy choice: the runtime is compared with the float32 export.
     hydraopt.export_peft_adapters(loaded, tmp_path / "export", dtype="float32")
