@@ -88,7 +88,7 @@ def tensor_bytes(numel: int, bits: int, group_size: int) -> int:
 
 
 def module_bytes(bundle: Bundle, name: str, bits: int, group_size: int) -> int:
-    a, heads, routing, _ = bundle.lora_view()[name]
+    a, heads, routing = bundle.lora_view()[name]
     routing_bytes = len(routing) if heads.shape[0] > 1 else 0
     return (
         tensor_bytes(a.numel(), bits, group_size)

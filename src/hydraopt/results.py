@@ -21,22 +21,35 @@ from hydraopt.errors import HydraoptError
 class LoraView(NamedTuple):
     """One module of a bundle in LoRA form, whatever the bundle's kind (see ``lora_view``).
 
-    A named tuple: ``a, heads, routing, basis = bundle.lora_view()[name]`` works as well as
-    the names.
+    A named tuple: ``a, heads, routing = bundle.lora_view()[name]`` works as well as the names.
 
     Attributes:
         A: (r, k) float32 shared A'.
-        heads: (M, d, r) float32, any scale folded in; with a ``basis``, (M, R, r) heads in it.
+        heads: (M, d, r) float32, any scale folded in.
         routing: (K,) int64 head index per task.
-        basis: None, or (d, R) float32 shared left factor: ΔW'_i = basis @ heads[routing[i]] @ A'
-            (only from ``lora_view(factored=True)`` of a bundle that stores one, e.g.
-            ``shared_basis``'s U, so a reader can hold it once instead of K products).
     """
 
     A: torch.Tensor
     heads: torch.Tensor
     routing: torch.Tensor
-    basis: torch.Tensor | None = None
+
+
+class FactoredView(NamedTuple):
+    """A module as :class:`LoraView` but with a shared left factor kept apart where the bundle
+    stores one (see ``factored_view``): ΔW'_i = basis @ heads[routing[i]] @ A'.
+
+    Attributes:
+        A: (r, k) float32 shared A'.
+        heads: (M, d, r) float32 without a basis; (M, R, r) heads in it with one.
+        routing: (K,) int64 head index per task.
+        basis: None, or (d, R) float32 shared left factor (``shared_basis``'s U), so that a reader
+            holds it once instead of inside K products.
+    """
+
+    A: torch.Tensor
+    heads: torch.Tensor
+    routing: torch.Tensor
+    basis: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -80,9 +93,9 @@ class MergedModule:
         """The LoRA scale an exported adapter of this module is written for (see export)."""
         return original
 
-    def lora_view(self, factored: bool = False) -> LoraView:
+    def factored_view(self) -> FactoredView:
         """A' and heads as they are (float32); no shared left factor to keep apart."""
-        return LoraView(self.A.float(), self.heads.float(), self.routing)
+        return FactoredView(self.A.float(), self.heads.float(), self.routing, None)
 
     @staticmethod
     def tensor_shapes(module: dict[str, Any], num_tasks: int) -> dict[str, tuple[int, ...]]:
@@ -169,14 +182,12 @@ class MergedBasisModule:
         scale is exactly 1 and B = U S_i is written undivided."""
         return 1.0
 
-    def lora_view(self, factored: bool = False) -> LoraView:
-        """A' = Vᵀ and the heads U S_i (float32); ``factored``: U apart as the ``basis`` and the
-        K cores (R, R) as heads, so a reader holds d R + K R² numbers instead of K d R."""
-        if not factored:
-            return LoraView(self.A.float(), self.heads.float(), self.routing)
+    def factored_view(self) -> FactoredView:
+        """A' = Vᵀ, U apart as the ``basis`` and the K cores (R, R) as heads (float32), so a
+        reader holds d R + K R² numbers instead of the K d R of the heads U S_i."""
         cores = self.cores.float()
         full = torch.diag_embed(cores) if cores.dim() == 2 else cores  # (K, R, R)
-        return LoraView(self.A.float(), full, self.routing, basis=self.U.float())
+        return FactoredView(self.A.float(), full, self.routing, self.U.float())
 
     @staticmethod
     def tensor_shapes(module: dict[str, Any], num_tasks: int) -> dict[str, tuple[int, ...]]:

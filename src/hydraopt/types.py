@@ -17,6 +17,7 @@ import torch
 
 from hydraopt.quantize import QuantizedTensor
 from hydraopt.results import (
+    FactoredView,
     LoraRecord,
     LoraView,
     MergedVeraModule,
@@ -144,15 +145,21 @@ class Bundle:
         i = self.tasks.index(task)
         return {name: (m.A, m.heads[int(m.routing[i])]) for name, m in self.merged.items()}
 
-    def lora_view(self, factored: bool = False) -> dict[str, LoraView]:
+    def lora_view(self) -> dict[str, LoraView]:
         """Per module the merge in LoRA form: A' (r, k), heads (M, d, r) scale folded in, routing.
 
         A LoRA bundle already is that form (float32 as loaded). Every bundle kind has this
         method, so a reader that applies ΔW'_i = heads[routing[i]] @ A' serves any kind.
-        ``factored=True`` keeps a record's shared left factor apart where it has one (``basis``,
-        heads in it; see :class:`LoraView`), so that it is held once, not folded into K heads.
         """
-        return {name: m.lora_view(factored) for name, m in self.merged.items()}
+        return {
+            name: LoraView(m.A.float(), m.heads.float(), m.routing)
+            for name, m in self.merged.items()
+        }
+
+    def factored_view(self) -> dict[str, FactoredView]:
+        """As :meth:`lora_view`, with a record's shared left factor kept apart where it has one
+        (``shared_basis``'s U), so that a reader holds it once, not folded into K heads."""
+        return {name: m.factored_view() for name, m in self.merged.items()}
 
 
 @dataclass(frozen=True)
@@ -216,11 +223,13 @@ class VeraBundle:
             )
         return out
 
-    def lora_view(self, factored: bool = False) -> dict[str, LoraView]:
-        """Per module the merge in LoRA form: A' (r, k), heads (M, d, r), routing (K,).
+    def factored_view(self) -> dict[str, FactoredView]:
+        """:meth:`lora_view` with no basis: a VeRA merge has no shared left factor to keep
+        apart (its λb rows scale B per task)."""
+        return {name: FactoredView(*view, None) for name, view in self.lora_view().items()}
 
-        ``factored`` is accepted for the interface's sake: a VeRA merge has no shared left
-        factor to keep apart (its λb rows scale B per task).
+    def lora_view(self) -> dict[str, LoraView]:
+        """Per module the merge in LoRA form: A' (r, k), heads (M, d, r), routing (K,).
 
         Through :meth:`MergedVeraStack.as_lora` with the module's projection slices
         ``vera_A[:, :k]`` and ``vera_B[:d, :]`` (PEFT's slices), so ΔW'_i = heads[routing[i]] @ A'

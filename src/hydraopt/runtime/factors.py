@@ -4,7 +4,7 @@ Whatever a bundle stores (HydraOpt's A' and M heads, a classic merge's single he
 merge's K heads, VeRA's λ rows over frozen projections), its update of module ``n`` for task ``i``
 is ``ΔW_i = heads[routing[i]] @ A'``. The runtime needs only that view, so this module is the
 adapter between bundle internals and the serving layers; a new bundle kind gives its bundle a
-``lora_view()`` and nothing in runtime/ or serve/ changes.
+``factored_view()`` and nothing in runtime/ or serve/ changes.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def shared_factors(bundle: Bundle | VeraBundle | str | Path) -> SharedFactors:
 
     Returns:
         The :class:`SharedFactors` of every module, float32 — from the bundle's own
-        ``lora_view(factored=True)``, which every bundle kind has: a shared left factor
+        ``factored_view()``, which every bundle kind has: a shared left factor
         (``shared_basis``'s U) stays apart, held once beside the K small cores.
     """
     loaded = load_any_bundle(bundle) if isinstance(bundle, (str, Path)) else bundle
@@ -85,6 +85,6 @@ def shared_factors(bundle: Bundle | VeraBundle | str | Path) -> SharedFactors:
             view.routing.long(),
             None if view.basis is None else view.basis.float(),
         )
-        for name, view in loaded.lora_view(factored=True).items()
+        for name, view in loaded.factored_view().items()
     }
     return SharedFactors(loaded.tasks, loaded.base_model, modules, loaded.kind, loaded.method)

@@ -1,4 +1,4 @@
-"""The runtime serves a ``shared_basis`` bundle (through ``lora_view(factored=True)``: A' = Vᵀ,
+"""The runtime serves a ``shared_basis`` bundle (through ``factored_view()``: A' = Vᵀ,
 U held once, the K cores S_i as heads, identity routing) exactly as PEFT serves its export
 (per-module ranks via rank_pattern)."""
 
