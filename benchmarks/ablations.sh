@@ -19,18 +19,7 @@
 #
 # Runs niced (NICE, default 19), one torch thread per job (the box is shared); THREADS=2 to use more.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_WAIT_POLICY=PASSIVE \
-  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-PY=${PY:-/work/main/.venv/bin/python}
-THREADS=${THREADS:-1}
-NICE=${NICE:-19}  # NICE=5 when the job must get its share of a busy box
-TASKS_ROOT=${TASKS_ROOT:-../shared/tasks}
-CACHE=benchmarks/results/eval-cache
-EN=(en-gc en-sr en-ts en-ta en-qa)
-RES=benchmarks/results
-hydra() { nice -n "$NICE" "$PY" -m hydraopt.cli.main "$@"; }
-stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+source "$(dirname "$0")/table1_eval.sh"
 
 # r = 8 and r = 16 with alpha = 4r (the shipped r = 32 adapters use alpha = 128 = 4r; the paper
 # gives r = 32 / alpha = 128 only and does not say how alpha moves with r, so alpha / r is kept).
@@ -59,12 +48,6 @@ merge() {  # merge OUT ADAPTER_ROOT [hydraopt merge options...]
   stamp "merge $out $*"
   hydra merge "${EN[@]/#/$root/}" --threads "$MERGE_THREADS" --out "$out" --force "$@" \
     > /dev/null 2>&1 || { echo "merge $out failed" >&2; return 1; }
-}
-evaluate() {  # evaluate OUT SPLIT [--system ...]
-  local out=$1 split=$2; shift 2
-  stamp "evaluate -> $out ($split)"
-  hydra evaluate --tasks "${EN[@]}" --split "$split" --limit 150 --batch-size 16 \
-    --threads "$THREADS" --tasks-root "$TASKS_ROOT" --out "$out" --cache "$CACHE" --quiet "$@"
 }
 
 # Paper Fig. 5: HydraOpt's distance at M = 1, 2, 5 on the r = 32 adapters.

@@ -9,19 +9,8 @@
 #
 # Runs niced (NICE, default 19), one torch thread (THREADS) per job: the box is shared.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_WAIT_POLICY=PASSIVE \
-  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-PY=${PY:-/work/main/.venv/bin/python}
-THREADS=${THREADS:-1}
-NICE=${NICE:-19}
-TASKS_ROOT=${TASKS_ROOT:-../shared/tasks}
-CACHE=benchmarks/results/eval-cache
-EN=(en-gc en-sr en-ts en-ta en-qa)
-RES=benchmarks/results
+source "$(dirname "$0")/table1_eval.sh"
 BUNDLES=runs/shared-basis
-hydra() { nice -n "$NICE" "$PY" -m hydraopt.cli.main "$@"; }
-stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
 merge() {  # merge OUT [hydraopt merge options...]; a finished bundle is kept
   local out=$1; shift
@@ -29,12 +18,6 @@ merge() {  # merge OUT [hydraopt merge options...]; a finished bundle is kept
   stamp "merge $out $*"
   hydra merge "${EN[@]/#/examples/adapters/}" --method shared_basis --threads 2 --out "$out" \
     --force "$@" > /dev/null 2>&1 || { echo "merge $out failed" >&2; return 1; }
-}
-evaluate() {  # evaluate OUT SPLIT [--system ...]
-  local out=$1 split=$2; shift 2
-  stamp "evaluate -> $out ($split)"
-  hydra evaluate --tasks "${EN[@]}" --split "$split" --limit 150 --batch-size 16 \
-    --threads "$THREADS" --tasks-root "$TASKS_ROOT" --out "$out" --cache "$CACHE" --quiet "$@"
 }
 
 step_val() {
