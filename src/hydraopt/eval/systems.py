@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
+from hydraopt.kinds.lora.config import check_init
 from hydraopt.kinds.registry import KINDS, get_kind, kind_of_peft_type
 from hydraopt.merge.base import SweepPoints
 from hydraopt.merge.registry import get_method, list_methods
@@ -183,6 +184,9 @@ class PerTaskAdapters:
                     f"system {self.label!r}: {directory} is a {found} adapter, not {self.kind}; "
                     f"pass its root as --system {found}=ROOT"
                 )
+            if found == "lora":  # PiSSA & co. rewrite the shared base in place; unload keeps it
+                config = json.loads((directory / "adapter_config.json").read_text("utf-8"))
+                check_init(config.get("init_lora_weights", True), directory)
             _weights_file(directory)
 
     def cache_id(self, task: str) -> str:
@@ -383,8 +387,7 @@ def check_unique_labels(systems: Iterable[System]) -> None:
     for system in systems:
         if system.label in seen:
             raise HydraoptError(
-                f"two systems are labelled {system.label!r}; give one a label "
-                f"(--system KIND=DIR:LABEL)"
+                f"two systems are labelled {system.label!r}; give one a label (--system KIND=DIR:LABEL)"
             )
         seen.add(system.label)
 

@@ -133,3 +133,12 @@ def test_vera_adapters_with_other_d_initial_merge_and_round_trip(vbase, tmp_path
             want = heads[int(routing[i])] @ a
             assert float(want.abs().max()) > 0.01
             torch.testing.assert_close(got[name], want, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluate_refuses_a_base_changing_lora_system(adapters, tmp_path, capsys):
+    """PEFT applies OLoRA by rewriting the base weights in place and unloading keeps them: every
+    later row of the table would have run on a changed base model."""
+    (adapter,) = adapters({"init_lora_weights": "olora", "name": "en-qa"}, parent="root")
+    argv = ["evaluate", "--tasks", adapter.name, "--system", f"lora={adapter.parent}"]
+    argv += ["--model", tmp_path / "no-such-model", "--out", tmp_path / "eval"]
+    refused(argv, tmp_path, capsys, expect="changes the base weights")
