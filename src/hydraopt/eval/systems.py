@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 
 # Fields of adapter_config.json that do not change what the adapter computes at inference.
 # `hydraopt export` sets inference_mode=True on a copy of the original config; leaving it out of
-# the cache id lets an exported adapter and its trained original share a cache when their
-# weights are equal.
+# the cache id lets an export and its original share a cache when their weights are equal.
 _INFERENCE_IRRELEVANT_CONFIG = frozenset({"inference_mode"})
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -103,11 +102,8 @@ class System(Protocol):
 
 @dataclass(frozen=True)
 class ZeroShot:
-    """The base model without any adapter.
-
-    Its outputs depend on the base model only, which the harness keys the cache on anyway, so
-    the cache id is a constant per task.
-    """
+    """The base model without any adapter. Its outputs depend on the base model only, which the
+    harness keys the cache on anyway, so the cache id is a constant per task."""
 
     label: str = "zero-shot"
 
@@ -184,9 +180,6 @@ class PerTaskAdapters:
                     f"system {self.label!r}: {directory} is a {found} adapter, not {self.kind}; "
                     f"pass its root as --system {found}=ROOT"
                 )
-            if found == "lora":  # PiSSA & co. rewrite the shared base in place; unload keeps it
-                config = json.loads((directory / "adapter_config.json").read_text("utf-8"))
-                check_init(config.get("init_lora_weights", True), directory)
             _weights_file(directory)
 
     def cache_id(self, task: str) -> str:
@@ -224,6 +217,12 @@ class PerTaskLora(PerTaskAdapters):
 
     kind = "lora"
     method = "lora"
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        super().check_tasks(tasks)
+        for task in tasks:  # PiSSA & co. rewrite the shared base in place; unload keeps it
+            config = json.loads((self.adapter_dir(task) / "adapter_config.json").read_text())
+            check_init(config.get("init_lora_weights", True), self.adapter_dir(task))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ REFUSED = {
     "fewer-targets": ({"target_modules": ["q_proj", "v_proj"]}, None, "target modules differ"),
     "mlp-targets": ({"target_modules": ["gate_proj", "up_proj"]}, None, "target modules differ"),
     "other-layers": ({"layers_to_transform": [0]}, None, "target modules differ"),
-    "other-rank": ({"r": 8}, None, "mismatched ranks"),
+    "other-rank": ({"r": 8}, None, "has rank 8 but"),
     "pickle": ({"safe_serialization": False}, None, "--allow-pickle"),
     "truncated": ({}, _truncate, "corrupt safetensors"),
     "empty": ({}, _empty, "corrupt safetensors"),
