@@ -167,3 +167,17 @@ def test_sweep_of_small_adapters_keeps_the_shared_basis_points_that_fit(adapters
         p["label"] for p in json.loads((tmp_path / "s1" / "sweep.json").read_text())["points"]
     }
     assert "shared_basis R=1" in labels
+
+
+def test_evaluate_merge_from_runs_the_shared_basis_points_that_fit(adapters, tmp_path):
+    """`evaluate --merge-from ROOT --methods shared_basis` on r = 4, K = 2 adapters: the same
+    points as the sweep above (it failed as a whole on the 5 % point)."""
+    from hydraopt.cli.evaluate import merged_systems
+    from hydraopt.cli.main import build_parser
+
+    dirs = adapters({"name": "en-qa"}, {"name": "en-gc"}, parent="root")
+    argv = ["evaluate", "--tasks", "en-qa", "en-gc", "--merge-from", dirs[0].parent]
+    argv += ["--out", tmp_path / "eval", "--methods", "shared_basis", "--heads", "--quiet"]
+    systems = merged_systems(build_parser("evaluate").parse_args([str(a) for a in argv]), [])
+    labels = [s.label for s in systems if s.label.startswith("shared_basis")]
+    assert labels and all(" 20 %" in label for label in labels), labels
