@@ -110,7 +110,11 @@ MIXED = (
 )
 MIXED_METHODS = {
     "hydraopt-m2": ["--heads", "2", "--refine-steps", "3"],
-    "ties": ["--method", "ties"],
+    **{
+        name: ["--method", name]  # every classic merge and its A-only variant
+        for name in hydraopt.list_methods()
+        if name not in ("hydraopt", "shared_basis")
+    },
     "shared-basis-rank": ["--method", "shared_basis", "--rank", "4"],
     # a rank per module within the budget, stored at 8 bits (crashed: R differs per module;
     # at 4 bits the small-scale tasks' cores round to 0 here, see docs/adapter-inputs.md)
@@ -181,3 +185,16 @@ def test_evaluate_merge_from_runs_the_shared_basis_points_that_fit(adapters, tmp
     systems = merged_systems(build_parser("evaluate").parse_args([str(a) for a in argv]), [])
     labels = [s.label for s in systems if s.label.startswith("shared_basis")]
     assert labels and all(" 20 %" in label for label in labels), labels
+
+
+def test_a_peft_pickle_with_allow_pickle_merges_like_its_safetensors_twin(adapters, tmp_path):
+    """``safe_serialization=False`` (adapter_model.bin): read tensors-only with --allow-pickle,
+    the same weights as the safetensors file of the same adapter."""
+    (pickled,) = adapters({"safe_serialization": False}, parent="bin")
+    (safe,) = adapters({}, parent="st")
+    assert (pickled / "adapter_model.bin").is_file()
+    for src, out in ((pickled, "b-bin"), (safe, "b-st")):
+        argv = ["merge", src, "--heads", "1", "--refine-steps", "0", "--dtype", "float32"]
+        cli(*argv, "--allow-pickle", "--out", tmp_path / out)
+    got, want = (view_delta(hydraopt.load_any_bundle(tmp_path / b), 0) for b in ("b-bin", "b-st"))
+    assert_deltas_close(got, want, rtol=0)
