@@ -38,8 +38,6 @@ class SweepRun:
         label: the method's label for it (``hydraopt M=2``, ``ties``; ``hydraopt M=2 4-bit``).
         bits: 16 (unquantized), 8 or 4.
         group_size: values per scale at 8/4 bits.
-        modules: the adapters' modules, when known: a method's default storage points that
-            cannot fit them are left out (``SweepPoints.sweep_points``).
     """
 
     method: str
@@ -77,6 +75,8 @@ def plan_sweep(
         bits: the bit widths to store each merge at (16, 8, 4), one run each; a 16 keeps
             today's label, the others append `` 8-bit`` / `` 4-bit``.
         group_size: values per scale at 8/4 bits.
+        modules: the adapters' modules, when known: a method's default storage points that
+            cannot fit them are left out (``SweepPoints.sweep_points``).
 
     Raises:
         HydraoptError: for an unknown method, a bad option or an M outside 1..K.
