@@ -96,6 +96,7 @@ def test_unknown_config_fields_of_a_newer_peft_still_load(adapters, vbase, tmp_p
         peft_version="9.9.9",
         future_option={"nested": [1, 2]},
         lora_ga_config=None,
+        init_lora_weights=None,  # PEFT skips its init: a plain LoRA
     )
     cli("merge", adapter, "--heads", "1", "--dtype", "float32", "--out", tmp_path / "b")
     cli("export", tmp_path / "b", "--out", tmp_path / "e")

@@ -25,7 +25,7 @@ SUPPORTED_PEFT_TYPES = ("LORA",)
 # quantize) the *base* weights, which PEFT redoes from the base model on every load, so the
 # adapter's real update s (B A - B0 A0) is not in its files; merging s B A would be silently
 # wrong (PEFT's docs: convert them with save_pretrained(path_initial_model_for_weight_conversion)).
-PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")  # and true / false
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")  # and true / false / null
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
@@ -62,7 +62,12 @@ def check_lora_config(config: dict[str, Any], path: Path) -> None:
 
 def check_init(init: Any, path: Path) -> None:
     """Refuse adapters whose update is relative to base weights their init changed."""
-    if isinstance(init, bool) or (isinstance(init, str) and init.lower() in PLAIN_INITS):
+    # null: PEFT skips its init (like false)
+    if (
+        init is None
+        or isinstance(init, bool)
+        or (isinstance(init, str) and init.lower() in PLAIN_INITS)
+    ):
         return
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise HydraoptError(
