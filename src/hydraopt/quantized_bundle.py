@@ -123,8 +123,9 @@ def measure_errors(
     errors: dict[str, list[float]] = {}
     for chunk in plan_chunks(aset.modules, len(aset.tasks), chunk_elements):
         names = [m.name for m in chunk]
-        # Same shape within a chunk, but M may differ per module (budget mode): one at a time then.
-        if len({view[n].heads.shape[0] for n in names}) > 1:
+        # Same shape within a chunk, but M (HydraOpt's budget mode) or the rank R (shared_basis's
+        # budget gives each module its R) may differ per module: one at a time then.
+        if len({view[n].heads.shape[:1] + view[n].A.shape[:1] for n in names}) > 1:
             groups = [[n] for n in names]
         else:
             groups = [names]

@@ -25,7 +25,7 @@ from hydraopt.quantized_bundle import (
     quantize_merged,
     separate_point,
 )
-from hydraopt.types import Bundle, VeraBundle
+from hydraopt.types import Bundle, ModuleSpec, VeraBundle
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ def plan_sweep(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     bits: Sequence[int] = (16,),
     group_size: int = DEFAULT_GROUP_SIZE,
+    modules: Sequence[ModuleSpec] = (),
 ) -> list[SweepRun]:
     """The runs of a sweep, in ``methods`` order, each config checked before any work.
 
@@ -74,6 +75,8 @@ def plan_sweep(
         bits: the bit widths to store each merge at (16, 8, 4), one run each; a 16 keeps
             today's label, the others append `` 8-bit`` / `` 4-bit``.
         group_size: values per scale at 8/4 bits.
+        modules: the adapters' modules, when known: a method's default storage points that
+            cannot fit them are left out (``SweepPoints.sweep_points``).
 
     Raises:
         HydraoptError: for an unknown method, a bad option or an M outside 1..K.
@@ -90,7 +93,11 @@ def plan_sweep(
             (range(1, num_tasks + 1) if heads is None else heads) if method.takes_heads else [None]
         )
         # A method with storage points of its own (shared_basis: budgets) runs at each.
-        points = method.sweep_points(given) if isinstance(method, SweepPoints) else [given]
+        points = (
+            method.sweep_points(given, modules, num_tasks)
+            if isinstance(method, SweepPoints)
+            else [given]
+        )
         for point in points:
             for m in ms:
                 config = resolve_config(name, {**point, "heads": m}, num_tasks, kind)

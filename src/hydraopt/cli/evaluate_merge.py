@@ -55,6 +55,7 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
     from hydraopt.engine import EngineOptions
     from hydraopt.io.bundle import load_any_bundle, save_bundle
     from hydraopt.io.peft import load_adapter_set
+    from hydraopt.merge.base import SweepPoints
     from hydraopt.merge.registry import get_method, list_methods
     from hydraopt.sweep import plan_sweep, sweep
 
@@ -69,8 +70,20 @@ def build_bundles(args: argparse.Namespace) -> list[Path]:
     methods += [m for m in known if get_method(m).takes_heads and m not in methods]
     # Refuses a bad M or bit width before spending time on any merge.
     bits = [int(b) for b in bits_values(args)]
+    # The adapters' modules (headers only) let shared_basis leave out default budgets that
+    # cannot fit them, as `hydraopt sweep` does, instead of failing the whole run.
+    modules = ()
+    if any(isinstance(get_method(m), SweepPoints) for m in methods):
+        dirs = [root / t for t in tasks]
+        modules = load_adapter_set(dirs, tasks, check_values=False).modules
     runs = plan_sweep(
-        methods, len(tasks), kind, heads=args.heads, bits=bits, group_size=args.group_size
+        methods,
+        len(tasks),
+        kind,
+        heads=args.heads,
+        bits=bits,
+        group_size=args.group_size,
+        modules=modules,
     )
     if args.threads:
         import torch

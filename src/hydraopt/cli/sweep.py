@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         options={name: method_options(args, name) for name in methods},
         bits=bits,
         group_size=args.group_size,
+        modules=aset.modules,
     )
     points = []
     with atomic_dir(args.out, force=args.force) as tmp:

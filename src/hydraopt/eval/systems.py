@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.bundle import TENSORS_NAME, load_any_bundle
+from hydraopt.kinds.lora.config import check_init
 from hydraopt.kinds.registry import KINDS, get_kind, kind_of_peft_type
 from hydraopt.merge.base import SweepPoints
 from hydraopt.merge.registry import get_method, list_methods
@@ -38,8 +39,7 @@ if TYPE_CHECKING:
 
 # Fields of adapter_config.json that do not change what the adapter computes at inference.
 # `hydraopt export` sets inference_mode=True on a copy of the original config; leaving it out of
-# the cache id lets an exported adapter and its trained original share a cache when their
-# weights are equal.
+# the cache id lets an export and its original share a cache when their weights are equal.
 _INFERENCE_IRRELEVANT_CONFIG = frozenset({"inference_mode"})
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -102,11 +102,8 @@ class System(Protocol):
 
 @dataclass(frozen=True)
 class ZeroShot:
-    """The base model without any adapter.
-
-    Its outputs depend on the base model only, which the harness keys the cache on anyway, so
-    the cache id is a constant per task.
-    """
+    """The base model without any adapter. Its outputs depend on the base model only, which the
+    harness keys the cache on anyway, so the cache id is a constant per task."""
 
     label: str = "zero-shot"
 
@@ -220,6 +217,12 @@ class PerTaskLora(PerTaskAdapters):
 
     kind = "lora"
     method = "lora"
+
+    def check_tasks(self, tasks: Iterable[str]) -> None:
+        super().check_tasks(tasks)
+        for task in tasks:  # PiSSA & co. rewrite the shared base in place; unload keeps it
+            config = json.loads((self.adapter_dir(task) / "adapter_config.json").read_text())
+            check_init(config.get("init_lora_weights", True), self.adapter_dir(task))
 
 
 @dataclass(frozen=True)
@@ -383,8 +386,7 @@ def check_unique_labels(systems: Iterable[System]) -> None:
     for system in systems:
         if system.label in seen:
             raise HydraoptError(
-                f"two systems are labelled {system.label!r}; give one a label "
-                f"(--system KIND=DIR:LABEL)"
+                f"two systems are labelled {system.label!r}; give one a label (--system KIND=DIR:LABEL)"
             )
         seen.add(system.label)
 

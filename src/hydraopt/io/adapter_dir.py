@@ -87,7 +87,16 @@ def task_names(dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
     if len(tasks) != len(dirs):
         raise HydraoptError(f"{len(dirs)} adapters but {len(tasks)} names")
     if len(set(tasks)) != len(tasks):
-        raise HydraoptError(f"task names must be unique, got {tasks}; pass explicit names")
+        # The same dir listed twice (often a folder and one of its children) is a slip, not
+        # two tasks: say so rather than suggest renaming it.
+        seen: set[Path] = set()
+        for d in dirs:
+            if d.resolve() in seen:
+                raise HydraoptError(f"{d}: adapter dir given twice; list each adapter once")
+            seen.add(d.resolve())
+        raise HydraoptError(
+            f"task names must be unique, got {tasks}; pass explicit names (--names)"
+        )
     return check_task_names(
         tasks,
         "task names" if names is not None else "adapter dir names (pass names to choose others)",

@@ -133,10 +133,12 @@ def _check_report_fields(meta: dict[str, Any], K: int, where: Any) -> None:
     storage, extra = meta["storage"], meta.get("extra", {})
     for key in STORAGE_NUMBERS:
         value = storage.get(key)
-        if not is_number(value) or not math.isfinite(value) or value < 0:
-            raise HydraoptError(
-                f"{where}: storage.{key} must be a finite number >= 0, got {value!r}"
-            )
+        # saved_percent alone may be negative: a bundle larger than the separate adapters is
+        # valid (shared_basis at K = 1, or a --rank above theirs) and merge writes it.
+        low = -math.inf if key == "saved_percent" else 0
+        if not is_number(value) or not math.isfinite(value) or value < low:
+            what = "a finite number" + (" >= 0" if low == 0 else "")
+            raise HydraoptError(f"{where}: storage.{key} must be {what}, got {value!r}")
     for key, kind in EXTRA_TYPES.items():
         value = extra.get(key)
         ok = is_number(value) if kind is float else isinstance(value, kind)

@@ -121,8 +121,11 @@ class SweepPoints(Protocol):
     """Optional: a method that a sweep runs at several storage points (``shared_basis``: a
     rank or budget each), labelled ``<label> <point_label>`` (``shared_basis 10 %``)."""
 
-    def sweep_points(self, options: dict[str, Any]) -> list[dict[str, Any]]:
-        """The option sets of a sweep's runs, from the options the user gave."""
+    def sweep_points(
+        self, options: dict[str, Any], modules: Sequence[ModuleSpec] = (), num_tasks: int = 0
+    ) -> list[dict[str, Any]]:
+        """The option sets of a sweep's runs, from the options the user gave (and, when given,
+        the adapters' modules and K: default points that cannot fit them are left out)."""
         ...
 
     def point_label(self, config: Mapping[str, Any]) -> str:

@@ -123,11 +123,27 @@ class SharedBasis:
         knob = f"R={rank}" if rank is not None else f"{budget:g} %"
         return knob + (" diag" if config.get("core") == "diagonal" else "")
 
-    def sweep_points(self, options: dict[str, Any]) -> list[dict[str, Any]]:
-        """A sweep's option sets: the given rank or budget, else budgets of 5, 10 and 20 %."""
+    def sweep_points(
+        self,
+        options: dict[str, Any],
+        modules: Sequence[ModuleSpec] = (),
+        num_tasks: int = 0,
+    ) -> list[dict[str, Any]]:
+        """A sweep's option sets: the given rank or budget, else budgets of 5, 10 and 20 %.
+
+        Given the adapters' ``modules`` and K, default budgets below the smallest basis (R = 1
+        everywhere) are left out, and R = 1 stands in when none fits: small adapters (K = 1 or 2
+        at r = 4..8 need 6-26 %) would otherwise fail a whole sweep that never asked for 5 %.
+        """
         if options.get("rank") is not None or options.get("budget") is not None:
             return [options]
-        return [{**options, "budget": pct} for pct in SWEEP_BUDGETS]
+        core = options.get("core", "full")
+        shapes = [m.shape_key for m in modules]
+        floor = sum(basis_params(m.d, m.k, num_tasks, 1, core) for m in modules)
+        fits = [p for p in SWEEP_BUDGETS if budget_params(shapes, num_tasks, p) >= floor]
+        if not fits:
+            return [{**options, "rank": 1}]
+        return [{**options, "budget": pct} for pct in fits]
 
     def needs_survey(self, config: SharedBasisConfig) -> bool:
         """A budget needs every module's rank curve before any module is merged."""

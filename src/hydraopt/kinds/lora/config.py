@@ -20,6 +20,13 @@ from hydraopt.io.keys import match_pattern_key
 from hydraopt.io.validate import check_config_object, check_config_values
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
+# init_lora_weights values after which the saved A, B are the whole update (ΔW = s B A on the
+# unchanged base). PiSSA, OLoRA, CorDA and LoftQ instead subtract their initial B0 A0 from (or
+# quantize) the *base* weights, which PEFT redoes from the base model on every load, so the
+# adapter's real update s (B A - B0 A0) is not in its files; merging s B A would be silently
+# wrong (PEFT's docs: convert them with save_pretrained(path_initial_model_for_weight_conversion)).
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")  # and true / false / null
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def check_lora_config(config: dict[str, Any], path: Path) -> None:
@@ -46,10 +53,29 @@ def check_lora_config(config: dict[str, Any], path: Path) -> None:
         raise HydraoptError(f"{path}: target_parameters adapters are not supported")
     if config.get("trainable_token_indices"):
         raise HydraoptError(f"{path}: trainable_token_indices adapters are not supported")
+    check_init(config.get("init_lora_weights", True), path)
     r = config.get("r")
     if not is_int(r) or r <= 0:
         raise HydraoptError(f"{path}: adapter_config.json has no valid rank r (got {r!r})")
     check_config_values(config, path)
+
+
+def check_init(init: Any, path: Path) -> None:
+    """Refuse adapters whose update is relative to base weights their init changed."""
+    # null: PEFT skips its init (like false)
+    if (
+        init is None
+        or isinstance(init, bool)
+        or (isinstance(init, str) and init.lower() in PLAIN_INITS)
+    ):
+        return
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise HydraoptError(
+            f"{path}: init_lora_weights={init!r} changes the base weights, so the update is not "
+            "B @ A alone; convert it to a plain LoRA first (PEFT: save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...))"
+        )
+    raise HydraoptError(f"{path}: init_lora_weights={init!r} is not a LoRA init hydraopt knows")
 
 
 def module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:

@@ -124,6 +124,13 @@ def load_lora_adapter_set(
             )
         check_same_modules(first, info, set(shapes[0]), set(shape))
         for mod, s in shape.items():
+            (r, k), (d_out, _) = s
+            (r0, k0), (d0, _) = shapes[0][mod]
+            if (k, d_out) == (k0, d0) and r != r0:  # the common case: name it plainly
+                raise HydraoptError(
+                    f"{info.path}: {mod} has rank {r} but {first.path} has rank {r0}; "
+                    "adapters of different ranks are not merged (A' has one rank per module)"
+                )
             if s != shapes[0][mod]:
                 raise HydraoptError(
                     f"{info.path}: {mod} has A/B shapes {s} but {first.path} has {shapes[0][mod]} "
