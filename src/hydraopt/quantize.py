@@ -1,7 +1,10 @@
 """Group-wise symmetric integer quantization of factor tensors (8 and 4 bits), pure tensors.
 
 A tensor is flattened in memory order and cut into groups of ``group_size`` consecutive values
-(the tail group padded with zeros); each group keeps one float16 scale and one integer code per
+(the tail group padded with zeros); with ``slices`` = n > 1 it is first cut into n equal leading
+blocks (one per task: a shared_basis bundle's cores), each padded to whole groups, so that no
+group spans two tasks -- one task's large values would otherwise set the step of another's small
+ones and round them to zero. Each group keeps one float16 scale and one integer code per
 value:
 
     scale_g = ceil16(max_{x in g} |x| / ((q_max - q_min) / 2)),   code = clamp(round(x / scale_g))
@@ -18,7 +21,7 @@ subclasses; we need plain (codes, scales) pairs in safetensors for factors of an
 byte counts, and no multi-second import in the CLI. Codes of 4 bits are packed two per byte
 (low nibble first), stored as uint8 with an offset of 8.
 
-Bytes: ``quantized_nbytes(n, bits, group_size)`` = codes + 2 bytes per group, exactly what
+Bytes: ``quantized_nbytes(n, bits, group_size, slices)`` = codes + 2 bytes per group, exactly what
 safetensors stores for the two tensors (headers aside).
 """
 
@@ -46,6 +49,7 @@ class QuantizedTensor:
         shape: the original shape.
         bits: 8 or 4.
         group_size: values per scale (groups run over the flattened tensor in memory order).
+        slices: equal leading blocks whose groups start afresh (1: the whole tensor is one).
     """
 
     codes: torch.Tensor
@@ -53,6 +57,7 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     bits: int
     group_size: int
+    slices: int = 1
 
     @property
     def nbytes(self) -> int:
@@ -76,31 +81,45 @@ def check_quant_args(bits: int, group_size: int) -> None:
         )
 
 
-def quantized_nbytes(numel: int, bits: int, group_size: int) -> int:
+def check_slices(numel: int, slices: int) -> None:
+    """Refuse a slice count that does not cut ``numel`` values into equal non-empty blocks."""
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise ValueError(f"slices must be an integer >= 1, got {slices!r}")
+    if numel % slices:
+        raise ValueError(f"{numel} values do not cut into {slices} equal slices")
+
+
+def quantized_nbytes(numel: int, bits: int, group_size: int, slices: int = 1) -> int:
     """Exact stored bytes of a ``numel``-element tensor: packed codes + float16 scales."""
     check_quant_args(bits, group_size)
-    groups = math.ceil(numel / group_size)
+    check_slices(numel, slices)
+    groups = slices * math.ceil(numel // slices / group_size)
     padded = groups * group_size
     return padded * bits // 8 + 2 * groups
 
 
-def quantize(t: torch.Tensor, bits: int, group_size: int = 64) -> QuantizedTensor:
+def quantize(
+    t: torch.Tensor, bits: int, group_size: int = 64, *, slices: int = 1
+) -> QuantizedTensor:
     """Quantize ``t`` group-wise (see the module docstring for the mapping).
 
     Args:
         t: a floating tensor, finite.
         bits: 8 or 4.
         group_size: consecutive values (memory order) sharing one scale; even.
+        slices: cut ``t`` into this many equal leading blocks first (e.g. ``t.shape[0]``), no
+            group spanning two.
 
     Raises:
         ValueError: for bad arguments, a non-floating or non-finite tensor, or values too large
             for a float16 scale.
     """
     check_quant_args(bits, group_size)
+    check_slices(t.numel(), slices)
     if not t.is_floating_point():
         raise ValueError(f"only floating tensors are quantized, got {t.dtype}")
     q_min, q_max = _RANGE[bits]
-    x = _grouped(t.detach().to(torch.float32), group_size)  # (n_groups, group_size)
+    x = _grouped(t.detach().to(torch.float32), group_size, slices)  # (n_groups, group_size)
     if not torch.isfinite(x).all():
         raise ValueError("cannot quantize a tensor with NaN or Inf values")
     step = x.abs().amax(dim=1) / ((q_max - q_min) / 2)  # (n_groups,)
@@ -113,7 +132,7 @@ def quantize(t: torch.Tensor, bits: int, group_size: int = 64) -> QuantizedTenso
     stored = (codes - q_min).to(torch.uint8).reshape(-1)  # (padded,) in [0, 2^bits)
     if bits == 4:
         stored = stored[0::2] | (stored[1::2] << 4)  # (padded / 2,) low nibble first
-    return QuantizedTensor(stored.contiguous(), scales, tuple(t.shape), bits, group_size)
+    return QuantizedTensor(stored.contiguous(), scales, tuple(t.shape), bits, group_size, slices)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -124,23 +143,29 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
         stored = torch.stack([stored & 0xF, stored >> 4], dim=1).reshape(-1)  # (padded,)
     codes = stored.to(torch.float32) + q_min
     values = codes.reshape(-1, q.group_size) * q.scales.float()[:, None]  # (n_groups, group_size)
-    numel = math.prod(q.shape)
-    return values.reshape(-1)[:numel].reshape(q.shape).to(dtype)
+    return _ungrouped(values, q).to(dtype)
 
 
 def error_bound(q: QuantizedTensor) -> torch.Tensor:
     """Per-element bound on |x - dequantize(q)|: half the group's step, in ``q.shape``."""
     half = (q.scales.float() / 2).repeat_interleave(q.group_size)
-    return half[: math.prod(q.shape)].reshape(q.shape)
+    return _ungrouped(half, q)
 
 
-def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``x`` flattened and zero-padded to (n_groups, group_size)."""
-    flat = x.reshape(-1)
-    pad = -flat.numel() % group_size
+def _grouped(x: torch.Tensor, group_size: int, slices: int = 1) -> torch.Tensor:
+    """``x`` cut into ``slices`` flat blocks, each zero-padded to whole groups:
+    (n_groups, group_size)."""
+    blocks = x.reshape(slices, -1)  # (slices, numel / slices)
+    pad = -blocks.shape[1] % group_size
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.reshape(-1, group_size)
+        blocks = torch.cat([blocks, blocks.new_zeros(slices, pad)], dim=1)
+    return blocks.reshape(-1, group_size)
+
+
+def _ungrouped(values: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """Grouped values (any shape holding the padded blocks in order) back in ``q.shape``."""
+    per_slice = math.prod(q.shape) // q.slices
+    return values.reshape(q.slices, -1)[:, :per_slice].reshape(q.shape)
 
 
 def _ceil_to_float16(x: torch.Tensor) -> torch.Tensor:

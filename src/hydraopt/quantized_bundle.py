@@ -84,7 +84,9 @@ def quantize_bundle(
         if name in kind.frozen_tensors or b == 16 or not t.is_floating_point():
             values[name] = t.float()
             continue
-        quantized[name] = quantize(t, b, group_size)
+        per_task = name.rpartition(".")[2] in kind.task_stacked and t.dim() > 1
+        slices = t.shape[0] if per_task and (t.numel() // t.shape[0]) % group_size else 1
+        quantized[name] = quantize(t, b, group_size, slices=slices)
         values[name] = dequantize(quantized[name])
     out = kind.with_tensors(bundle, values, quantized)
     stored = sum(module_nbytes(out, dtype).values())

@@ -160,3 +160,37 @@ def test_codes_match_torchao_primitives(bits: int) -> None:
     assert torch.equal(dequantize(q), values.reshape(x.shape))
     stored = q.codes if bits == 8 else torch.stack([q.codes & 0xF, q.codes >> 4], 1).reshape(-1)
     assert torch.equal(stored.to(torch.int16) + q_min, codes.reshape(-1).to(torch.int16))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_slices_keep_each_task_on_its_own_scales(bits: int) -> None:
+    """(K, R, R) cores with R² = 25 and groups of 8: flat groups span tasks, so a task 10⁴× smaller
+    than its neighbour shares the neighbour's step and rounds to zero; with slices = K each task
+    has its own groups: its values come back within half of *its own* step."""
+    x = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(1)) + 3.0  # all > 0
+    x[0] *= 1e4  # (tasks 1 and 2 stay small)
+    flat, sliced = quantize(x, bits, 8), quantize(x, bits, 8, slices=3)
+    # Flat group 3 holds task 0's last value and task 1's first seven: those round to zero.
+    assert (dequantize(flat)[1].reshape(-1)[:7] == 0).all() and (x[1] > 0).all()
+    restored, bound = dequantize(sliced), error_bound(sliced)
+    assert restored.shape == x.shape and ((restored - x).abs() <= bound * (1 + 1e-6)).all()
+    for k in range(3):
+        # Half a step of this task's own absmax, not task 0's: the bound is by hand.
+        own = x[k].abs().amax() / ((15 if bits == 4 else 255) / 2) / 2
+        assert bound[k].max() <= own * (1 + 2e-3)
+    # Each slice pads to whole groups: ceil(25 / 8) = 4 groups per task, not ceil(75 / 8) = 10.
+    assert sliced.scales.shape == (12,) and flat.scales.shape == (10,)
+    assert sliced.nbytes == quantized_nbytes(75, bits, 8, slices=3) == 12 * 8 * bits // 8 + 24
+
+
+def test_one_slice_is_the_flat_layout_bit_for_bit() -> None:
+    x = _tensor((4, 6, 10))  # 60 values per slice: groups of 32 would span slices
+    for slices in (1, 4):
+        q = quantize(x, 4, 32, slices=slices)
+        same = quantize(x, 4, 32)
+        assert torch.equal(q.codes, same.codes) == (slices == 1)
+    # Slices that fill whole groups change nothing either: 64 values per slice, groups of 32.
+    y = _tensor((4, 8, 8))
+    assert torch.equal(quantize(y, 4, 32, slices=4).codes, quantize(y, 4, 32).codes)
+    with pytest.raises(ValueError, match="equal slices"):
+        quantize(x, 4, 32, slices=7)

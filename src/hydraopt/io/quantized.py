@@ -4,7 +4,8 @@ A kind hands the container its float tensors by name, as for a 16-bit bundle, pl
 :class:`~hydraopt.quantize.QuantizedTensor` of each name it wants stored quantized. The
 container stores such a tensor ``<name>`` as two safetensors entries, ``<name>#codes`` (uint8)
 and ``<name>#scales`` (float16), and one ``bundle.json`` entry ``quantization.<name>`` =
-``{bits, group_size, shape, dtype}``; readers validate the pieces and dequantize, so every kind
+``{bits, group_size, shape, dtype}`` (plus ``slices`` when a tensor's groups restart per task,
+:func:`hydraopt.quantize.quantize`; absent = 1, so earlier version-3 bundles read unchanged); readers validate the pieces and dequantize, so every kind
 (and every method's factors) reads back float tensors under the names it wrote. ``#`` appears in
 no PEFT module name, so the suffixes cannot collide with a kind's own tensor names.
 """
@@ -20,7 +21,13 @@ import torch
 
 from hydraopt.errors import HydraoptError
 from hydraopt.io.dtypes import DTYPES
-from hydraopt.quantize import QuantizedTensor, check_quant_args, dequantize, quantized_nbytes
+from hydraopt.quantize import (
+    QuantizedTensor,
+    check_quant_args,
+    check_slices,
+    dequantize,
+    quantized_nbytes,
+)
 
 QUANTIZED_FORMAT_VERSION = 3  # bundles holding quantized tensors; 16-bit bundles stay at 1 / 2
 CODES_SUFFIX = "#codes"
@@ -51,6 +58,8 @@ def encode_quantized(
             "shape": list(q.shape),
             "dtype": dtype,
         }
+        if q.slices != 1:
+            entry[name]["slices"] = q.slices
     return out, entry
 
 
@@ -119,13 +128,17 @@ def _read_entry(
         raise HydraoptError(
             f"{what}: dtype must be one of {sorted(DTYPES)}, got {entry.get('dtype')!r}"
         )
-    numel = math.prod(shape)
-    groups = math.ceil(numel / group_size)
+    numel, slices = math.prod(shape), entry.get("slices", 1)
+    try:
+        check_slices(numel, slices)
+    except ValueError as e:
+        raise HydraoptError(f"{what}: {e}") from None
+    groups = slices * math.ceil(numel // slices / group_size)
     codes, scales = stored.get(name + CODES_SUFFIX), stored.get(name + SCALES_SUFFIX)
     if codes is None or scales is None:
         missing = CODES_SUFFIX if codes is None else SCALES_SUFFIX
         raise HydraoptError(f"{what}: tensors.safetensors has no {name + missing!r}")
-    n_codes = quantized_nbytes(numel, bits, group_size) - 2 * groups
+    n_codes = quantized_nbytes(numel, bits, group_size, slices) - 2 * groups
     if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != n_codes:
         raise HydraoptError(
             f"{what}: codes must be {n_codes} uint8 values for shape {shape} at {bits} bits, "
@@ -139,7 +152,7 @@ def _read_entry(
     if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
         raise HydraoptError(f"{what}: scales must be finite and >= 0")
     # Any byte is a valid code (8 bits: one code + 128; 4 bits: two nibbles + 8): no range check.
-    return QuantizedTensor(codes, scales, tuple(shape), bits, group_size)
+    return QuantizedTensor(codes, scales, tuple(shape), bits, group_size, slices)
 
 
 def stored_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

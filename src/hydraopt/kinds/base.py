@@ -78,6 +78,10 @@ class AdapterKind(Protocol):
     display_name: str  # as users write it: "LoRA", "VeRA"
     peft_type: str  # adapter_config.json's peft_type
     frozen_tensors: tuple[str, ...]  # bundle tensors kept as they are: never quantized, not counted
+    # Name suffixes (``<module>.<suffix>``) of tensors stacked over tasks whose per-task block
+    # need not fill whole quantization groups: quantized with groups restarting per task, so
+    # that no task's values share a scale with another's (see hydraopt.quantize).
+    task_stacked: tuple[str, ...]
     # Whether the K separate adapters are factor pairs (A, B) that are stored, quantized and
     # counted in bytes as such: the yardstick of byte budgets and of the separate-quantized
     # baselines. VeRA's trainable part is its λ vectors, another yardstick.

@@ -117,9 +117,9 @@ MIXED_METHODS = {
         if name not in ("hydraopt", "shared_basis")
     },
     "shared-basis-rank": ["--method", "shared_basis", "--rank", "4"],
-    # a rank per module within the budget, stored at 8 bits (crashed: R differs per module;
-    # at 4 bits the small-scale tasks' cores round to 0 here, see docs/adapter-inputs.md)
+    # a rank per module within the budget, stored at 8 bits (crashed: R differs per module)
     "shared-basis-budget-8bit": ["--method", "shared_basis", "--budget", "40", "--bits", "8"],
+    "shared-basis-budget-4bit": ["--method", "shared_basis", "--budget", "40", "--bits", "4"],
     "hydraopt-budget-auto": ["--budget", "40", "--bits", "auto"],
 }
 
@@ -199,3 +199,18 @@ def test_a_peft_pickle_with_allow_pickle_merges_like_its_safetensors_twin(adapte
         cli(*argv, "--allow-pickle", "--out", tmp_path / out)
     got, want = (view_delta(hydraopt.load_any_bundle(tmp_path / b), 0) for b in ("b-bin", "b-st"))
     assert_deltas_close(got, want, rtol=0)
+
+
+def test_four_bit_shared_basis_keeps_every_task_of_mixed_scales(adapters, tmp_path):
+    """The cores (K, R, R) of tasks whose scales differ ~10x (alpha 8 beside rsLoRA alpha 32) at
+    4 bits: while quantization groups spanned tasks (R² = 16, groups of 64), the small tasks
+    shared the large one's step, their cores rounded to zero and the bundle stored nothing for
+    them (error = storing nothing, to the last digit, in every module). Groups now restart per
+    task: every task's error is below storing nothing, as at 8 bits."""
+    dirs = adapters(*MIXED)
+    out = tmp_path / "b4"
+    cli("merge", *dirs, "--method", "shared_basis", "--rank", "4", "--bits", "4", "--out", out)
+    provenance = hydraopt.load_any_bundle(out).provenance
+    for module, zero in provenance.zero_errors.items():
+        for i, z in enumerate(zero):
+            assert provenance.errors[module][i] < 0.999 * z, (module, i)

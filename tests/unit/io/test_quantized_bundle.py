@@ -173,6 +173,8 @@ CORRUPTIONS = {
     "group odd": (dict(meta=lambda m: _entry(m).update(group_size=15)), "even"),
     "shape bad": (dict(meta=lambda m: _entry(m).update(shape=[0, 4])), "shape must be"),
     "dtype bad": (dict(meta=lambda m: _entry(m).update(dtype="int4")), "dtype must be"),
+    "slices uneven": (dict(meta=lambda m: _entry(m).update(slices=7)), "equal slices"),
+    "slices bool": (dict(meta=lambda m: _entry(m).update(slices=True)), "slices must be"),
     "no table": (dict(meta=lambda m: m.pop("quantization")), "needs a non-empty"),
     "version 1 with table": (dict(meta=lambda m: m.update(format_version=1)), "hold no quantized"),
 }
@@ -208,3 +210,25 @@ def test_a_16_bit_bundle_with_stray_codes_is_refused(merged, tmp_path):
     )
     with pytest.raises(HydraoptError, match="hold no quantized tensors"):
         load_bundle(tmp_path / "b")
+
+
+def test_sliced_tensors_round_trip_through_the_container():
+    """A tensor quantized with groups restarting per task (``slices``) is written with its slice
+    count and read back to the same codes, scales and values; one without keeps the old entry."""
+    from hydraopt.io.quantized import decode_quantized, encode_quantized
+    from hydraopt.quantize import dequantize, quantize
+
+    cores = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(0))
+    tensors = {"m.cores": cores, "m.U": torch.randn(8, 5)}
+    quantized = {
+        "m.cores": quantize(cores, 4, 16, slices=3),
+        "m.U": quantize(tensors["m.U"], 4, 16),
+    }
+    stored, table = encode_quantized(tensors, quantized, "float16")
+    assert table["m.cores"]["slices"] == 3 and "slices" not in table["m.U"]
+    meta = {"format_version": 3, "quantization": table}
+    values, back = decode_quantized(stored, meta, "here")
+    for name, q in quantized.items():
+        assert back[name].slices == q.slices
+        assert torch.equal(back[name].codes, q.codes) and torch.equal(back[name].scales, q.scales)
+        assert torch.equal(values[name], dequantize(q))

@@ -34,6 +34,9 @@ class LoraKind:
     peft_type = LORA_TRAITS.peft_type
     separate_factors = LORA_TRAITS.separate_factors
     frozen_tensors: tuple[str, ...] = ()
+    # shared_basis cores (K, R, R): R² is rarely a multiple of the group size. HydraOpt heads
+    # (M, d, r) are left as they were: d r fills whole groups at every real shape.
+    task_stacked: tuple[str, ...] = ("cores",)
 
     def load_adapter_set(
         self,

@@ -35,6 +35,7 @@ class VeraKind:
     display_name = VERA_TRAITS.display_name
     peft_type = VERA_TRAITS.peft_type
     separate_factors = VERA_TRAITS.separate_factors  # its trainable part is the λ vectors
+    task_stacked: tuple[str, ...] = ()
     frozen_tensors: tuple[str, ...] = (
         VERA_FROZEN  # shared projections: bit-equal to the training ones, uncounted
     )
