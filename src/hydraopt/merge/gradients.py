@@ -101,7 +101,7 @@ def mae_value_and_grads(
     flat = (g_idx * M + routing).flatten()  # (G K,)
     g_heads = torch.zeros(G * M, d, r, dtype=a.dtype, device=a.device)
     g_heads.index_add_(0, flat, g_routed.reshape(G * K, d, r))
-    g_heads = g_heads.reshape(G, M, d, r) * norm
+    g_heads = g_heads.reshape(G, M, d, r).mul_(norm)  # in place: (G, M, d, r) is large at M = K
     g_a = (routed.transpose(-1, -2) @ work).to(a.dtype).sum(1) * norm  # (G, r, k)
     return loss, g_a, g_heads
 
