@@ -38,16 +38,19 @@ class Adam:
         self.betas, self.eps, self.t = betas, eps, 0
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
+        # The denominator's buffer, reused by every step (fresh large tensors fault their pages
+        # in anew each time; the same numbers).
+        self.denom = [torch.empty_like(p) for p in params]
 
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor], lr: float) -> None:
         b1, b2 = self.betas
         self.t += 1
         bias1, bias2 = 1.0 - b1**self.t, 1.0 - b2**self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
+        for p, g, m, v, d in zip(self.params, grads, self.m, self.v, self.denom, strict=True):
             m.lerp_(g, 1.0 - b1)
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+            denom = torch.sqrt(v, out=d).div_(math.sqrt(bias2)).add_(self.eps)
             p.addcdiv_(m, denom, value=-lr / bias1)
 
 

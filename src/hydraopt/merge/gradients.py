@@ -28,10 +28,15 @@ class MaeWorkspace:
     Attributes:
         buffer: fused: (2, G, M, d, k), X_c and S_c per head; else (G, K, d, k), E per task.
         fused: whether the fused CPU kernels run the step.
+        heads_grad: the per-task path's (G M, d, r) gradient of the heads, or None (allocated
+            per step): at M = K with many adapters 256 MiB per 1B module, whose fresh pages
+            cost more than zeroing it. The gradient returned is then this buffer, valid until
+            the next call.
     """
 
     buffer: torch.Tensor
     fused: bool
+    heads_grad: torch.Tensor | None = None
 
 
 def mae_value_and_grads(
@@ -99,9 +104,13 @@ def mae_value_and_grads(
     # Sum each task's gradient into its head: index_add over flattened (module, head) slots
     # (a one-hot einsum costs K x M x d x r, which dominates when M is large).
     flat = (g_idx * M + routing).flatten()  # (G K,)
-    g_heads = torch.zeros(G * M, d, r, dtype=a.dtype, device=a.device)
+    kept = workspace.heads_grad
+    if kept is not None and kept.shape == (G * M, d, r) and kept.dtype == a.dtype:
+        g_heads = kept.zero_()
+    else:
+        g_heads = torch.zeros(G * M, d, r, dtype=a.dtype, device=a.device)
     g_heads.index_add_(0, flat, g_routed.reshape(G * K, d, r))
-    g_heads = g_heads.reshape(G, M, d, r) * norm
+    g_heads = g_heads.reshape(G, M, d, r).mul_(norm)  # in place: (G, M, d, r) is large at M = K
     g_a = (routed.transpose(-1, -2) @ work).to(a.dtype).sum(1) * norm  # (G, r, k)
     return loss, g_a, g_heads
 
@@ -207,13 +216,20 @@ def mae_workspace(
     device: torch.device | str = "cpu",
     *,
     fused: bool | None = None,
+    heads_grad: tuple[int, torch.dtype] | None = None,
 ) -> MaeWorkspace:
     """Scratch for :func:`mae_value_and_grads` on targets of ``shape`` (G, K, d, k).
 
     The torch paths write E for every task, (G, K, d, k); the fused path (``fused``; None: where
     it applies, see :mod:`~hydraopt.merge.kernels`) only X and the sums per head, (2, G, M, d, k).
+    ``heads_grad`` (rank r, parameter dtype): also keep the per-task path's heads gradient
+    buffer (where that path runs: more than K / 2 heads).
     """
     G, K, d, k = shape
     if fused if fused is not None else fused_available(device, dtype):
         return MaeWorkspace(torch.empty(2, G, num_heads, d, k, dtype=dtype, device=device), True)
-    return MaeWorkspace(torch.empty(G, K, d, k, dtype=dtype, device=device), False)
+    kept = None
+    if heads_grad is not None and 2 * num_heads > K:
+        rank, param_dtype = heads_grad
+        kept = torch.empty(G * num_heads, d, rank, dtype=param_dtype, device=device)
+    return MaeWorkspace(torch.empty(G, K, d, k, dtype=dtype, device=device), False, kept)

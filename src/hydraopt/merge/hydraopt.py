@@ -22,13 +22,14 @@ from hydraopt.merge.base import MergeContext, method_heads, select_fields
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.head_scales import fit_head_scales
 from hydraopt.merge.hydraopt_config import HydraOptConfig
+from hydraopt.merge.measure import hard_routed_error
 from hydraopt.merge.median_start import median_start
 from hydraopt.merge.paper import paper_solve
 from hydraopt.merge.refine import refine_measured
 from hydraopt.merge.registry import registered
 from hydraopt.merge.routing import best_routing
 from hydraopt.merge.targets import FactorTargets, Targets, take_targets
-from hydraopt.types import LoraStack, MergedStack, MergedVeraStack, VeraStack
+from hydraopt.types import LoraStack, Measured, MergedStack, MergedVeraStack, VeraStack
 
 # The config lives torch-free in hydraopt_config; importable from here as before.
 __all__ = ["PAPER_FIELDS", "HydraOpt", "HydraOptConfig"]
@@ -93,11 +94,25 @@ class HydraOpt:
         context: MergeContext,
     ) -> MergedStack:
         merged = self._solve(stack, config, generator=generator, context=context)
-        scale = config.resolved_head_scale(stack.A.shape[1])
+        K = stack.A.shape[1]
+        scale = config.resolved_head_scale(K)
         if scale == 1.0:
             return merged
-        # Head-magnitude calibration: the errors change with it, so the engine measures them.
-        return MergedStack(merged.A, merged.heads * scale, merged.routing)
+        # Head-magnitude calibration: the errors change with it, so they are measured again.
+        heads = merged.heads * scale
+        measured = merged.measured
+        if measured is None or config.refine_tasks >= K:
+            return MergedStack(merged.A, heads, merged.routing)  # the engine measures them
+        # Many adapters (targets kept as factors): the zero yardstick came from the refinement's
+        # last pass over the same factors, so only the scaled errors need one more (the engine
+        # would form every ΔW_i twice more; at K = 1,000 each pass is a third of M = 1's merge).
+        # The same call, on the same factors, as the engine's: the same numbers.
+        with torch.no_grad():
+            targets = FactorTargets(stack.A, stack.scaled_B)
+            err = hard_routed_error(targets, merged.A, heads, merged.routing, measured.distance)
+        return MergedStack(
+            merged.A, heads, merged.routing, Measured(measured.distance, err, measured.zero)
+        )
 
     def _solve(
         self,

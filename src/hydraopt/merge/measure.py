@@ -15,9 +15,13 @@ import torch
 
 from hydraopt.merge.distances import SEPARABLE, get_distance
 from hydraopt.merge.kernels import OrderKeys, fused_available, head_sign_sums
-from hydraopt.merge.targets import Targets, take_targets
+from hydraopt.merge.targets import FactorTargets, Targets, take_targets
 
 ERROR_BLOCK = 8  # tasks per block of the error evaluation
+# Elements of one tile (tasks x rows x k) of the tiled evaluation (:func:`_tiled_errors`): the
+# tile, its error and the block's A_i stay in the cache while every point is measured on them.
+TILE_ELEMENTS = 1 << 20
+TILE_TASKS = 4
 
 
 def hard_routed_error(
@@ -56,6 +60,9 @@ def hard_routed_error(
     if needs_graph or distance not in SEPARABLE:
         approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
         return get_distance(distance)(take_targets(delta, slice(None)), approx)
+    if _tiles(delta):
+        assert isinstance(delta, FactorTargets)
+        return _tiled_errors(delta, [(a, heads)], routing, distance, with_zero=False)[0][0]
     K, (d, k) = routing.shape[1], delta.shape[-2:]
     # One head, targets formed per block (many adapters): subtract the one H A' from each
     # freshly formed ΔW in place instead of writing H A' out once per task, a pass over every
@@ -86,6 +93,11 @@ def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
     if distance not in SEPARABLE:
         targets = take_targets(delta, slice(None))
         return get_distance(distance)(targets, torch.zeros_like(targets))
+    if _tiles(delta):
+        assert isinstance(delta, FactorTargets)
+        zero = _tiled_errors(delta, [], None, distance, with_zero=True)[1]
+        assert zero is not None
+        return zero
     out = []
     for lo in range(0, K, ERROR_BLOCK):
         block = take_targets(delta, slice(lo, lo + ERROR_BLOCK))
@@ -124,6 +136,9 @@ def hard_routed_errors(
     if isinstance(delta, torch.Tensor) or distance not in SEPARABLE or needs_graph:
         one_by_one = [hard_routed_error(delta, a, h, routing, distance) for a, h in points]
         return one_by_one, distance_to_zero(delta, distance) if with_zero else None
+    if _tiles(delta):
+        assert isinstance(delta, FactorTargets)
+        return _tiled_errors(delta, points, routing, distance, with_zero=with_zero)
     G, K, d, k = delta.shape
     g_idx = torch.arange(G, device=routing.device)[:, None]
     formula = SEPARABLE[distance]
@@ -164,3 +179,77 @@ def _fused_mae_error(
     _, l1 = head_sign_sums(heads @ a[:, None], delta, routing, with_signs=False)
     assert l1 is not None
     return l1.to(a.dtype)
+
+
+def _tiles(delta: Targets) -> bool:
+    """Whether :func:`_tiled_errors` measures these targets: kept as factors, more than one block
+    of tasks (many adapters; a handful keep the blocked loop's numbers bit for bit)."""
+    return isinstance(delta, FactorTargets) and delta.shape[1] > ERROR_BLOCK
+
+
+def _tiled_errors(
+    delta: FactorTargets,
+    points: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    routing: torch.Tensor | None,
+    distance: str,
+    *,
+    with_zero: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`hard_routed_errors` over factor targets, a cache-sized tile of ΔW at a time.
+
+    Each tile (n tasks x a few rows x k) of the targets is formed once into a small reused buffer
+    and every point's error (and the zero yardstick) is reduced from it while it is still in the
+    cache: E = T - H A' is one GEMM onto T (addmm, beta 1, alpha -1) or, for one head, a
+    subtraction of its precomputed rows, and sum |E| (or sum E^2) reads E once. Blocks of
+    ERROR_BLOCK tasks the size of 1B-shape matrices (128 MiB) went to memory and back four or
+    five times per point; at K = 1,000 that was most of a merge (RESULTS.md section 21). The sums
+    over a task's row tiles add up in float64, so only the tile's own float32 sum rounds.
+    """
+    G, K, d, k = delta.shape
+    square = distance != "mae"  # mse and fro reduce E^2, mae |E|
+    n_max = min(TILE_TASKS, K)
+    rows = max(1, min(d, TILE_ELEMENTS // (n_max * k)))
+    device = delta.A.device
+    sums = [torch.zeros(G, K, dtype=torch.float64, device=device) for _ in points]
+    zero = torch.zeros(G, K, dtype=torch.float64, device=device) if with_zero else None
+    tile_buf = torch.empty(n_max * rows * k, dtype=delta.dtype, device=device)
+    err_buf = torch.empty_like(tile_buf)
+    # One head: H A' (G, d, k) once per point, its rows subtracted from every task's tile.
+    singles = [h[:, 0] @ a if h.shape[1] == 1 else None for a, h in points]
+    for g in range(G):
+        for lo in range(0, K, n_max):
+            n = min(K, lo + n_max) - lo
+            b_g, a_g = delta.scaled_B[g, lo : lo + n], delta.A[g, lo : lo + n]  # (n, d|r, r|k)
+            assert routing is not None or not points
+            routed = [
+                h[g, routing[g, lo : lo + n]] if s is None and routing is not None else None
+                for (_, h), s in zip(points, singles, strict=True)
+            ]  # (n, d, r) per point with several heads
+            for r0 in range(0, d, rows):
+                rr = slice(r0, min(d, r0 + rows))
+                size = n * (rr.stop - r0) * k
+                tile = tile_buf[:size].view(n, -1, k)
+                torch.bmm(b_g[:, rr], a_g, out=tile)  # (n, rows, k): ΔW_i's rows
+                err = err_buf[:size].view(n, -1, k)
+                for acc, (a, _), single, heads in zip(sums, points, singles, routed, strict=True):
+                    if single is not None:
+                        torch.sub(tile, single[g, rr], out=err)
+                    else:
+                        assert heads is not None
+                        flat_heads = heads[:, rr].reshape(-1, heads.shape[-1])  # (n rows, r)
+                        torch.addmm(
+                            tile.view(-1, k), flat_heads, a[g], alpha=-1, out=err.view(-1, k)
+                        )
+                    acc[g, lo : lo + n] += _tile_sum(err, square)
+                if zero is not None:  # last: the sum overwrites the tile
+                    zero[g, lo : lo + n] += _tile_sum(tile, square)
+    finish = torch.sqrt if distance == "fro" else (lambda s: s / (d * k))
+    return [finish(s).to(delta.dtype) for s in sums], (
+        None if zero is None else finish(zero).to(delta.dtype)
+    )
+
+
+def _tile_sum(err: torch.Tensor, square: bool) -> torch.Tensor:
+    """sum |E| (or sum E^2) per task of a (n, rows, k) tile; overwrites ``err``. In the cache
+    abs_ and sum cost 0.2-0.3 ms per million elements, vector_norm's one read 0.9 (measured)."""
+    return (err.square_() if square else err.abs_()).sum(dim=(1, 2)).double()

@@ -155,6 +155,12 @@ class FactorRefinement:
                 self.low,
                 self.routing.device,
                 fused=False if self.sampled else None,
+                # Many adapters at M = K: the heads' gradient buffer kept across steps.
+                heads_grad=(
+                    (self.delta.A.shape[2], self.delta.dtype)
+                    if self.sampled and isinstance(self.delta, FactorTargets)
+                    else None
+                ),
             )
         self.targets = dense
         if self.sampled and isinstance(self.delta, FactorTargets):

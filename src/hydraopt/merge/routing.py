@@ -13,12 +13,28 @@ from __future__ import annotations
 
 import torch
 
-from hydraopt.merge.closed_form import projected_heads, shared_a
+from hydraopt.merge.closed_form import FLOAT32_GRAM_FROM, projected_heads, shared_a
+
+GRAM_COLUMNS = 4096  # many adapters: columns of the flattened heads per float32 product
 
 
 def _gram(projected: torch.Tensor) -> torch.Tensor:
-    flat = projected.flatten(2).to(torch.float64)  # (G, K, d*r)
-    return flat @ flat.transpose(1, 2)  # (G, K, K)
+    """<P_i, P_j> (G, K, K) in float64.
+
+    Many adapters (K >= FLOAT32_GRAM_FROM, float32 heads): a (K x d r)(d r x K) product, 131
+    GFLOP per 1B module at K = 1,000, so it runs in float32 on GRAM_COLUMNS columns at a time
+    (2x float64's speed here), the partial Grams summed in float64.
+    """
+    K = projected.shape[1]
+    flat = projected.flatten(2)  # (G, K, d*r)
+    if K < FLOAT32_GRAM_FROM or flat.dtype != torch.float32:
+        flat = flat.to(torch.float64)
+        return flat @ flat.transpose(1, 2)
+    gram = torch.zeros(flat.shape[0], K, K, dtype=torch.float64, device=flat.device)
+    for lo in range(0, flat.shape[2], GRAM_COLUMNS):
+        part = flat[:, :, lo : lo + GRAM_COLUMNS]
+        gram += (part @ part.transpose(1, 2)).to(torch.float64)
+    return gram
 
 
 def _distances_to_clusters(gram: torch.Tensor, routing: torch.Tensor, m: int) -> torch.Tensor:
@@ -145,7 +161,10 @@ def best_routing(
         return zeros, a_prime, err
     # Many adapters: search in float32 (the k x k Grams of the clusters dominate the cost and
     # rounding there cannot change which routing wins by much), then redo the winner in float64.
-    search = torch.float32 if K > FLOAT32_SEARCH_FROM else torch.float64
+    # From FLOAT32_GRAM_FROM tasks the float64 closed form itself runs its big products in
+    # float32 (sums in float64): as fast as the float32 search and more exact, so the search
+    # uses it and the winner needs no redo (at K = 1,000 the redo was a sixth of the search).
+    search = torch.float32 if FLOAT32_SEARCH_FROM < K < FLOAT32_GRAM_FROM else torch.float64
     # Start from the M = K subspace: it is where every task is represented best.
     a_full, _ = shared_a(A, scaled_B, identity, K, dtype=search)
     gram0 = _gram(projected_heads(A, scaled_B, a_full))

@@ -219,3 +219,56 @@ def test_gram_path_with_subspace_iteration_matches_dense_optimum(monkeypatch):
         approx = heads[0][torch.tensor(routing)] @ a[0]
         assert float((delta64(stack) - approx).square().sum()) == pytest.approx(expected, rel=1e-5)
     assert sizes and k not in sizes
+
+
+@pytest.mark.parametrize("heads", [1, 3, 70])
+def test_many_adapters_gram_in_float32_products_matches_the_dense_optimum(heads):
+    # K >= FLOAT32_GRAM_FROM: the k x k Gram's products over tasks run in float32 (sums in
+    # float64). Against the brute-force dense optimum in float64, and the float64-product path:
+    # the same error to ~1e-6 relative and the same subspace; one-task heads (M = K) take the
+    # R_i^T R_i form, clusters the T_c^T T_c / n_c form, both appear at M = 3 / 70.
+    K = closed_form.FLOAT32_GRAM_FROM + 6
+    stack = random_stack(G=2, K=K, d=9, k=12, r=2, seed=heads)  # K r > k: the Gram path
+    routing = torch.arange(K).expand(2, K) % heads
+    routing[1, :] = torch.randperm(K, generator=torch.Generator().manual_seed(1)) % heads
+    a, err = shared_a(stack.A, stack.scaled_B, routing, heads)
+    a64, err64 = shared_a(stack.A.double(), stack.scaled_B.double(), routing, heads)
+    assert a.dtype == torch.float32 and err.dtype == torch.float64
+    for g in range(2):
+        delta = (stack.scaled_B.double() @ stack.A.double())[g]
+        want = dense_optimum(delta, routing[g].tolist(), 2)
+        assert abs(float(err[g]) - want) <= 1e-6 * want
+    torch.testing.assert_close(err, err64, rtol=1e-6, atol=0)
+    # the same row space: A' A'^T of one against the other's projector
+    overlap = (a.double() @ a64.transpose(1, 2)).svd().S
+    torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-5)
+
+
+def test_few_adapters_keep_float64_products():
+    # Below FLOAT32_GRAM_FROM the Gram path is the float64 one, bit for bit.
+    K = closed_form.FLOAT32_GRAM_FROM - 1
+    stack = random_stack(G=1, K=K, d=5, k=8, r=2, seed=3)
+    routing = torch.arange(K)[None] % 2
+    a, err = shared_a(stack.A, stack.scaled_B, routing, 2, path="gram")
+    vals, a64 = closed_form._top_eigen_gram(
+        stack.A.double(), stack.scaled_B.double(), routing, 2, 2
+    )
+    assert torch.equal(a, a64.float())
+    assert torch.equal(
+        err, (total_energy(stack.A.double(), stack.scaled_B.double()) - vals.sum(-1)).clamp_min(0.0)
+    )
+
+
+def test_one_task_per_head_routed_heads_are_the_projected_heads_permuted():
+    # M = K: the shortcut gathers each head's task instead of the one-hot product: equal values.
+    stack = random_stack(G=2, K=6, d=4, k=5, r=2, seed=8)
+    a, _ = shared_a(stack.A, stack.scaled_B, torch.zeros(2, 6, dtype=torch.long), 1)
+    projected = projected_heads(stack.A, stack.scaled_B, a)
+    routing = torch.stack([torch.arange(6), torch.tensor([3, 0, 5, 1, 4, 2])])
+    onehot = torch.nn.functional.one_hot(routing, 6).to(projected.dtype)
+    want = torch.einsum("gkm,gkdr->gmdr", onehot, projected)
+    assert torch.equal(routed_heads(projected, routing, 6), want)
+    # Not one task per head: the general formula (a mean of two)
+    pairs = torch.tensor([[0, 0, 1, 2, 3, 4]] * 2)
+    got = routed_heads(projected, pairs, 6)
+    torch.testing.assert_close(got[:, 0], projected[:, :2].mean(1))

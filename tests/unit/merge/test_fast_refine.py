@@ -347,3 +347,23 @@ def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_res
     gen = torch.Generator().manual_seed(5)
     _, _, measured = refine_measured(lazy, a, heads, routing, **kw, generator=gen)
     assert torch.equal(measured.zero, zero)
+
+
+def test_kept_heads_gradient_buffer_gives_the_fresh_gradients_bit_for_bit():
+    # M > K / 2 (per-task path): the heads' gradient goes into a buffer kept in the workspace;
+    # two calls in a row (the buffer zeroed between them) give the fresh allocation's numbers.
+    from hydraopt.merge.gradients import mae_value_and_grads, mae_workspace
+
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(2, 4, 7, 6, generator=gen)
+    routing = torch.tensor([[0, 5, 2, 9], [1, 1, 3, 8]])
+    kept = mae_workspace(delta.shape, 10, torch.float32, fused=False, heads_grad=(2, torch.float32))
+    fresh = mae_workspace(delta.shape, 10, torch.float32, fused=False)
+    assert kept.heads_grad is not None and fresh.heads_grad is None
+    for _ in range(2):
+        a, heads = torch.randn(2, 2, 6, generator=gen), torch.randn(2, 10, 7, 2, generator=gen)
+        got = mae_value_and_grads(delta, a, heads, routing, kept)
+        want = mae_value_and_grads(delta, a, heads, routing, fresh)
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y)
+        assert got[2].data_ptr() == kept.heads_grad.data_ptr()

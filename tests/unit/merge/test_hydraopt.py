@@ -311,3 +311,36 @@ def test_refine_schedule_defaults_depend_on_whether_heads_are_shared():
         HydraOptConfig(heads=1, refine_lr=0.0)
     with pytest.raises(HydraoptError, match="refine_steps"):
         HydraOptConfig(heads=1, refine_steps=-1)
+
+
+@pytest.mark.parametrize("distance", ["mae", "fro"])
+def test_scaled_one_head_of_many_adapters_hands_on_the_engines_numbers(distance):
+    # M = 1 of many adapters (targets kept as factors): the head scale applies after the
+    # refinement, and the merge measures the scaled result itself (one pass, the zero yardstick
+    # from the refinement's): the very numbers the engine would measure, bit for bit.
+    from hydraopt.merge.measure import distance_to_zero
+    from hydraopt.merge.targets import FactorTargets
+
+    K = 12
+    stack = random_stack(G=2, K=K, d=6, k=5, r=2, seed=7)
+    config = HydraOptConfig(heads=1, distance=distance, refine_tasks=4)
+    assert config.resolved_head_scale(K) != 1.0
+    out = get_method("hydraopt").merge(
+        stack,
+        config,
+        generator=torch.Generator().manual_seed(0),
+        context=MergeContext(num_tasks=K, num_factor_tensors=8),
+    )
+    assert out.measured is not None and out.measured.distance == distance
+    targets = FactorTargets(stack.A, stack.scaled_B)
+    want = hard_routed_error(targets, out.A, out.heads, out.routing, distance)
+    assert torch.equal(out.measured.error, want)
+    assert torch.equal(out.measured.zero, distance_to_zero(targets, distance))
+    # Every task refined at once (targets dense): the engine measures, as before.
+    dense = get_method("hydraopt").merge(
+        stack,
+        HydraOptConfig(heads=1, distance=distance, refine_tasks=K),
+        generator=torch.Generator().manual_seed(0),
+        context=MergeContext(num_tasks=K, num_factor_tensors=8),
+    )
+    assert dense.measured is None

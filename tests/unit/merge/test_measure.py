@@ -62,3 +62,38 @@ def test_one_pass_errors_equal_the_separate_evaluations_bit_for_bit(distance):
     torch.testing.assert_close(
         dense_err, hard_routed_error(targets, a, h, routings[1], distance), rtol=1e-5, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("distance", ["mae", "mse", "fro"])
+@pytest.mark.parametrize("heads", [1, 3, 11])
+def test_tiles_smaller_than_a_task_give_the_dense_formula(distance, heads, monkeypatch):
+    # Many adapters are measured a tile (tasks x rows x k) at a time, the row tiles' sums added in
+    # float64: tiles of 3 tasks x 2 rows (the last one short on both axes) against the formula.
+    from hydraopt.merge import measure
+
+    monkeypatch.setattr(measure, "TILE_TASKS", 3)
+    monkeypatch.setattr(measure, "TILE_ELEMENTS", 3 * 2 * 6)
+    stack = random_stack(G=2, K=ERROR_BLOCK + 3, d=7, k=6, r=2, seed=heads)
+    targets = FactorTargets(stack.A, stack.scaled_B)
+    K = stack.A.shape[1]
+    gen = torch.Generator().manual_seed(heads)
+    a = torch.randn(2, 2, 6, generator=gen)
+    head_b = torch.randn(2, heads, 7, 2, generator=gen)
+    routing = torch.randint(0, heads, (2, K), generator=gen)
+    approx = head_b[torch.arange(2)[:, None], routing] @ a[:, None]  # (G, K, d, k)
+    want = get_distance(distance)(stack.delta(), approx)
+    (got,), zero = hard_routed_errors(targets, [(a, head_b)], routing, distance, with_zero=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    want_zero = get_distance(distance)(stack.delta(), torch.zeros_like(approx))
+    torch.testing.assert_close(zero, want_zero, rtol=1e-6, atol=0)
+    assert torch.equal(got, hard_routed_error(targets, a, head_b, routing, distance))
+
+
+def test_few_tasks_keep_the_blocked_loop():
+    # K <= ERROR_BLOCK: one block, the numbers of the block loop (not the tiles) bit for bit.
+    stack = random_stack(G=1, K=ERROR_BLOCK, d=7, k=6, r=2, seed=4)
+    targets = FactorTargets(stack.A, stack.scaled_B)
+    a, h = torch.randn(1, 2, 6), torch.randn(1, 1, 7, 2)
+    routing = torch.zeros(1, ERROR_BLOCK, dtype=torch.long)
+    err = (stack.delta() - h[:, 0] @ a).abs().sum(dim=(-2, -1)) / 42
+    assert torch.equal(hard_routed_error(targets, a, h, routing, "mae"), err)

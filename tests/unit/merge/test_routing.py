@@ -115,3 +115,37 @@ def test_best_routing_finds_the_brute_force_optimum_of_planted_groups():
     best = min(errors, key=errors.__getitem__)
     assert tuple(canonical_labels(routing)[0].tolist()) == best == (0, 1, 0, 0, 1)
     assert err[0].item() == pytest.approx(errors[best], rel=1e-8)
+
+
+def test_many_adapters_gram_of_heads_sums_float32_blocks_in_float64(monkeypatch):
+    # K >= FLOAT32_GRAM_FROM: <P_i, P_j> from float32 products over column blocks (3 columns
+    # here, the last block short), summed in float64: the float64 product's numbers to ~1e-6.
+    from hydraopt.merge import routing as routing_mod
+    from hydraopt.merge.closed_form import FLOAT32_GRAM_FROM
+
+    monkeypatch.setattr(routing_mod, "GRAM_COLUMNS", 3)
+    K = FLOAT32_GRAM_FROM
+    heads = torch.randn(2, K, 4, 2, generator=torch.Generator().manual_seed(0))
+    want = heads.double().flatten(2) @ heads.double().flatten(2).transpose(1, 2)
+    got = routing_mod._gram(heads)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    few = heads[:, : K - 1]  # fewer tasks: the float64 product itself
+    flat = few.double().flatten(2)
+    assert torch.equal(routing_mod._gram(few), flat @ flat.transpose(1, 2))
+
+
+def test_many_adapters_search_returns_the_exact_closed_form_of_its_routing():
+    # From FLOAT32_GRAM_FROM tasks the search runs the float64 closed form (float32 products)
+    # and skips the redo: its A' and error are the closed form's for the routing it returns.
+    from hydraopt.merge.closed_form import FLOAT32_GRAM_FROM, shared_a
+    from hydraopt.merge.routing import best_routing
+
+    K = FLOAT32_GRAM_FROM + 2
+    stack = random_stack(G=2, K=K, d=6, k=8, r=2, seed=4)
+    routing, a, err = best_routing(
+        stack.A, stack.scaled_B, 3, generator=torch.Generator().manual_seed(0)
+    )
+    exact_a, exact_err = shared_a(stack.A, stack.scaled_B, routing, 3)
+    assert torch.equal(a, exact_a) and torch.equal(err, exact_err)
+    assert err.dtype == torch.float64

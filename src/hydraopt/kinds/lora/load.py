@@ -18,7 +18,7 @@ from hydraopt.errors import HydraoptError
 from hydraopt.io.adapter_dir import (
     check_same_modules,
     read_adapter_files,
-    read_adapter_tensor,
+    read_adapter_tensors,
     select_modules,
 )
 from hydraopt.io.keys import lora_key, module_sort_key, parse_lora_key
@@ -80,9 +80,8 @@ class AdapterSet:
         )
 
     def _read_pair(self, info: AdapterInfo, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        pickled = self._pickled.get(info.task)
-        a = read_adapter_tensor(info, lora_key(module, "A"), pickled)
-        b = read_adapter_tensor(info, lora_key(module, "B"), pickled)
+        keys = [lora_key(module, "A"), lora_key(module, "B")]
+        a, b = read_adapter_tensors(info, keys, self._pickled.get(info.task))
         return a, b
 
 
@@ -148,9 +147,10 @@ def load_lora_adapter_set(
     }
     aset = AdapterSet(tuple(infos), tuple(modules), base, scales, pickled)
     if check_values:
-        for spec in modules:
-            for info in infos:
-                aset._read_pair(info, spec.name)
+        # Every tensor read (and checked) once now, each file opened once.
+        keys = [lora_key(m.name, x) for m in modules for x in ("A", "B")]
+        for info in infos:
+            read_adapter_tensors(info, keys, pickled.get(info.task))
     return aset
 
 
