@@ -18,6 +18,26 @@ from hydraopt.merge.measure import distance_to_zero, hard_routed_error, hard_rou
 from hydraopt.merge.targets import FactorTargets
 
 
+def random_targets(K: int, shape: tuple[int, int, int], gen: torch.Generator) -> FactorTargets:
+    """K random rank-r adapters of one (d, k) module kept as factors; prints the setting."""
+    d, k, r = shape
+    print(
+        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, K={K}, d k r={d, k, r}"
+    )
+    return FactorTargets(
+        torch.randn(1, K, r, k, generator=gen) / k**0.5, torch.randn(1, K, d, r, generator=gen)
+    )
+
+
+def random_points(K: int, M: int, shape: tuple[int, int, int], gen: torch.Generator) -> tuple:
+    """Routing (1, K) round robin over M heads, a random start (A', heads) and a nearby last
+    iterate: the points a refinement's closing measurements compare."""
+    d, k, r = shape
+    routing = torch.arange(K)[None] % M
+    start = (torch.randn(1, r, k, generator=gen) / k**0.5, torch.randn(1, M, d, r, generator=gen))
+    return routing, start, (start[0] * 1.01, start[1] * 0.99)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", type=int, default=64)
@@ -29,20 +49,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     (d, k, r), K = args.shape, args.tasks
     gen = torch.Generator().manual_seed(0)
-    targets = FactorTargets(
-        torch.randn(1, K, r, k, generator=gen) / k**0.5, torch.randn(1, K, d, r, generator=gen)
-    )
-    print(
-        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, K={K}, d k r={d, k, r}"
-    )
+    targets = random_targets(K, (d, k, r), gen)
     for label in args.heads:
         M = K if label == "K" else int(label)
-        routing = torch.arange(K)[None] % M
-        start = (
-            torch.randn(1, r, k, generator=gen) / k**0.5,
-            torch.randn(1, M, d, r, generator=gen),
-        )
-        last = (start[0] * 1.01, start[1] * 0.99)
+        routing, start, last = random_points(K, M, (d, k, r), gen)
         for rep in range(args.repeats):
             t0, c0 = time.perf_counter(), time.process_time()
             old = [hard_routed_error(targets, *pt, routing, "mae") for pt in (start, last)]

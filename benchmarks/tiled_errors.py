@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from measure_passes import random_points, random_targets  # the same problems, one definition
 
 from hydraopt.merge import measure
-from hydraopt.merge.targets import FactorTargets
 
 
 def main() -> None:
@@ -38,19 +38,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     (d, k, r), K = args.shape, args.tasks
     gen = torch.Generator().manual_seed(0)
-    targets = FactorTargets(
-        torch.randn(1, K, r, k, generator=gen) / k**0.5, torch.randn(1, K, d, r, generator=gen)
-    )
-    print(
-        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, K={K}, d k r={d, k, r}"
-    )
+    targets = random_targets(K, (d, k, r), gen)
     for M in (1, 2, K):
-        routing = torch.arange(K)[None] % M
-        start = (
-            torch.randn(1, r, k, generator=gen) / k**0.5,
-            torch.randn(1, M, d, r, generator=gen),
-        )
-        last = (start[0] * 1.01, start[1] * 0.99)
+        routing, start, last = random_points(K, M, (d, k, r), gen)
         for rep in range(args.repeats):
             c0 = time.process_time()
             want, want_zero = old.hard_routed_errors(
