@@ -10,6 +10,7 @@ one formation of each block's targets, which at K = 1,000 is what a merge's time
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 
@@ -61,7 +62,6 @@ def hard_routed_error(
         approx = heads[g_idx, routing] @ a[:, None]  # (G, K, d, k)
         return get_distance(distance)(take_targets(delta, slice(None)), approx)
     if _tiles(delta):
-        assert isinstance(delta, FactorTargets)
         return _tiled_errors(delta, [(a, heads)], routing, distance, with_zero=False)[0][0]
     K, (d, k) = routing.shape[1], delta.shape[-2:]
     # One head, targets formed per block (many adapters): subtract the one H A' from each
@@ -94,7 +94,6 @@ def distance_to_zero(delta: Targets, distance: str) -> torch.Tensor:
         targets = take_targets(delta, slice(None))
         return get_distance(distance)(targets, torch.zeros_like(targets))
     if _tiles(delta):
-        assert isinstance(delta, FactorTargets)
         zero = _tiled_errors(delta, [], None, distance, with_zero=True)[1]
         assert zero is not None
         return zero
@@ -137,7 +136,6 @@ def hard_routed_errors(
         one_by_one = [hard_routed_error(delta, a, h, routing, distance) for a, h in points]
         return one_by_one, distance_to_zero(delta, distance) if with_zero else None
     if _tiles(delta):
-        assert isinstance(delta, FactorTargets)
         return _tiled_errors(delta, points, routing, distance, with_zero=with_zero)
     G, K, d, k = delta.shape
     g_idx = torch.arange(G, device=routing.device)[:, None]
@@ -181,7 +179,7 @@ def _fused_mae_error(
     return l1.to(a.dtype)
 
 
-def _tiles(delta: Targets) -> bool:
+def _tiles(delta: Targets) -> TypeGuard[FactorTargets]:
     """Whether :func:`_tiled_errors` measures these targets: kept as factors, more than one block
     of tasks (many adapters; a handful keep the blocked loop's numbers bit for bit)."""
     return isinstance(delta, FactorTargets) and delta.shape[1] > ERROR_BLOCK
@@ -216,11 +214,11 @@ def _tiled_errors(
     err_buf = torch.empty_like(tile_buf)
     # One head: H A' (G, d, k) once per point, its rows subtracted from every task's tile.
     singles = [h[:, 0] @ a if h.shape[1] == 1 else None for a, h in points]
+    assert routing is not None or not points
     for g in range(G):
         for lo in range(0, K, n_max):
             n = min(K, lo + n_max) - lo
             b_g, a_g = delta.scaled_B[g, lo : lo + n], delta.A[g, lo : lo + n]  # (n, d|r, r|k)
-            assert routing is not None or not points
             routed = [
                 h[g, routing[g, lo : lo + n]] if s is None and routing is not None else None
                 for (_, h), s in zip(points, singles, strict=True)
