@@ -22,7 +22,6 @@ from hydraopt.merge.base import MergeContext, method_heads, select_fields
 from hydraopt.merge.closed_form import projected_heads, routed_heads
 from hydraopt.merge.head_scales import fit_head_scales
 from hydraopt.merge.hydraopt_config import HydraOptConfig
-from hydraopt.merge.measure import hard_routed_error
 from hydraopt.merge.median_start import median_start
 from hydraopt.merge.paper import paper_solve
 from hydraopt.merge.refine import refine_measured
@@ -93,26 +92,18 @@ class HydraOpt:
         generator: torch.Generator,
         context: MergeContext,
     ) -> MergedStack:
-        merged = self._solve(stack, config, generator=generator, context=context)
         K = stack.A.shape[1]
         scale = config.resolved_head_scale(K)
+        merged, scaled = self._solve(
+            stack, config, generator=generator, context=context, head_scale=scale
+        )
         if scale == 1.0:
             return merged
-        # Head-magnitude calibration: the errors change with it, so they are measured again.
-        heads = merged.heads * scale
-        measured = merged.measured
-        if measured is None or config.refine_tasks >= K:
-            return MergedStack(merged.A, heads, merged.routing)  # the engine measures them
-        # Many adapters (targets kept as factors): the zero yardstick came from the refinement's
-        # last pass over the same factors, so only the scaled errors need one more (the engine
-        # would form every ΔW_i twice more; at K = 1,000 each pass is a third of M = 1's merge).
-        # The same call, on the same factors, as the engine's: the same numbers.
-        with torch.no_grad():
-            targets = FactorTargets(stack.A, stack.scaled_B)
-            err = hard_routed_error(targets, merged.A, heads, merged.routing, measured.distance)
-        return MergedStack(
-            merged.A, heads, merged.routing, Measured(measured.distance, err, measured.zero)
-        )
+        # Head-magnitude calibration: the errors change with it. Many adapters (targets kept as
+        # factors): the refinement's closing pass measured the scaled result too (the same
+        # call on the same factors as the engine's, so the same numbers; a pass of its own was a
+        # fifth of an M = 1 merge at K = 1,000). Otherwise the engine measures it.
+        return MergedStack(merged.A, merged.heads * scale, merged.routing, scaled)
 
     def _solve(
         self,
@@ -121,7 +112,10 @@ class HydraOpt:
         *,
         generator: torch.Generator,
         context: MergeContext,
-    ) -> MergedStack:
+        head_scale: float = 1.0,
+    ) -> tuple[MergedStack, Measured | None]:
+        """The solved merge before the head scale, and (where the refinement measured them in
+        its closing pass) the errors of its heads times ``head_scale``."""
         G, K, r, k = stack.A.shape
         M = method_heads(self, config, K)
         if config.solver == "paper":
@@ -137,7 +131,7 @@ class HydraOpt:
                 num_factor_tensors=context.num_factor_tensors,
                 generator=generator,
             )
-            return MergedStack(a, heads, routing)
+            return MergedStack(a, heads, routing), None
 
         scaled_b = stack.scaled_B
         routing, a, _ = best_routing(
@@ -156,7 +150,7 @@ class HydraOpt:
             # Medians cost a sort over the tasks: only where the refinement sees every task.
             if config.distance == "mae" and config.start == "auto" and dense is not None:
                 a, heads = median_start(dense, stack.A, a, heads, routing)
-            a, heads, measured = refine_measured(
+            a, heads, measured, scaled = refine_measured(
                 delta,
                 a,
                 heads,
@@ -168,6 +162,7 @@ class HydraOpt:
                 tasks_per_step=config.refine_tasks,
                 generator=generator,
                 momentum=config.refine_momentum(K, precision),
+                head_scale=head_scale if config.distance != "cos" else 1.0,
             )
             if config.distance == "cos":
                 heads = fit_head_scales(take_targets(delta, slice(None)), a, heads, routing)
@@ -175,8 +170,8 @@ class HydraOpt:
                 # The refinement's final float32 evaluation is the result's error (with the zero
                 # yardstick, from the same pass where it could): hand it on instead of having the
                 # engine form the K updates again.
-                return MergedStack(a, heads, routing, measured)
-        return MergedStack(a, heads, routing)
+                return MergedStack(a, heads, routing, measured), scaled
+        return MergedStack(a, heads, routing), None
 
     def merge_vera(
         self,

@@ -126,7 +126,11 @@ class HydraOptConfig:
         :meth:`refine_momentum`'s 0.7), 40 (1 < M < K) and 10 (M = K) keep the merge >= 100x
         faster than the paper's loop with its error still below the loop's
         (benchmarks/RESULTS.md, "(issue 22) float32 path" and "... session 9").
-        Sampled steps (more adapters) keep 100 / 20.
+        Sampled steps (more adapters) keep 100 / 20, unless they would draw fewer tasks than
+        there are (steps x refine_tasks < K): then none. Such a loop cannot improve every task's
+        error, and on K = 200-1,000 synthetic 1B-shape adapters its last iterate never beat the
+        closed-form start (the merge kept the start in every module, M = 1, 2 and K) while it and
+        the closing comparison cost a third of the merge (benchmarks/RESULTS.md section 22).
         """
         own_heads = self.heads >= num_tasks
         steps = self.refine_steps
@@ -136,6 +140,8 @@ class HydraOptConfig:
             steps = FLOAT32_ONE_HEAD_STEPS if self.heads == 1 and not own_heads else steps
         if steps is None:
             steps = OWN_HEAD_STEPS if own_heads else SHARED_HEAD_STEPS
+            sampled = num_tasks > self.refine_tasks
+            steps = 0 if sampled and steps * self.refine_tasks < num_tasks else steps
         lr = self.refine_lr
         if lr is None:
             lr = OWN_HEAD_LR if own_heads else SHARED_HEAD_LR

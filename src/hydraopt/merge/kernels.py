@@ -191,3 +191,32 @@ def _jit() -> ModuleType:
     from hydraopt.merge import _kernels_jit
 
     return _kernels_jit
+
+
+def tile_sums(
+    tile: torch.Tensor, xs: torch.Tensor, sel: torch.Tensor, square: bool
+) -> torch.Tensor:
+    """Per task i of a tile and point p, sum |T_i - X_sel[i, p]| (sum of squares if ``square``),
+    and sum |T_i| (sum T_i^2) last: (n, P + 1) float64, one read of each row, nothing written.
+
+    Args:
+        tile: (n, rows, k) float32: n tasks' rows of ΔW.
+        xs: (rows, Q, k) float32: the same rows of Q matrices (heads' H_c A').
+        sel: (n, P) integers in [0, Q): the matrix each task is compared with, per point (P may
+            be 0: the zero yardstick alone, i.e. the sum of |tile|).
+    """
+    n, rows, k = tile.shape
+    if xs.shape[0] != rows or xs.shape[2] != k or {tile.dtype, xs.dtype} != {torch.float32}:
+        raise ValueError("tile (n, rows, k) and xs (rows, Q, k) must share rows, k and float32")
+    if sel.shape[0] != n:
+        raise ValueError("sel must have one row per task of the tile")
+    out = np.zeros((n, sel.shape[1] + 1))
+    _set_threads()
+    _jit().tile_sums_kernel(
+        tile.contiguous().numpy(),
+        xs.contiguous().numpy(),
+        sel.to(torch.int64).contiguous().numpy(),
+        square,
+        out,
+    )
+    return torch.from_numpy(out)

@@ -93,6 +93,7 @@ class FactorRefinement:
         tasks_per_step: int | None,
         generator: torch.Generator | None,
         with_zero: bool = False,
+        head_scale: float = 1.0,
     ):
         self.delta, self.routing, self.distance, self.num_heads = (
             delta,
@@ -103,6 +104,12 @@ class FactorRefinement:
         # The zero yardstick f(ΔW_i, 0), measured in the same pass as :meth:`errors` when asked.
         self.with_zero = with_zero
         self.zero: torch.Tensor | None = None
+        # Head-magnitude calibration (M = 1): the errors of every point with its heads times
+        # head_scale, from the same pass as :meth:`errors` (at K = 1,000 a pass of its own was a
+        # fifth of the merge), and, once the loop has chosen, the chosen point's (G, K).
+        self.head_scale = head_scale
+        self.scaled: list[torch.Tensor] | None = None
+        self.scaled_chosen: torch.Tensor | None = None
         self.K = delta.shape[1]
         self.sampled = tasks_per_step is not None and tasks_per_step < self.K
         self.generator = generator
@@ -129,12 +136,21 @@ class FactorRefinement:
 
     def errors(self, points: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         pairs = [(p[0], p[1]) for p in points]
+        if self.head_scale != 1.0:
+            pairs += [(a, h * self.head_scale) for a, h in pairs[: len(points)]]
         with_zero = self.with_zero and self.zero is None
         errs, zero = hard_routed_errors(
             self.delta, pairs, self.routing, self.distance, with_zero=with_zero
         )
         self.zero = zero if with_zero else self.zero
-        return errs
+        if self.head_scale != 1.0:
+            self.scaled = errs[len(points) :]
+        return errs[: len(points)]
+
+    def chose(self, kept_start: torch.Tensor) -> None:
+        if self.scaled is not None:
+            start, last = self.scaled
+            self.scaled_chosen = torch.where(kept_start[:, None], start, last)
 
     def release(self) -> None:
         self.work = self.targets = self.sample_buf = None
@@ -224,7 +240,7 @@ def refine(
     delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AdamW on the hard-routed distance; see :func:`_refine` (its keyword arguments)."""
-    best_a, best_h, err, _ = _refine(delta, a, heads, routing, **kw)
+    best_a, best_h, err, _, _ = _refine(delta, a, heads, routing, **kw)
     return best_a, best_h, err
 
 
@@ -242,7 +258,8 @@ def _refine(
     generator: torch.Generator | None = None,
     momentum: float = 0.9,
     with_zero: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    head_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """AdamW on the hard-routed distance; returns the best (A', heads) per module and its errors.
 
     Args:
@@ -263,9 +280,12 @@ def _refine(
         momentum: Adam's beta1 (torch's 0.9 unless the schedule says otherwise).
         with_zero: also measure f(ΔW_i, 0) where the final evaluation passes over the targets
             anyway (None where it did not).
+        head_scale: also measure the result with its heads times this, where the final
+            evaluation measures start and last iterate together (None where it did not).
 
     Returns:
-        A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K).
+        A' (G, r, k), heads (G, M, d, r), float32 error per module and task (G, K), the zero
+        yardstick (G, K) or None, the error with the heads scaled (G, K) or None.
     """
     a, heads = balance(a, heads)
     problem = FactorRefinement(
@@ -277,19 +297,34 @@ def _refine(
         tasks_per_step=tasks_per_step,
         generator=generator,
         with_zero=with_zero,
+        head_scale=head_scale,
     )
     (best_a, best_h), best_tasks = refine_parameters(
         problem, [a, heads], steps=steps, lr=lr, momentum=momentum
     )
-    return best_a, best_h, best_tasks, problem.zero
+    return best_a, best_h, best_tasks, problem.zero, problem.scaled_chosen
 
 
 def refine_measured(
-    delta: Targets, a: torch.Tensor, heads: torch.Tensor, routing: torch.Tensor, **kw: Any
-) -> tuple[torch.Tensor, torch.Tensor, Measured]:
+    delta: Targets,
+    a: torch.Tensor,
+    heads: torch.Tensor,
+    routing: torch.Tensor,
+    *,
+    head_scale: float = 1.0,
+    **kw: Any,
+) -> tuple[torch.Tensor, torch.Tensor, Measured, Measured | None]:
     """:func:`refine` (same arguments), with the errors and the zero yardstick as a
-    :class:`Measured`; the yardstick comes from the last evaluation's pass when it could."""
-    best_a, best_h, err, zero = _refine(delta, a, heads, routing, with_zero=True, **kw)
+    :class:`Measured`; the yardstick comes from the last evaluation's pass when it could.
+
+    With ``head_scale`` != 1 also the errors of the result with its heads times head_scale, where
+    the last evaluation measured them in its pass (else None: measure them afterwards).
+    """
+    best_a, best_h, err, zero, scaled = _refine(
+        delta, a, heads, routing, with_zero=True, head_scale=head_scale, **kw
+    )
     if zero is None:
         zero = distance_to_zero(delta, kw["distance"])
-    return best_a, best_h, Measured(kw["distance"], err, zero)
+    distance = kw["distance"]
+    scaled_measured = None if scaled is None else Measured(distance, scaled, zero)
+    return best_a, best_h, Measured(distance, err, zero), scaled_measured

@@ -80,6 +80,10 @@ class MeasuresTogether(Protocol):
         """Free what :meth:`Parameterisation.begin` set up (:meth:`finish` without measuring)."""
         ...
 
+    def chose(self, kept_start: torch.Tensor) -> None:
+        """Told, after :meth:`errors` of (start, last iterate), where (G,) the start was kept."""
+        ...
+
 
 def refine_parameters(
     problem: Parameterisation,
@@ -179,6 +183,7 @@ def refine_parameters(
             for kept, first_t in zip(point, start, strict=True):
                 kept[worse] = first_t[worse]
             last[worse] = start_tasks[worse]
+            together.chose(worse)
             return point, last
         last, exact = problem.finish(current())
         improved = keep_better(last.mean(1).to(best.err.dtype))

@@ -345,7 +345,7 @@ def test_sampled_refinement_measures_start_and_end_in_one_pass_with_the_same_res
         assert torch.equal(got_point[0], a) and torch.equal(got_point[1], heads)
     kw = dict(distance="mae", steps=8, lr=lr, tasks_per_step=4, precision=precision)
     gen = torch.Generator().manual_seed(5)
-    _, _, measured = refine_measured(lazy, a, heads, routing, **kw, generator=gen)
+    _, _, measured, _ = refine_measured(lazy, a, heads, routing, **kw, generator=gen)
     assert torch.equal(measured.zero, zero)
 
 

@@ -300,6 +300,18 @@ def test_merge_refines_with_the_resolved_precisions_schedule(
     assert seen == [(steps, precision, momentum)]
 
 
+def test_sampled_refinement_that_would_not_see_every_task_is_skipped():
+    # 8 tasks per step: 100 steps (M < K) draw 800 tasks, 20 (M = K) 160; fewer than K: no steps
+    # (at K = 200-1,000 such loops never beat their start); a set refine_steps still runs.
+    assert HydraOptConfig(heads=1).refine_schedule(800) == (100, 1.0)
+    assert HydraOptConfig(heads=1).refine_schedule(801) == (0, 1.0)
+    assert HydraOptConfig(heads=2).refine_schedule(1000)[0] == 0
+    assert HydraOptConfig(heads=160).refine_schedule(160) == (20, 0.05)
+    assert HydraOptConfig(heads=161).refine_schedule(161) == (0, 0.05)
+    assert HydraOptConfig(heads=1, refine_tasks=16).refine_schedule(1000)[0] == 100
+    assert HydraOptConfig(heads=1, refine_steps=50).refine_schedule(1000)[0] == 50
+
+
 def test_refine_schedule_defaults_depend_on_whether_heads_are_shared():
     assert HydraOptConfig(heads=2).refine_schedule(5) == (100, 1.0)
     assert HydraOptConfig(heads=5).refine_schedule(5) == (20, 0.05)

@@ -97,3 +97,55 @@ def test_few_tasks_keep_the_blocked_loop():
     routing = torch.zeros(1, ERROR_BLOCK, dtype=torch.long)
     err = (stack.delta() - h[:, 0] @ a).abs().sum(dim=(-2, -1)) / 42
     assert torch.equal(hard_routed_error(targets, a, h, routing, "mae"), err)
+
+
+@pytest.mark.parametrize("distance", ["mae", "mse", "fro"])
+@pytest.mark.parametrize("heads", [1, 2, 17])
+def test_fused_tiles_give_the_torch_tiles_numbers(distance, heads, monkeypatch):
+    # The numba reduction (few heads: each head's H_c A' formed once and picked per task; many:
+    # the GEMM's error tile reduced) against the torch tiles and the plain formula, with tiles
+    # short on both axes, several points (one of each head count) and the zero yardstick.
+    from hydraopt.merge import measure
+    from hydraopt.merge.kernels import fused_available
+
+    if not fused_available("cpu", torch.float32):
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(measure, "TILE_TASKS", 3)
+    monkeypatch.setattr(measure, "TILE_ELEMENTS", 3 * 2 * 6)
+    stack = random_stack(G=2, K=ERROR_BLOCK + 12, d=7, k=6, r=2, seed=heads)
+    targets = FactorTargets(stack.A, stack.scaled_B)
+    K = stack.A.shape[1]
+    gen = torch.Generator().manual_seed(heads)
+    a = torch.randn(2, 2, 6, generator=gen)
+    points = [(a, torch.randn(2, heads, 7, 2, generator=gen)), (a * 0.5, torch.randn(2, 1, 7, 2))]
+    routing = torch.randint(0, heads, (2, K), generator=gen)
+    # the one-head point is routed to head 0 by any routing: both points share it
+    fused, fused_zero = hard_routed_errors(targets, points, routing, distance, with_zero=True)
+    monkeypatch.setattr(measure, "fused_available", lambda *args: False)
+    plain, plain_zero = hard_routed_errors(targets, points, routing, distance, with_zero=True)
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused_zero, plain_zero, rtol=1e-6, atol=0)
+    approx = points[0][1][torch.arange(2)[:, None], routing] @ a[:, None]
+    want = get_distance(distance)(stack.delta(), approx)
+    torch.testing.assert_close(fused[0], want, rtol=1e-6, atol=0)
+
+
+def test_tile_sums_kernel_against_the_formula():
+    from hydraopt.merge.kernels import fused_available, tile_sums
+
+    if not fused_available("cpu", torch.float32):
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(0)
+    tile, xs = torch.randn(5, 3, 33, generator=gen), torch.randn(3, 4, 33, generator=gen)
+    sel = torch.randint(0, 4, (5, 2), generator=gen)
+    for square in (False, True):
+        got = tile_sums(tile, xs, sel, square)
+        f = (lambda e: e.square()) if square else (lambda e: e.abs())
+        for i in range(5):
+            for p in range(2):
+                want = f(tile[i].double() - xs[:, sel[i, p]].double()).sum()
+                torch.testing.assert_close(got[i, p], want, rtol=1e-6, atol=0)
+            torch.testing.assert_close(got[i, 2], f(tile[i].double()).sum(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="float32"):
+        tile_sums(tile.double(), xs, sel, False)
