@@ -8,6 +8,7 @@ comparison of the two (``--compare OLD.pt NEW.pt``).
 
 Usage:
     python benchmarks/large_k.py ADAPTER_ROOT M [--precision auto|float32|bfloat16]
+        [--result-dtype float16]
         [--threads 2] [--json OUT.json] [--save OUT.pt]
     python benchmarks/large_k.py --compare OLD.pt NEW.pt
 """
@@ -83,6 +84,7 @@ def time_phases(seconds: dict[str, float]) -> None:
 
 def merge_once(args: argparse.Namespace) -> None:
     from hydraopt import load_adapter_set, merge_adapter_set
+    from hydraopt.engine_chunks import EngineOptions
 
     phases: dict[str, float] = {}
     if args.phases:
@@ -96,7 +98,11 @@ def merge_once(args: argparse.Namespace) -> None:
     heads = K if args.heads == "K" else int(args.heads)
     load_before = os.getloadavg()
     bundle = merge_adapter_set(
-        aset, "hydraopt", {"heads": heads, "refine_precision": args.precision}, progress=True
+        aset,
+        "hydraopt",
+        {"heads": heads, "refine_precision": args.precision},
+        engine=EngineOptions(result_dtype=args.result_dtype),
+        progress=True,
     )
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     errors = bundle.provenance.errors
@@ -112,6 +118,7 @@ def merge_once(args: argparse.Namespace) -> None:
         "precision": args.precision,
         "applied": bundle.config.get("refine_precision"),
         "threads": args.threads,
+        "result_dtype": args.result_dtype or "float32",
         "commit": commit(),
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
@@ -160,6 +167,12 @@ def main() -> None:
     p.add_argument("root", type=Path, nargs="?", help="folder of task-* adapters")
     p.add_argument("heads", nargs="?", help="M, or K for M = K")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument(
+        "--result-dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="dtype the merged factors are held in until the bundle is built (default float32, "
+        "the library's; `hydraopt merge` holds them in its --dtype, float16 by default)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     p.add_argument("--save", type=Path)

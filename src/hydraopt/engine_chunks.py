@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -174,9 +175,38 @@ def iter_merged(
         configs: module name -> its config, where the method planned one per module
             (:func:`plan_module_configs`); ``config`` for every module otherwise.
     """
-    for chunk in plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements, configs):
-        own = config if configs is None else configs[chunk[0].name]
-        yield len(chunk), merge_chunk(aset, chunk, method_name, own, options)
+    chunks = plan_chunks(aset.modules, len(aset.tasks), options.chunk_elements, configs)
+    # The next chunk is read in a thread while this one merges: reading is single-threaded file
+    # work (at K = 1,000 at 1B shape 13 GB that the page cache cannot keep, a tenth of a merge),
+    # and the merge's own threads leave a core idle a third of the time (measured 1.4 CPU s per
+    # second on 2 cores). One chunk ahead: memory grows by one chunk's factors.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = _ReadAhead(aset, pool)
+        for i, chunk in enumerate(chunks):
+            if i + 1 < len(chunks):
+                ahead.request(chunks[i + 1])
+            own = config if configs is None else configs[chunk[0].name]
+            yield len(chunk), merge_chunk(ahead, chunk, method_name, own, options)
+
+
+class _ReadAhead:
+    """An adapter set whose ``load_stack`` hands over the chunk read ahead in a thread (the set
+    itself otherwise: every other attribute is the set's)."""
+
+    def __init__(self, aset: Any, pool: ThreadPoolExecutor):
+        self._aset, self._pool = aset, pool
+        self._pending: dict[tuple[str, ...], Future[Any]] = {}
+
+    def request(self, chunk: Sequence[ModuleSpec]) -> None:
+        key = tuple(spec.name for spec in chunk)
+        self._pending[key] = self._pool.submit(self._aset.load_stack, list(chunk))
+
+    def load_stack(self, chunk: Sequence[ModuleSpec]) -> Any:
+        pending = self._pending.pop(tuple(spec.name for spec in chunk), None)
+        return pending.result() if pending is not None else self._aset.load_stack(chunk)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._aset, name)
 
 
 def plan_module_configs(

@@ -96,3 +96,38 @@ def test_results_do_not_depend_on_the_chunking(make_adapter):
             x, y = whole.merged[m.name], split.merged[m.name]
             assert torch.equal(x.A, y.A) and torch.equal(x.heads, y.heads)
             assert torch.equal(x.routing, y.routing)
+
+
+def test_read_ahead_hands_over_the_chunk_read_in_a_thread():
+    # iter_merged reads the next chunk in a thread while one merges: the stack read there is
+    # the one handed over (once), an unrequested chunk is read in place, errors surface where
+    # the chunk is used, and everything else is the adapter set's.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hydraopt.engine_chunks import _ReadAhead
+
+    class Set:
+        tasks = ("t0", "t1")
+
+        def __init__(self):
+            self.reads = []
+
+        def load_stack(self, chunk):
+            if chunk[0].name == "bad":
+                raise HydraoptError("bad: truncated")
+            self.reads.append((chunk[0].name, threading.current_thread().name))
+            return f"stack of {chunk[0].name}"
+
+    aset = Set()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahead") as pool:
+        ahead = _ReadAhead(aset, pool)
+        ahead.request([spec("b", 4, 4)])
+        ahead.request([spec("bad", 4, 4)])
+        assert ahead.load_stack([spec("b", 4, 4)]) == "stack of b"
+        assert ahead.load_stack([spec("b", 4, 4)]) == "stack of b"  # again: read in place
+        with pytest.raises(HydraoptError, match="truncated"):
+            ahead.load_stack([spec("bad", 4, 4)])
+    assert [name for name, _ in aset.reads] == ["b", "b"]
+    assert aset.reads[0][1].startswith("ahead") and aset.reads[1][1] == "MainThread"
+    assert ahead.tasks == ("t0", "t1")
