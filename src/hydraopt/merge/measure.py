@@ -10,6 +10,7 @@ one formation of each block's targets, which at K = 1,000 is what a merge's time
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeGuard
 
 import torch
@@ -209,9 +210,6 @@ def _tiled_errors(
     """
     G, K, d, k = delta.shape
     device = delta.A.device
-    dtypes = [t.dtype for point in points for t in point]
-    if delta.dtype == torch.float32 and fused_available(device, delta.dtype, *dtypes):
-        return _fused_tiled_errors(delta, points, routing, distance, with_zero=with_zero)
     square = distance != "mae"  # mse and fro reduce E^2, mae |E|
     n_max = min(TILE_TASKS, K)
     rows = max(1, min(d, TILE_ELEMENTS // (n_max * k)))
@@ -219,6 +217,40 @@ def _tiled_errors(
     zero = torch.zeros(G, K, dtype=torch.float64, device=device) if with_zero else None
     tile_buf = torch.empty(n_max * rows * k, dtype=delta.dtype, device=device)
     err_buf = torch.empty_like(tile_buf)
+    dtypes = [t.dtype for point in points for t in point]
+    run = _TileRun(delta, points, routing, square, rows, sums, zero, (tile_buf, err_buf))
+    if delta.dtype == torch.float32 and fused_available(device, delta.dtype, *dtypes):
+        _fused_tiles(run)
+    else:
+        _torch_tiles(run)
+    finish = torch.sqrt if distance == "fro" else (lambda s: s / (d * k))
+    return [finish(s).to(delta.dtype) for s in sums], (
+        None if zero is None else finish(zero).to(delta.dtype)
+    )
+
+
+@dataclass(frozen=True)
+class _TileRun:
+    """One :func:`_tiled_errors` call's inputs and outputs: the tiles' loops add each point's
+    and the zero yardstick's sums into ``sums`` and ``zero`` ((G, K) float64) in place."""
+
+    delta: FactorTargets
+    points: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    routing: torch.Tensor | None
+    square: bool  # mse and fro reduce E^2, mae |E|
+    rows: int  # rows of ΔW per tile
+    sums: list[torch.Tensor]
+    zero: torch.Tensor | None
+    buffers: tuple[torch.Tensor, torch.Tensor]  # the tile's and its error's
+
+
+def _torch_tiles(run: _TileRun) -> None:
+    """:func:`_tiled_errors`' tiles reduced by torch: each point's and the zero yardstick's sums
+    added into ``sums`` and ``zero`` (G, K) float64."""
+    delta, points, routing, square, rows = run.delta, run.points, run.routing, run.square, run.rows
+    sums, zero, (tile_buf, err_buf) = run.sums, run.zero, run.buffers
+    G, K, d, k = delta.shape
+    n_max = min(TILE_TASKS, K)
     # One head: H A' (G, d, k) once per point, its rows subtracted from every task's tile.
     singles = [h[:, 0] @ a if h.shape[1] == 1 else None for a, h in points]
     assert routing is not None or not points
@@ -248,21 +280,10 @@ def _tiled_errors(
                     acc[g, lo : lo + n] += _tile_sum(err, square)
                 if zero is not None:  # last: the sum overwrites the tile
                     zero[g, lo : lo + n] += _tile_sum(tile, square)
-    finish = torch.sqrt if distance == "fro" else (lambda s: s / (d * k))
-    return [finish(s).to(delta.dtype) for s in sums], (
-        None if zero is None else finish(zero).to(delta.dtype)
-    )
 
 
-def _fused_tiled_errors(
-    delta: FactorTargets,
-    points: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    routing: torch.Tensor | None,
-    distance: str,
-    *,
-    with_zero: bool,
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """:func:`_tiled_errors` with the tiles reduced by a fused kernel (numba, CPU, float32).
+def _fused_tiles(run: _TileRun) -> None:
+    """:func:`_torch_tiles` with the tiles reduced by a fused kernel (numba, CPU, float32).
 
     Each tile is formed by the same GEMM; then one kernel call reads each of its rows once from
     L1 for every point with few heads (E = T - (H A')_route(i), the products H_c A' formed once
@@ -271,15 +292,11 @@ def _fused_tiled_errors(
     K = 1,000 these closing measurements were a third of a merge). Points with many heads (M = K)
     still form E = T - H_i A' by one GEMM per tile; the kernel reduces it in one read.
     """
+    delta, points, routing, square, rows = run.delta, run.points, run.routing, run.square, run.rows
+    sums, zero, (tile_buf, err_buf) = run.sums, run.zero, run.buffers
     G, K, d, k = delta.shape
-    square = distance != "mae"
     n_max = min(TILE_TASKS, K)
-    rows = max(1, min(d, TILE_ELEMENTS // (n_max * k)))
     device = delta.A.device
-    sums = [torch.zeros(G, K, dtype=torch.float64, device=device) for _ in points]
-    zero = torch.zeros(G, K, dtype=torch.float64, device=device) if with_zero else None
-    tile_buf = torch.empty(n_max * rows * k, dtype=delta.dtype, device=device)
-    err_buf = torch.empty_like(tile_buf)
     few = [i for i, (_, h) in enumerate(points) if h.shape[1] <= FEW_HEADS]
     # Every head's H_c A' of the few-head points, rows side by side (G, d, Q, k), and per task
     # and point the column of its head (G, K, P).
@@ -330,10 +347,6 @@ def _fused_tiled_errors(
                     sums[i][g, lo : lo + n] += tile_sums(
                         err, none[: rr.stop - r0], no_sel[:n], square
                     )[:, 0]
-    finish = torch.sqrt if distance == "fro" else (lambda s: s / (d * k))
-    return [finish(s).to(delta.dtype) for s in sums], (
-        None if zero is None else finish(zero).to(delta.dtype)
-    )
 
 
 def _tile_sum(err: torch.Tensor, square: bool) -> torch.Tensor:
