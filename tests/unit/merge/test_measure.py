@@ -64,20 +64,25 @@ def test_one_pass_errors_equal_the_separate_evaluations_bit_for_bit(distance):
     )
 
 
+def _tiny_tiles(monkeypatch, K, seed):
+    """Tiles of 3 tasks x 2 rows (short on both axes for d = 7, K not a multiple of 3), K random
+    factor targets (G = 2, d = 7, k = 6, r = 2), a generator and a random A' drawn from it."""
+    from hydraopt.merge import measure
+
+    monkeypatch.setattr(measure, "TILE_TASKS", 3)
+    monkeypatch.setattr(measure, "TILE_ELEMENTS", 3 * 2 * 6)
+    stack = random_stack(G=2, K=K, d=7, k=6, r=2, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return stack, FactorTargets(stack.A, stack.scaled_B), gen, torch.randn(2, 2, 6, generator=gen)
+
+
 @pytest.mark.parametrize("distance", ["mae", "mse", "fro"])
 @pytest.mark.parametrize("heads", [1, 3, 11])
 def test_tiles_smaller_than_a_task_give_the_dense_formula(distance, heads, monkeypatch):
     # Many adapters are measured a tile (tasks x rows x k) at a time, the row tiles' sums added in
     # float64: tiles of 3 tasks x 2 rows (the last one short on both axes) against the formula.
-    from hydraopt.merge import measure
-
-    monkeypatch.setattr(measure, "TILE_TASKS", 3)
-    monkeypatch.setattr(measure, "TILE_ELEMENTS", 3 * 2 * 6)
-    stack = random_stack(G=2, K=ERROR_BLOCK + 3, d=7, k=6, r=2, seed=heads)
-    targets = FactorTargets(stack.A, stack.scaled_B)
+    stack, targets, gen, a = _tiny_tiles(monkeypatch, ERROR_BLOCK + 3, seed=heads)
     K = stack.A.shape[1]
-    gen = torch.Generator().manual_seed(heads)
-    a = torch.randn(2, 2, 6, generator=gen)
     head_b = torch.randn(2, heads, 7, 2, generator=gen)
     routing = torch.randint(0, heads, (2, K), generator=gen)
     approx = head_b[torch.arange(2)[:, None], routing] @ a[:, None]  # (G, K, d, k)
@@ -110,13 +115,8 @@ def test_fused_tiles_give_the_torch_tiles_numbers(distance, heads, monkeypatch):
 
     if not fused_available("cpu", torch.float32):
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(measure, "TILE_TASKS", 3)
-    monkeypatch.setattr(measure, "TILE_ELEMENTS", 3 * 2 * 6)
-    stack = random_stack(G=2, K=ERROR_BLOCK + 12, d=7, k=6, r=2, seed=heads)
-    targets = FactorTargets(stack.A, stack.scaled_B)
+    stack, targets, gen, a = _tiny_tiles(monkeypatch, ERROR_BLOCK + 12, seed=heads)
     K = stack.A.shape[1]
-    gen = torch.Generator().manual_seed(heads)
-    a = torch.randn(2, 2, 6, generator=gen)
     points = [(a, torch.randn(2, heads, 7, 2, generator=gen)), (a * 0.5, torch.randn(2, 1, 7, 2))]
     routing = torch.randint(0, heads, (2, K), generator=gen)
     # the one-head point is routed to head 0 by any routing: both points share it
