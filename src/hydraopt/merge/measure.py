@@ -322,11 +322,11 @@ def _fused_tiles(run: _TileRun) -> None:
     none = xs.new_empty(rows, 0, k)
     no_sel = sel.new_empty(n_max, 0)
     many = [i for i in range(len(points)) if i not in few]
+    assert routing is not None or not many
     for g in range(G):
         for lo in range(0, K, n_max):
             n = min(K, lo + n_max) - lo
             b_g, a_g = delta.scaled_B[g, lo : lo + n], delta.A[g, lo : lo + n]  # (n, d|r, r|k)
-            assert routing is not None or not many
             routed = {i: points[i][1][g, routing[g, lo : lo + n]] for i in many}  # type: ignore[index]
             for r0 in range(0, d, rows):
                 rr = slice(r0, min(d, r0 + rows))
