@@ -54,6 +54,9 @@ SERIES = {
     "zero-shot": ("zero-shot (base model)", "x", "black"),
 }
 JOINED_SERIES = ("heads",)  # drawn as a line through M = 1..K, not as separate points
+# A joined series whose points name several curves (bit widths, budget mode) gets a line per curve,
+# told apart by these styles in turn: one line through all of them zigzags between widths.
+CURVE_STYLES = ("-", "--", ":", "-.")
 
 
 def series_of(method: str | None) -> str:
@@ -74,13 +77,19 @@ def series_of(method: str | None) -> str:
     return "classic"
 
 
+def _curve_order(curve: str | None) -> tuple[int, str]:
+    """Curves by width, widest first (``"16-bit"``, ``"8-bit"``, ``"4-bit"``), then the rest."""
+    head = (curve or "").split("-bit")[0].split("/")[0]
+    return (-int(head), "") if head.isdigit() else (0, curve or "")
+
+
 def place_labels(
     ax: Any, anchors: Sequence[tuple[str, float, float]], fontsize: float = 7
 ) -> list[Any]:
     """Annotate each ``(text, x, y)`` so that no two labels overlap.
 
     Labels go right of their point; one that would overlap a label already placed (or the
-    legend) moves up, then down, a line at a time, with a thin leader line to its point. Points
+    legend, or the title) moves up, then down, a line at a time, with a thin leader line to its point. Points
     are visited left to right, top to bottom.
 
     Returns:
@@ -93,6 +102,8 @@ def place_labels(
     placed: list[Any] = []
     legend = ax.get_legend()
     boxes: list[Any] = [] if legend is None else [legend.get_window_extent(renderer)]
+    if ax.get_title():  # crowded points push labels above the axes, into the title
+        boxes.append(ax.title.get_window_extent(renderer))
     for text, x, y in sorted(anchors, key=lambda a: (a[1], -a[2])):
         for k in range(60):
             shift = 0 if k == 0 else (-1) ** k * ((k + 1) // 2) * step  # 0, +1, -1, +2, -2 lines
@@ -115,6 +126,18 @@ def place_labels(
     return placed
 
 
+def upper_front(points: Sequence[dict[str, Any]], y_key: str) -> list[dict[str, Any]]:
+    """The points no other point dominates (no more storage and no lower ``y_key``, better in
+    one), by storage: the Pareto front where higher is better (task scores)."""
+
+    def dominates(o: dict[str, Any], p: dict[str, Any]) -> bool:
+        x_o, x_p, y_o, y_p = o["storage_percent"], p["storage_percent"], o[y_key], p[y_key]
+        return x_o <= x_p and y_o >= y_p and (x_o < x_p or y_o > y_p)
+
+    front = [p for p in points if not any(dominates(o, p) for o in points)]
+    return sorted(front, key=lambda p: (p["storage_percent"], p[y_key]))
+
+
 def plot_tradeoff(
     points: Sequence[dict[str, Any]],
     path: Path,
@@ -123,13 +146,16 @@ def plot_tradeoff(
     y_label: str,
     title: str,
     reference: tuple[float, str] | None = None,
+    front: bool = False,
 ) -> Path:
     """Storage % (x) against ``y_key`` with one labelled point per system; HydraOpt M=1..K joined.
 
     Every series (:data:`SERIES`) and the ``reference`` line are named in the legend, and no two
-    point labels overlap (:func:`place_labels`).
+    point labels overlap (:func:`place_labels`). Points of a joined series that carry different
+    ``"curve"`` names (``"16-bit"``, ``"4-bit"``, ``"budget mode"``) are joined per curve.
 
     ``reference`` draws a dashed horizontal line (value, label), e.g. the error of storing nothing.
+    ``front`` draws the Pareto front of higher ``y_key`` (:func:`upper_front`) as a dotted line.
     """
     import matplotlib
 
@@ -145,10 +171,33 @@ def plot_tradeoff(
         if not group:
             continue
         xs, ys = [p["storage_percent"] for p in group], [p[y_key] for p in group]
-        if key in JOINED_SERIES:
+        curves = list(dict.fromkeys(p.get("curve") for p in group))  # first-seen order
+        if key in JOINED_SERIES and len(curves) > 1:
+            for i, curve in enumerate(sorted(curves, key=_curve_order)):
+                line = [p for p in group if p.get("curve") == curve]
+                ax.plot(
+                    [p["storage_percent"] for p in line],
+                    [p[y_key] for p in line],
+                    CURVE_STYLES[i % len(CURVE_STYLES)],
+                    marker=marker,
+                    color=color,
+                    alpha=1.0 - 0.2 * min(i, 3),
+                    label=f"{name}: {curve}",
+                )
+        elif key in JOINED_SERIES:
             ax.plot(xs, ys, "-", marker=marker, color=color, label=name)
         else:
             ax.scatter(xs, ys, marker=marker, color=color, label=name)
+    if front:
+        best = upper_front(points, y_key)
+        ax.plot(
+            [p["storage_percent"] for p in best],
+            [p[y_key] for p in best],
+            ":",
+            color="black",
+            linewidth=1,
+            label="Pareto front",
+        )
     if reference is not None:
         ax.axhline(reference[0], color="grey", linestyle="--", linewidth=1, label=reference[1])
     ax.set_xlabel("storage S (% of the separate adapters)")

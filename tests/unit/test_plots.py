@@ -12,7 +12,13 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from hydraopt.analysis import SERIES, place_labels, plot_tradeoff, series_of  # noqa: E402
+from hydraopt.analysis import (  # noqa: E402
+    SERIES,
+    place_labels,
+    plot_tradeoff,
+    series_of,
+    upper_front,
+)
 from hydraopt.kinds.lora.analysis import text_color  # noqa: E402
 
 
@@ -94,3 +100,46 @@ def test_series_of_reads_the_registry(monkeypatch) -> None:
     monkeypatch.setitem(registry._METHODS, "test_fixed_method", FixesHeads())
     assert series_of("test_heads_method") == "heads"
     assert series_of("test_fixed_method") == "classic"
+
+
+def test_upper_front_keeps_the_points_nothing_beats() -> None:
+    points = [
+        {"label": "a", "storage_percent": 0.0, "y": 18.0},
+        {"label": "b", "storage_percent": 5.0, "y": 34.5},
+        {"label": "c", "storage_percent": 10.0, "y": 34.2},  # beaten by b: fewer bytes, higher
+        {"label": "d", "storage_percent": 13.8, "y": 46.6},
+        {"label": "e", "storage_percent": 13.8, "y": 46.0},  # same bytes as d, lower
+        {"label": "f", "storage_percent": 100.0, "y": 46.6},  # ties d's score with more bytes
+        {"label": "g", "storage_percent": 26.6, "y": 46.9},
+    ]
+    assert [p["label"] for p in upper_front(points, "y")] == ["a", "b", "d", "g"]
+
+
+def test_a_joined_series_draws_one_line_per_curve(tmp_path: Path, monkeypatch) -> None:
+    """HydraOpt at 16 and 4 bits: two lines, each through its own M = 1..3, not one zigzag."""
+    saved: list[Figure] = []
+    original = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1]
+    )
+    points = [
+        {
+            "label": f"M={m} {bits}",
+            "method": "hydraopt",
+            "curve": f"{bits}-bit",
+            "storage_percent": (12 + 8 * m) * bits / 16,
+            "y": 30.0 + m,
+        }
+        for bits in (4, 16)
+        for m in (1, 2, 3)
+    ]
+    points.append({"label": "LoRA", "method": "lora", "storage_percent": 100.0, "y": 40.0})
+    plot_tradeoff(points, tmp_path / "t.png", y_key="y", y_label="y", title="t", front=True)
+    ax = saved[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    name = SERIES["heads"][0]
+    assert list(lines) == [f"{name}: 16-bit", f"{name}: 4-bit", "Pareto front"]
+    assert list(lines[f"{name}: 16-bit"].get_xdata()) == [20.0, 28.0, 36.0]
+    assert list(lines[f"{name}: 4-bit"].get_xdata()) == [5.0, 7.0, 9.0]
+    # The front: the 4-bit line (each point the best at its size), then LoRA above them all.
+    assert list(lines["Pareto front"].get_xdata()) == [5.0, 7.0, 9.0, 100.0]

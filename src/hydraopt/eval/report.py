@@ -54,14 +54,27 @@ def markdown_table(results: EvalResults) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_of(system: dict[str, Any]) -> str:
+    """The plot curve of a system's description: ``"budget mode"`` for a budget-mode bundle (M and
+    width per module), else its stored width(s), ``"16-bit"`` when nothing is quantized."""
+    config = system.get("config") or {}
+    if config.get("budget") is not None or config.get("max_error") is not None:
+        return "budget mode"
+    bits = system.get("bits") or []
+    widths = [bits] if isinstance(bits, int) else list(bits)
+    return f"{'/'.join(map(str, widths))}-bit" if widths else "16-bit"
+
+
 def tradeoff_points(results: EvalResults) -> list[dict[str, Any]]:
-    """One point per system for :func:`hydraopt.analysis.plot_tradeoff` (y key ``average``)."""
+    """One point per system for :func:`hydraopt.analysis.plot_tradeoff` (y key ``average``),
+    with its curve (:func:`curve_of`), so HydraOpt at 16, 8 and 4 bits draw three lines."""
     return [
         {
             "label": s.label,
             "method": s.method,
             "storage_percent": s.storage_percent,
             "average": s.average,
+            "curve": curve_of(s.system),
         }
         for s in results.systems
     ]
@@ -92,6 +105,7 @@ def write_report(results: EvalResults, out: str | Path) -> dict[str, Path]:
         y_key="average",
         y_label="average score over tasks (primary metrics, 0..100)",
         title=f"storage vs quality: {len(results.tasks)} tasks, {results.config.split} (≤{n} each)",
+        front=True,
     )
     return paths
 

@@ -324,7 +324,7 @@ class BundleSystem:
         return get_kind(self.bundle.kind).task_weights(self.bundle, task)
 
     def describe(self) -> dict[str, Any]:
-        """Label, kind, storage, path and the merge method with its config."""
+        """Label, kind, storage, path, the merge method with its config, and the stored widths."""
         return {
             "label": self.label,
             "kind": self.kind,
@@ -334,6 +334,8 @@ class BundleSystem:
             "heads": self.bundle.num_heads,
             "config": self.bundle.config,
             "tasks": list(self.bundle.tasks),
+            # Stored widths, widest first; [] = not quantized (16-bit or float32 factors).
+            "bits": sorted({q.bits for q in self.bundle.quantized.values()}, reverse=True),
         }
 
 

@@ -123,3 +123,36 @@ def test_budget_needs_merge_from(tmp_path, capsys) -> None:
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert "--budget merges the adapters of --merge-from" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_each_system_names_its_plot_curve(root, tmp_path) -> None:
+    """results.png joins HydraOpt per width and budget mode apart: each row says which it is."""
+    from hydraopt.eval.report import curve_of
+
+    args = parse(
+        root,
+        tmp_path / "eval",
+        "--heads",
+        "1",
+        "--bits",
+        "16",
+        "4",
+        "--group-size",
+        "16",
+        "--budget",
+        "60",
+    )
+    systems = merged_systems(args, [])
+    curves = {s.label: curve_of(s.describe()) for s in systems}
+    assert curves == {
+        "zero-shot": "16-bit",
+        "LoRA": "16-bit",
+        "LoRA 4-bit": "4-bit",
+        "hydraopt M=1": "16-bit",
+        "hydraopt M=1 4-bit": "4-bit",
+        next(s.label for s in systems if "budget" in s.label): "budget mode",
+    }
+    by_label = {s.label: s for s in systems}
+    assert by_label["hydraopt M=1"].describe()["bits"] == []
+    assert by_label["hydraopt M=1 4-bit"].describe()["bits"] == [4]
+    assert curve_of({"bits": [8, 4]}) == "8/4-bit"
