@@ -89,8 +89,8 @@ def place_labels(
     """Annotate each ``(text, x, y)`` so that no two labels overlap.
 
     Labels go right of their point; one that would overlap a label already placed (or the
-    legend, or the title) moves up, then down, a line at a time, with a thin leader line to its point. Points
-    are visited left to right, top to bottom.
+    legend, or the title) moves up, then down, a line at a time, with a thin leader line to its
+    point. Points are visited left to right, top to bottom.
 
     Returns:
         The annotations, in the order placed.

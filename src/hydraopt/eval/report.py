@@ -56,7 +56,8 @@ def markdown_table(results: EvalResults) -> str:
 
 def curve_of(system: dict[str, Any]) -> str:
     """The plot curve of a system's description: ``"budget mode"`` for a budget-mode bundle (M and
-    width per module), else its stored width(s), ``"16-bit"`` when nothing is quantized."""
+    width per module), else its stored width(s), ``"16-bit"`` when nothing is quantized (a
+    float32 bundle included: the curve only tells quantized rows from the rest)."""
     config = system.get("config") or {}
     if config.get("budget") is not None or config.get("max_error") is not None:
         return "budget mode"
