@@ -126,16 +126,23 @@ def place_labels(
     return placed
 
 
-def upper_front(points: Sequence[dict[str, Any]], y_key: str) -> list[dict[str, Any]]:
-    """The points no other point dominates (no more storage and no lower ``y_key``, better in
-    one), by storage: the Pareto front where higher is better (task scores)."""
+def pareto_front(
+    points: Sequence[dict[str, Any]], x_key: str, y_key: str, *, higher: bool = True
+) -> list[dict[str, Any]]:
+    """The points no other point dominates, sorted by ``x_key``: a point is dominated when another
+    has no more ``x_key`` (storage, bytes) and a ``y_key`` no worse, better in one of the two.
+
+    ``higher`` says which way ``y_key`` is better: True for task scores, False for errors. Points
+    that tie on both keys keep each other on the front.
+    """
+    sign = 1.0 if higher else -1.0
 
     def dominates(o: dict[str, Any], p: dict[str, Any]) -> bool:
-        x_o, x_p, y_o, y_p = o["storage_percent"], p["storage_percent"], o[y_key], p[y_key]
+        x_o, x_p, y_o, y_p = o[x_key], p[x_key], sign * o[y_key], sign * p[y_key]
         return x_o <= x_p and y_o >= y_p and (x_o < x_p or y_o > y_p)
 
     front = [p for p in points if not any(dominates(o, p) for o in points)]
-    return sorted(front, key=lambda p: (p["storage_percent"], p[y_key]))
+    return sorted(front, key=lambda p: (p[x_key], -sign * p[y_key]))
 
 
 def plot_tradeoff(
@@ -155,7 +162,7 @@ def plot_tradeoff(
     ``"curve"`` names (``"16-bit"``, ``"4-bit"``, ``"budget mode"``) are joined per curve.
 
     ``reference`` draws a dashed horizontal line (value, label), e.g. the error of storing nothing.
-    ``front`` draws the Pareto front of higher ``y_key`` (:func:`upper_front`) as a dotted line.
+    ``front`` draws the Pareto front of higher ``y_key`` (:func:`pareto_front`) as a dotted line.
     """
     import matplotlib
 
@@ -189,7 +196,7 @@ def plot_tradeoff(
         else:
             ax.scatter(xs, ys, marker=marker, color=color, label=name)
     if front:
-        best = upper_front(points, y_key)
+        best = pareto_front(points, "storage_percent", y_key)
         ax.plot(
             [p["storage_percent"] for p in best],
             [p[y_key] for p in best],

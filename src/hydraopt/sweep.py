@@ -184,11 +184,13 @@ def separate_points(
 
 
 def mark_pareto(points: list[dict[str, Any]]) -> None:
-    """Set ``pareto`` on each point: no other point has no more bytes and a lower error."""
+    """Set ``pareto`` on each point: no other point has no more bytes and no higher error, with
+    one of the two strictly lower (:func:`hydraopt.analysis.pareto_front`)."""
+    from hydraopt.analysis import pareto_front
+
+    front = {id(p) for p in pareto_front(points, "bytes", "error", higher=False)}
     for p in points:
-        p["pareto"] = not any(
-            o is not p and o["bytes"] <= p["bytes"] and o["error"] < p["error"] for o in points
-        )
+        p["pareto"] = id(p) in front
 
 
 def _mean(per_module: Mapping[str, list[float]]) -> float:

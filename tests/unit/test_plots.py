@@ -14,10 +14,10 @@ from matplotlib.text import Text  # noqa: E402
 
 from hydraopt.analysis import (  # noqa: E402
     SERIES,
+    pareto_front,
     place_labels,
     plot_tradeoff,
     series_of,
-    upper_front,
 )
 from hydraopt.kinds.lora.analysis import text_color  # noqa: E402
 
@@ -102,7 +102,7 @@ def test_series_of_reads_the_registry(monkeypatch) -> None:
     assert series_of("test_fixed_method") == "classic"
 
 
-def test_upper_front_keeps_the_points_nothing_beats() -> None:
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
     points = [
         {"label": "a", "storage_percent": 0.0, "y": 18.0},
         {"label": "b", "storage_percent": 5.0, "y": 34.5},
@@ -112,7 +112,28 @@ def test_upper_front_keeps_the_points_nothing_beats() -> None:
         {"label": "f", "storage_percent": 100.0, "y": 46.6},  # ties d's score with more bytes
         {"label": "g", "storage_percent": 26.6, "y": 46.9},
     ]
-    assert [p["label"] for p in upper_front(points, "y")] == ["a", "b", "d", "g"]
+    assert [p["label"] for p in pareto_front(points, "storage_percent", "y")] == [
+        "a",
+        "b",
+        "d",
+        "g",
+    ]
+
+
+def test_mark_pareto_keeps_the_fewest_bytes_for_each_error() -> None:
+    """Lower error is better here: the same dominance test as the score front, turned over."""
+    from hydraopt.sweep import mark_pareto
+
+    points = [
+        {"label": "a", "bytes": 100, "error": 0.5},
+        {"label": "b", "bytes": 200, "error": 0.5},  # same error as a with more bytes
+        {"label": "c", "bytes": 200, "error": 0.2},
+        {"label": "d", "bytes": 300, "error": 0.3},  # beaten by c on both
+        {"label": "e", "bytes": 300, "error": 0.1},
+        {"label": "f", "bytes": 300, "error": 0.1},  # ties e on both: both stay
+    ]
+    mark_pareto(points)
+    assert [p["label"] for p in points if p["pareto"]] == ["a", "c", "e", "f"]
 
 
 def test_a_joined_series_draws_one_line_per_curve(tmp_path: Path, monkeypatch) -> None:
