@@ -135,6 +135,28 @@ def test_adapters_that_do_not_fit_are_rejected(base_model, tmp_path: Path) -> No
     assert not any("lora_" in name for name, _ in model.named_modules())
 
 
+def test_applying_factors_leaves_the_rng_and_stderr_alone(base_model) -> None:
+    """PEFT's injection draws a throw-away init and reads a deprecated transformers property;
+    neither may reach the caller: the global RNG stream and the warnings stay as they were."""
+    import warnings
+
+    model, _ = base_model
+    name = "model.layers.0.self_attn.q_proj"
+    layer = model.get_submodule(name)
+    factors = {name: (torch.zeros(2, layer.in_features), torch.zeros(layer.out_features, 2), 1.0)}
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = apply_lora_factors(model, factors)
+    try:
+        torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+        assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    finally:
+        remove_adapters(peft_model)
+
+
 def test_per_module_rank_and_scale_are_respected(base_model, logits_of) -> None:
     model, tokenizer = base_model
     generator = torch.Generator().manual_seed(0)

@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from typing import cast
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from hydraopt.eval.linear_layers import linear_module, module_name
+from hydraopt.kinds.peft_inject import inject
 
 # module name (as in `base_model.named_modules()`) -> (A (r, k), B (d, r), scale); the LoRA delta
 # of that module is scale * B @ A, as in PEFT where scale = lora_alpha / r.
@@ -55,14 +56,13 @@ def apply_lora_factors(
     normalized = {module_name(name): triple for name, triple in factors.items()}
     ranks = {name: _check_factors(base, name, a, b) for name, (a, b, _) in normalized.items()}
     config = _lora_config_for(ranks, {name: float(s) for name, (_, _, s) in normalized.items()})
-    # Injection draws a throw-away random init from the global RNG (it is overwritten below);
-    # fork_rng keeps the caller's global RNG stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel):
+        # add_adapter draws a throw-away init too (overwritten below): keep the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
             model.add_adapter(adapter_name, config)
-            peft_model = model
-        else:
-            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        peft_model = model
+    else:
+        peft_model = inject(model, config, adapter_name)
     peft_model.set_adapter(adapter_name)
     with torch.no_grad():
         for name, (a, b, _) in normalized.items():

@@ -12,12 +12,13 @@ import hashlib
 import math
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel
 
 from hydraopt.eval.finetune_config import FinetuneConfig
 from hydraopt.kinds.base import FinetuneRecipe
 from hydraopt.kinds.lora.apply import lora_layers, lora_weights
+from hydraopt.kinds.peft_inject import inject
 
 
 def init_lora_model(model: PreTrainedModel, config: FinetuneConfig) -> PeftModel:
@@ -42,10 +43,7 @@ def init_lora_model(model: PreTrainedModel, config: FinetuneConfig) -> PeftModel
         bias="none",
         task_type="CAUSAL_LM",
     )
-    # PEFT's own init draws from the global RNG; it is replaced below, and fork_rng keeps the
-    # caller's global stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        peft_model = get_peft_model(model, lora_config)
+    peft_model = inject(model, lora_config)  # PEFT's own init is replaced below
     with torch.no_grad():
         for name, layer in lora_layers(peft_model).items():
             generator = torch.Generator().manual_seed(module_seed(config.seed, name))

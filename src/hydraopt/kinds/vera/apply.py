@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
-from peft import PeftModel, VeraConfig, get_peft_model
+from peft import PeftModel, VeraConfig
 from peft.tuners.vera import VeraLayer, VeraModel
 
 from hydraopt.eval.linear_layers import linear_module, module_name
+from hydraopt.kinds.peft_inject import inject
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -93,9 +94,8 @@ def apply_vera_weights(
         inference_mode=True,
     )
     # Injection draws throw-away projections from PEFT's own generator and a throw-away λd from
-    # the global RNG (all overwritten below); fork_rng keeps the caller's global RNG untouched.
-    with torch.random.fork_rng(devices=[]):
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    # the global RNG (all overwritten below).
+    peft_model = inject(model, config, adapter_name)
     with torch.no_grad():
         # PEFT sizes its projections for the largest targeted module; the given ones may be
         # larger (made for more modules), and every layer only reads the leading block.
