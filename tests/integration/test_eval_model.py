@@ -135,12 +135,17 @@ def test_adapters_that_do_not_fit_are_rejected(base_model, tmp_path: Path) -> No
     assert not any("lora_" in name for name, _ in model.named_modules())
 
 
-def test_applying_factors_leaves_the_rng_and_stderr_alone(base_model) -> None:
+def test_applying_adapters_leaves_the_rng_and_stderr_alone(base_model, adapters_root) -> None:
     """PEFT's injection draws a throw-away init and reads a deprecated transformers property;
     neither may reach the caller: the global RNG stream and the warnings stay as they were."""
     import warnings
 
     model, _ = base_model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        remove_adapters(apply_peft_adapter(model, adapters_root / "en-qa"))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
     name = "model.layers.0.self_attn.q_proj"
     layer = model.get_submodule(name)
     factors = {name: (torch.zeros(2, layer.in_features), torch.zeros(layer.out_features, 2), 1.0)}

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from hydraopt.kinds.lora.apply import LoraFactorMap, apply_lora_factors
+from hydraopt.kinds.peft_inject import quiet_peft
 from hydraopt.progress import Progress
 
 
@@ -171,9 +172,10 @@ def apply_peft_adapter(
         model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
         model.set_adapter(adapter_name)
         return model.eval()
-    peft_model = PeftModel.from_pretrained(
-        model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
-    )
+    with quiet_peft():
+        peft_model = PeftModel.from_pretrained(
+            model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False
+        )
     return peft_model.eval()
 
 
