@@ -135,7 +135,7 @@ def train_toy_veras(out: Path, *, tasks: int, steps: int, rank: int, seed: int) 
             opt.step()
         path = out / "adapters" / f"toy-{t}"
         model.save_pretrained(path)
-        print(f"trained toy task {t}: final loss {float(loss):.3f}", flush=True)
+        print(f"trained toy task {t}: final loss {loss.item():.3f}", flush=True)
         dirs.append(path)
     return dirs
 
