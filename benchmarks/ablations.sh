@@ -13,6 +13,8 @@
 #   benchmarks/ablations.sh valties    # TIES weight/density grid on val
 #   benchmarks/ablations.sh tiestest   # the best val-tuned TIES on test (Table 1 setting)
 #   benchmarks/ablations.sh valtest    # the val grid's systems on test (Table 1 setting)
+#   benchmarks/ablations.sh valbase [ta|dare|darets]  # TA / DARE / DARE-TIES weight grids on val
+#   benchmarks/ablations.sh valbasetest ta=W dare=W darets=W  # their best val rows on test
 #   benchmarks/ablations.sh cost [SHAPE]     # Table 17: merge time and peak RSS of every method
 #   benchmarks/ablations.sh report     # print the tables, write the distance PNG
 #   benchmarks/ablations.sh all        # all of the above, in this order
@@ -175,6 +177,48 @@ step_valties() {
   SYSTEMS=()
   for wd in 1.0/0.5 0.5/0.5 1.5/0.5 1.0/0.3 1.0/0.7; do ties_system "${wd%/*}" "${wd#*/}"; done
   evaluate "$RES/ablation-val-ties" val "${SYSTEMS[@]}"
+}
+
+# Item 5, the other baselines on val. PEFT-style factor-space merges put sqrt(w) on each side, so
+# with five near-identical A's (same seed) the paper's w = 1/K gives about the *sum* of the five
+# updates (RESULTS.md section 3, item 3): the grid therefore goes *down* from the paper's weight,
+# to 1/K^2 (about the mean) for TA, and a further 1/4 for DARE's 1/density rescale on both sides.
+# One family per call so two evaluators can run side by side on disjoint systems.
+valbase_systems() {  # valbase_systems FAMILY (ta | dare | darets)
+  local w
+  SYSTEMS=()
+  case $1 in
+    ta) for w in 0.2 0.1 0.04; do ta_system "$w"; done ;;
+    dare) for w in 0.2 0.04 0.01; do dare_system dare_linear "$w"; done ;;
+    darets) for w in 1.0 0.5 0.25; do dare_system dare_ties "$w"; done ;;
+    *) echo "valbase: unknown family $1" >&2; return 2 ;;
+  esac
+}
+dare_system() {  # METHOD WEIGHT (density 0.5, the paper's)
+  merge "$BUNDLES/r32/$1_w$2_d0.5" examples/adapters --method "$1" --density 0.5 \
+    --weights $2 $2 $2 $2 $2
+  SYSTEMS+=(--system "bundle=$BUNDLES/r32/$1_w$2_d0.5:$1 w=$2 d=0.5")
+}
+step_valbase() {  # step_valbase [FAMILY...] (default ta dare darets): one results dir per family
+  local f
+  for f in ${@:-ta dare darets}; do
+    valbase_systems "$f"
+    evaluate "$RES/ablation-val-$f" val "${SYSTEMS[@]}"
+  done
+}
+# The best val row of each family on test, next to the paper's coefficients (Table 1 setting).
+step_valbasetest() {  # step_valbasetest FAMILY=WEIGHT... e.g. ta=0.04 dare=0.01 darets=0.25
+  local fw f w
+  SYSTEMS=()
+  for fw in "$@"; do
+    f=${fw%=*} w=${fw#*=}
+    case $f in
+      ta) ta_system "$w" ;;
+      dare) dare_system dare_linear "$w" ;;
+      darets) dare_system dare_ties "$w" ;;
+    esac
+  done
+  evaluate "$RES/ablation-valbase-test" test "${SYSTEMS[@]}"
 }
 
 # Item 5's must-show: the val grid's best TIES (w = 1, d = 0.3; ablation-val-ties) on test next
