@@ -188,9 +188,9 @@ valbase_systems() {  # valbase_systems FAMILY (ta | dare | darets)
   local w
   SYSTEMS=()
   case $1 in
-    ta) for w in 0.2 0.1 0.04; do ta_system "$w"; done ;;
+    ta) for w in 0.2 0.1 0.04 0.02; do ta_system "$w"; done ;;
     dare) for w in 0.2 0.04 0.01; do dare_system dare_linear "$w"; done ;;
-    darets) for w in 1.0 0.5 0.25; do dare_system dare_ties "$w"; done ;;
+    darets) for w in 1.0 0.5 0.25 0.125; do dare_system dare_ties "$w"; done ;;
     *) echo "valbase: unknown family $1" >&2; return 2 ;;
   esac
 }
