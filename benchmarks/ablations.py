@@ -259,6 +259,7 @@ def distance_report() -> str:
         + " |",
         "| --- |" + " ---: |" * 2 * len(HEADS),
     ]
+    mae = [rows.get(f"hydraopt mae M={m}", (0, float("nan"), {}))[1] for m in HEADS]
     for d in ("mae", "mse", "fro", "cos"):
         avg = [rows.get(f"hydraopt {d} M={m}", (0, float("nan"), {}))[1] for m in HEADS]
         rel = [reconstruction(bundles / f"hydraopt_{d}_M{m}") for m in HEADS]
@@ -270,7 +271,6 @@ def distance_report() -> str:
             + " |"
         )
         ax.plot(HEADS, avg, marker="o", label=d.upper())
-        mae = [rows.get(f"hydraopt mae M={m}", (0, float("nan"), {}))[1] for m in HEADS]
         delta_ax.plot(HEADS, [a - b for a, b in zip(avg, mae, strict=True)], marker="o")
     for label in ("LoRA", "zero-shot"):
         if label in rows:

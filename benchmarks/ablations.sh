@@ -184,15 +184,22 @@ step_valties() {
 # updates (RESULTS.md section 3, item 3): the grid therefore goes *down* from the paper's weight,
 # to 1/K^2 (about the mean) for TA, and a further 1/4 for DARE's 1/density rescale on both sides.
 # One family per call so two evaluators can run side by side on disjoint systems.
-valbase_systems() {  # valbase_systems FAMILY (ta | dare | darets)
-  local w
-  SYSTEMS=()
+VALBASE_GRID_ta="0.2 0.1 0.04 0.02"
+VALBASE_GRID_dare="0.2 0.04 0.01"
+VALBASE_GRID_darets="1.0 0.5 0.25 0.125"
+family_system() {  # family_system FAMILY WEIGHT: merge one grid point, add it to SYSTEMS
   case $1 in
-    ta) for w in 0.2 0.1 0.04 0.02; do ta_system "$w"; done ;;
-    dare) for w in 0.2 0.04 0.01; do dare_system dare_linear "$w"; done ;;
-    darets) for w in 1.0 0.5 0.25 0.125; do dare_system dare_ties "$w"; done ;;
-    *) echo "valbase: unknown family $1" >&2; return 2 ;;
+    ta) ta_system "$2" ;;
+    dare) dare_system dare_linear "$2" ;;
+    darets) dare_system dare_ties "$2" ;;
+    *) echo "valbase: unknown family $1 (ta | dare | darets)" >&2; return 2 ;;
   esac
+}
+valbase_systems() {  # valbase_systems FAMILY: the family's whole grid
+  local w grid="VALBASE_GRID_$1"
+  SYSTEMS=()
+  for w in ${!grid:-}; do family_system "$1" "$w"; done
+  [ -n "${!grid:-}" ] || family_system "$1" 0
 }
 dare_system() {  # METHOD WEIGHT (density 0.5, the paper's)
   merge "$BUNDLES/r32/$1_w$2_d0.5" examples/adapters --method "$1" --density 0.5 \
@@ -212,11 +219,7 @@ step_valbasetest() {  # step_valbasetest FAMILY=WEIGHT... e.g. ta=0.04 dare=0.01
   SYSTEMS=()
   for fw in "$@"; do
     f=${fw%=*} w=${fw#*=}
-    case $f in
-      ta) ta_system "$w" ;;
-      dare) dare_system dare_linear "$w" ;;
-      darets) dare_system dare_ties "$w" ;;
-    esac
+    family_system "$f" "$w"
   done
   evaluate "$RES/ablation-valbase-test" test "${SYSTEMS[@]}"
 }
